@@ -1,0 +1,7 @@
+"""pdserve: prefill/decode disaggregated serving on top of vLLM."""
+
+__version__ = "0.1.0"
+
+# The wire protocol changes independently of the package version; peers with
+# different protocol versions refuse each other at handshake.
+PROTOCOL_VERSION = 1

@@ -1,0 +1,1 @@
+"""pdserve's vLLM V1 KV connector: scheduler half, worker half, metadata."""

@@ -1,0 +1,119 @@
+"""Consumer side of the KV side channel: talk to one producer rank.
+
+Connections are pooled per producer address and reused across requests;
+every socket operation is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from pdserve.kv_cache import PagedKVCache
+from pdserve.protocol import (
+    Ack,
+    GetRankInfo,
+    RankInfo,
+    ReadBlocks,
+    Release,
+    recv_message,
+    send_message,
+)
+from pdserve.transport import KVTransport
+
+T = TypeVar("T")
+
+
+class ProducerRankClient:
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._idle: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    @contextmanager
+    def _connection(self) -> Iterator[socket.socket]:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = socket.create_connection((self.host, self.port), self.timeout)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(self.timeout)
+        try:
+            yield conn
+        except BaseException:
+            # The stream may be mid-message: never reuse it.
+            conn.close()
+            raise
+        self._idle.put(conn)
+
+    def _call(self, fn: Callable[[socket.socket], T]) -> T:
+        with self._connection() as conn:
+            return fn(conn)
+
+    def rank_info(self) -> RankInfo:
+        def ask(conn: socket.socket) -> RankInfo:
+            send_message(conn, GetRankInfo())
+            reply = recv_message(conn)
+            if not isinstance(reply, RankInfo):
+                raise ConnectionError(f"expected RankInfo, got {type(reply).__name__}")
+            return reply
+
+        return self._call(ask)
+
+    def read(
+        self,
+        transport: KVTransport,
+        kv: PagedKVCache,
+        request_id: str,
+        token: str,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+    ) -> int:
+        def read(conn: socket.socket) -> int:
+            send_message(conn, ReadBlocks(request_id, token, remote_block_ids))
+            return transport.recv_blocks(conn, kv, local_block_ids)
+
+        return self._call(read)
+
+    def release(self, request_id: str, token: str) -> bool:
+        def release(conn: socket.socket) -> bool:
+            send_message(conn, Release(request_id, token))
+            reply = recv_message(conn)
+            return isinstance(reply, Ack) and reply.ok
+
+        return self._call(release)
+
+
+class ProducerClients:
+    """One client per producer rank address, created on first use."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._clients: dict[tuple[str, int], ProducerRankClient] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: str, port: int) -> ProducerRankClient:
+        with self._lock:
+            client = self._clients.get((host, port))
+            if client is None:
+                client = ProducerRankClient(host, port, self.timeout)
+                self._clients[(host, port)] = client
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()

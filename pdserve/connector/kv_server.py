@@ -1,0 +1,116 @@
+"""Producer rank's side-channel server: rank info, block reads, releases.
+
+One thread per consumer connection; a malformed or hostile frame closes that
+connection only. Reads are served only for blocks of a live lease whose
+per-request token the reader presents.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from vllm.logger import init_logger
+
+from pdserve.connector.leases import LeaseTable
+from pdserve.kv_cache import PagedKVCache
+from pdserve.protocol import (
+    Ack,
+    GetRankInfo,
+    ProtocolError,
+    RankInfo,
+    ReadBlocks,
+    ReadReply,
+    Release,
+    recv_message,
+    send_message,
+)
+from pdserve.transport import KVTransport
+
+logger = init_logger(__name__)
+
+# A consumer reads right after the producer answers, but the grant reaches
+# this worker one engine step later: wait that long, not forever.
+GRANT_WAIT_SECONDS = 5.0
+IDLE_CONNECTION_SECONDS = 300.0
+
+
+class KVServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        kv: PagedKVCache,
+        info: RankInfo,
+        leases: LeaseTable,
+        transport: KVTransport,
+    ) -> None:
+        self.kv = kv
+        self.info = info
+        self.leases = leases
+        self.transport = transport
+        self.bytes_sent = 0
+        self._stopped = threading.Event()
+        self._listener = socket.create_server((host, port), reuse_port=False)
+        self._listener.settimeout(0.5)
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"pdserve-kv-server-{self.port}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=2)
+        self._listener.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+        conn.settimeout(IDLE_CONNECTION_SECONDS)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            try:
+                while not self._stopped.is_set():
+                    self._handle(conn, recv_message(conn))
+            except ProtocolError as exc:
+                logger.warning("Closing KV connection from %s: %s", peer, exc)
+            except (ConnectionError, TimeoutError, OSError):
+                pass
+
+    def _handle(self, conn: socket.socket, message: object) -> None:
+        if isinstance(message, GetRankInfo):
+            send_message(conn, self.info)
+        elif isinstance(message, ReadBlocks):
+            self._read(conn, message)
+        elif isinstance(message, Release):
+            try:
+                released = self.leases.release(message.request_id, message.token)
+                send_message(conn, Ack(ok=released))
+            except PermissionError as exc:
+                send_message(conn, Ack(ok=False, error=str(exc)))
+        else:
+            raise ProtocolError(f"unexpected message {type(message).__name__}")
+
+    def _read(self, conn: socket.socket, read: ReadBlocks) -> None:
+        try:
+            lease = self.leases.wait_for(
+                read.request_id, read.token, GRANT_WAIT_SECONDS
+            )
+        except (LookupError, PermissionError) as exc:
+            send_message(conn, ReadReply(ok=False, error=str(exc)))
+            return
+        if not set(read.block_ids) <= set(lease.block_ids):
+            send_message(
+                conn, ReadReply(ok=False, error="blocks outside the request's lease")
+            )
+            return
+        self.bytes_sent += self.transport.send_blocks(conn, self.kv, read.block_ids)

@@ -1,0 +1,194 @@
+"""Worker half of the connector (runs in each TP rank's worker process).
+
+Producer rank: serve the KV of leased blocks on its side-channel port and
+tell vLLM when a lease ended. Consumer rank: pull its shard from the same
+rank of the producer in background threads, then release the lease.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from vllm.logger import init_logger
+
+import pdserve
+from pdserve.connector.kv_client import ProducerClients
+from pdserve.connector.kv_server import KVServer
+from pdserve.connector.leases import LeaseTable
+from pdserve.connector.metadata import LeaseRef, LoadSpec, PDServeMetadata
+from pdserve.connector.stats import PDServeStats
+from pdserve.handshake import check_compatible, wait_for_rank_info
+from pdserve.kv_cache import PagedKVCache, dtype_name
+from pdserve.protocol import RankInfo
+from pdserve.settings import Settings
+from pdserve.transport import TRANSPORTS, get_transport
+
+logger = init_logger(__name__)
+
+LOAD_THREADS = 4
+
+
+class PDServeWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        vllm_config,
+        num_blocks: int,
+        tp_rank: int,
+    ) -> None:
+        self.settings = settings
+        self.vllm_config = vllm_config
+        self.num_blocks = num_blocks
+        self.tp_rank = tp_rank
+        self.transport = get_transport(settings.transport)
+        self.kv: PagedKVCache | None = None
+        self.server: KVServer | None = None
+        self.leases = LeaseTable(settings.lease_seconds)
+        self.clients = ProducerClients(settings.transfer_timeout)
+        self._pool = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="pdserve-load")
+        self._lock = threading.Lock()
+        self._done_loads: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self._stats = PDServeStats()
+
+    def rank_info(self) -> RankInfo:
+        assert self.kv is not None
+        model_config = self.vllm_config.model_config
+        return RankInfo(
+            pdserve_version=pdserve.__version__,
+            protocol_version=pdserve.PROTOCOL_VERSION,
+            vllm_version=_vllm_version(),
+            model=self.settings.model,
+            dtype=dtype_name(model_config.dtype),
+            tp_size=self.vllm_config.parallel_config.tensor_parallel_size,
+            tp_rank=self.tp_rank,
+            block_size=self.vllm_config.cache_config.block_size,
+            num_blocks=self.num_blocks,
+            layers=self.kv.layer_infos(),
+            transports=sorted(TRANSPORTS),
+        )
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.kv = PagedKVCache(kv_caches, self.num_blocks)
+        info = self.rank_info()
+        if self.settings.role == "producer":
+            port = self.settings.kv_ports[self.tp_rank]
+            self.server = KVServer(
+                self.settings.kv_host, port, self.kv, info, self.leases, self.transport
+            )
+            logger.info(
+                "pdserve producer rank %d serves KV on port %d (%d layers, %d B/block)",
+                self.tp_rank,
+                self.server.port,
+                len(self.kv.layers),
+                self.kv.bytes_per_block(),
+            )
+            return
+        host = self.settings.producer_kv_host
+        assert host is not None
+        port = self.settings.producer_kv_ports[self.tp_rank]
+        remote = wait_for_rank_info(
+            self.clients.get(host, port), self.settings.connect_timeout
+        )
+        check_compatible(local=info, remote=remote)
+        logger.info(
+            "pdserve consumer rank %d paired with producer %s:%d",
+            self.tp_rank,
+            host,
+            port,
+        )
+
+    # ---- each engine step ----
+
+    def start(self, meta: PDServeMetadata) -> None:
+        for grant in meta.grants:
+            self.leases.grant(grant.request_id, grant.block_ids, grant.token)
+        for load in meta.loads:
+            self._pool.submit(self._load, load)
+        for lease in meta.releases:
+            self._pool.submit(self._release, lease)
+
+    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        if self.settings.role == "producer":
+            finished, expired = self.leases.pop_finished()
+            if expired:
+                logger.warning("pdserve: %d KV leases expired unread", expired)
+                self._stats.add("kv_leases_expired", expired)
+            if self.server is not None and self.server.bytes_sent:
+                self._stats.add("kv_bytes_sent", self.server.bytes_sent)
+                self.server.bytes_sent = 0
+            return finished or None, None
+        with self._lock:
+            done, self._done_loads = self._done_loads, set()
+        return None, done or None
+
+    def take_failed_blocks(self) -> set[int]:
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def take_stats(self) -> PDServeStats | None:
+        with self._lock:
+            return self._stats.take()
+
+    # ---- background ----
+
+    def _client_for(self, lease: LeaseRef):
+        return self.clients.get(lease.host, lease.ports[self.tp_rank])
+
+    def _load(self, load: LoadSpec) -> None:
+        assert self.kv is not None
+        start = time.perf_counter()
+        try:
+            nbytes = self._client_for(load.lease).read(
+                self.transport,
+                self.kv,
+                load.lease.request_id,
+                load.lease.token,
+                load.remote_block_ids,
+                load.local_block_ids,
+            )
+        except Exception as exc:
+            logger.warning(
+                "pdserve: pulling KV for %s failed (%s); recomputing locally",
+                load.request_id,
+                exc,
+            )
+            with self._lock:
+                self._failed_blocks.update(load.local_block_ids)
+                self._stats.add("kv_load_failures")
+                self._done_loads.add(load.request_id)
+            self._release(load.lease)
+            return
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self._stats.add("kv_loads")
+            self._stats.add("kv_bytes_received", nbytes)
+            self._stats.add("kv_blocks_received", len(load.local_block_ids))
+            self._stats.data["kv_transfer_seconds"].append(seconds)
+            self._done_loads.add(load.request_id)
+        self._release(load.lease)
+
+    def _release(self, lease: LeaseRef) -> None:
+        try:
+            self._client_for(lease).release(lease.request_id, lease.token)
+        except Exception as exc:
+            # The lease still ends when it expires on the producer.
+            logger.warning(
+                "pdserve: releasing lease %s failed: %s", lease.request_id, exc
+            )
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.server is not None:
+            self.server.close()
+        self.clients.close()
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__

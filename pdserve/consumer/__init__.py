@@ -1,0 +1,1 @@
+"""The consumer's request flow: have the producer prefill, then decode."""

@@ -1,0 +1,117 @@
+"""Ask the producer to prefill a request and keep its KV for us.
+
+The producer receives the user's own request body with ``max_tokens=1`` and
+``do_remote_decode``, so it tokenizes exactly as the consumer will; the lease
+it returns carries a fingerprint of those tokens, checked in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from typing import Any
+
+import aiohttp
+from vllm.logger import init_logger
+
+from pdserve import metrics
+from pdserve.connector.kv_client import ProducerRankClient
+from pdserve.settings import Settings
+
+logger = init_logger(__name__)
+
+FORWARDED_HEADERS = ("authorization", "x-request-id")
+
+
+def local_reason(path: str, payload: Any) -> str | None:
+    """Why this request must be prefilled locally, or None if it can go remote."""
+    if not isinstance(payload, dict):
+        return "malformed"
+    if "kv_transfer_params" in payload:
+        return "client_kv_params"
+    if payload.get("n", 1) != 1 or payload.get("best_of") not in (None, 1):
+        return "multiple_choices"
+    if payload.get("prompt_logprobs") or (
+        path.endswith("/completions") and payload.get("echo")
+    ):
+        return "prompt_logprobs"
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            return "batched_prompts"
+    return None
+
+
+def prefill_body(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(payload)
+    body.update(max_tokens=1, min_tokens=0, stream=False, n=1)
+    if path.endswith("/chat/completions"):
+        body["max_completion_tokens"] = 1
+    body.pop("stream_options", None)
+    body["kv_transfer_params"] = {"do_remote_decode": True}
+    return body
+
+
+class RemotePrefill:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.producer_url is not None
+        self.settings = settings
+        self.url = settings.producer_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=self.settings.prefill_timeout)
+            self._session = aiohttp.ClientSession(timeout=timeout)
+        return self._session
+
+    async def request_lease(
+        self, path: str, payload: dict[str, Any], headers: dict[str, str]
+    ) -> dict[str, Any] | None:
+        """The producer's kv_transfer_params, or None to prefill locally."""
+        forwarded = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
+        start = time.perf_counter()
+        try:
+            async with self._client_session().post(
+                self.url + path, json=prefill_body(path, payload), headers=forwarded
+            ) as response:
+                if response.status != 200:
+                    return self._fallback(f"producer_http_{response.status}")
+                answer = await response.json()
+        except asyncio.TimeoutError:
+            return self._fallback("producer_timeout")
+        except (aiohttp.ClientError, ValueError, OSError):
+            return self._fallback("producer_unreachable")
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if not params or not params.get("do_remote_prefill"):
+            return self._fallback("producer_gave_no_kv")
+        metrics.REMOTE_PREFILLS.inc()
+        metrics.REMOTE_PREFILL_SECONDS.observe(time.perf_counter() - start)
+        return params
+
+    @staticmethod
+    def _fallback(reason: str) -> None:
+        logger.warning("Prefilling locally: %s", reason)
+        metrics.LOCAL_PREFILLS.labels(reason=reason).inc()
+        return None
+
+    async def release(self, params: dict[str, Any]) -> None:
+        """Free a lease the engine will never read (the request was rejected)."""
+        host = self.settings.producer_kv_host
+        assert host is not None
+        metrics.LEASES_RELEASED.inc()
+
+        def release_all() -> None:
+            for port in params["kv_ports"]:
+                client = ProducerRankClient(host, port, self.settings.transfer_timeout)
+                try:
+                    client.release(params["remote_request_id"], params["lease_token"])
+                except OSError as exc:
+                    logger.warning(
+                        "Releasing lease on %s:%d failed: %s", host, port, exc
+                    )
+                finally:
+                    client.close()
+
+        await asyncio.to_thread(release_all)

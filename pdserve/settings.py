@@ -1,0 +1,52 @@
+"""pdserve's own settings, shared by the entrypoint, the HTTP middleware and
+the connector halves (which receive them through vLLM's
+``kv_connector_extra_config``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import msgspec
+
+ENV_VAR = "PDSERVE_SETTINGS"
+EXTRA_CONFIG_KEY = "pdserve"
+
+Role = Literal["producer", "consumer"]
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    role: Role
+    model: str
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    transport: str = "tcp"
+    # Producer: where its ranks' side-channel servers listen (one port a rank).
+    kv_host: str = "0.0.0.0"
+    kv_ports: list[int] = []
+    lease_seconds: float = 30.0
+    # Consumer: the producer, and how long to wait for it.
+    producer_url: str | None = None
+    producer_kv_host: str | None = None
+    producer_kv_ports: list[int] = []
+    connect_timeout: float = 120.0
+    prefill_timeout: float = 60.0
+    transfer_timeout: float = 30.0
+    api_keys: list[str] = []
+
+    def to_json(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> Settings:
+        return msgspec.json.decode(data, type=cls)
+
+    @classmethod
+    def from_extra_config(cls, extra: dict) -> Settings:
+        return msgspec.convert(extra[EXTRA_CONFIG_KEY], type=cls)
+
+    @classmethod
+    def from_env(cls) -> Settings | None:
+        data = os.environ.get(ENV_VAR)
+        return cls.from_json(data) if data else None

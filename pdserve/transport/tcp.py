@@ -1,0 +1,57 @@
+"""KV blocks as raw bytes on the side-channel socket: works on any device."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+
+from pdserve.kv_cache import PagedKVCache
+from pdserve.protocol import ReadReply, recv_exact, recv_message, send_message
+from pdserve.transport.base import KVTransport
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+
+
+class TcpTransport(KVTransport):
+    name = "tcp"
+
+    def send_blocks(
+        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int]
+    ) -> int:
+        sizes = [kv.block_nbytes(i) * len(block_ids) for i in range(len(kv.layers))]
+        send_message(conn, ReadReply(ok=True, layer_nbytes=sizes))
+        if not block_ids:
+            return 0
+        index = kv.index(block_ids)
+        for layer in range(len(kv.layers)):
+            # Host staging is inherent to TCP; GPU transports avoid it.
+            blocks = kv.gather(layer, index).cpu()
+            conn.sendall(_byte_view(blocks))
+        return sum(sizes)
+
+    def recv_blocks(
+        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int]
+    ) -> int:
+        reply = recv_message(conn)
+        if not isinstance(reply, ReadReply):
+            raise ConnectionError(f"expected ReadReply, got {type(reply).__name__}")
+        if not reply.ok:
+            raise ConnectionError(f"producer refused the read: {reply.error}")
+        expected = [kv.block_nbytes(i) * len(block_ids) for i in range(len(kv.layers))]
+        if reply.layer_nbytes != expected:
+            raise ConnectionError(
+                f"producer announced {reply.layer_nbytes} bytes per layer, "
+                f"expected {expected}"
+            )
+        if not block_ids:
+            return 0
+        index = kv.index(block_ids)
+        for layer, tensor in enumerate(kv.layers):
+            shape = kv.gathered_shape(layer, len(block_ids))
+            buffer = torch.empty(shape, dtype=tensor.dtype)
+            recv_exact(conn, _byte_view(buffer))
+            kv.scatter(layer, index, buffer.to(tensor.device))
+        return sum(expected)
