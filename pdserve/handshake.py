@@ -9,8 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from vllm.logger import init_logger
-
+from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 
 logger = init_logger(__name__)

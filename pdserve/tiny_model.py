@@ -142,29 +142,31 @@ def _build(out: Path) -> None:
     from transformers import Qwen2Config
 
     tokenizer = _train_tokenizer()
-    special_ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    vocab = tokenizer.get_vocab()
+    special_ids = [vocab[t] for t in SPECIAL_TOKENS]
+    eos_id, pad_id = vocab["<|im_end|>"], vocab["<|endoftext|>"]
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         # vLLM's CPU attention kernels need head_dim >= 32 (16 is rejected), so
-        # width is 128 rather than smaller; 4 query / 2 KV heads keeps GQA real.
+        # width is 128: 4 query / 2 KV heads of 32 keeps GQA real.
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False,
         use_sliding_window=False,
         bos_token_id=pad_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
+    # Not a Qwen2Config field in transformers 5, but tools that size KV caches
+    # (connectors, older loaders) read it from config.json rather than derive it.
+    config.head_dim = 32
 
     # Keep the chat template inside tokenizer_config.json, where every client
     # (older transformers, vLLM) looks for it.

@@ -10,10 +10,9 @@ from __future__ import annotations
 import socket
 import threading
 
-from vllm.logger import init_logger
-
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
+from pdserve.log import init_logger
 from pdserve.protocol import (
     Ack,
     GetRankInfo,

@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from vllm.logger import init_logger
 
 import pdserve
 from pdserve.connector.kv_client import ProducerClients
@@ -22,6 +21,7 @@ from pdserve.connector.metadata import LeaseRef, LoadSpec, PDServeMetadata
 from pdserve.connector.stats import PDServeStats
 from pdserve.handshake import check_compatible, wait_for_rank_info
 from pdserve.kv_cache import PagedKVCache, dtype_name
+from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
 from pdserve.transport import TRANSPORTS, get_transport
@@ -142,6 +142,11 @@ class PDServeWorker:
     def _load(self, load: LoadSpec) -> None:
         assert self.kv is not None
         start = time.perf_counter()
+        logger.debug(
+            "pdserve: pulling %d blocks for %s",
+            len(load.local_block_ids),
+            load.request_id,
+        )
         try:
             nbytes = self._client_for(load.lease).read(
                 self.transport,

@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 import aiohttp
-from vllm.logger import init_logger
 
 from pdserve import metrics
 from pdserve.connector.kv_client import ProducerRankClient
+from pdserve.log import init_logger
 from pdserve.settings import Settings
 
 logger = init_logger(__name__)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-from vllm.logger import init_logger
-
 import pdserve
 from pdserve.entrypoints.cli_args import (
     build_parser,
@@ -24,6 +22,7 @@ from pdserve.handshake import (
     check_producer_metadata,
     fetch_producer_metadata,
 )
+from pdserve.log import init_logger
 from pdserve.settings import ENV_VAR, Settings
 
 logger = init_logger(__name__)

@@ -174,6 +174,8 @@ def vllm_serve_args(
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_producer" if settings.role == "producer" else "kv_consumer",
+        # A failed pull must fall back to a local prefill, never fail the request.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {EXTRA_CONFIG_KEY: json.loads(settings.to_json())},
     }
     serve = [args.model, "--port", str(args.port), "--dtype", args.dtype]

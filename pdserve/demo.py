@@ -1,0 +1,125 @@
+"""Local demo: a producer and a consumer on this machine's CPU, serving an
+embedded tiny model built offline, and one request through them.
+
+    python -m pdserve.demo [--prompt TEXT] [--max-tokens N] [--keep-running]
+
+Prints the answer and where the time to first token went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from pdserve.local_cluster import ServerProcess
+from pdserve.tiny_model import ensure_tiny_model
+
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
+
+
+def metric_sum(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def timed_stream(url: str, prompt: str, max_tokens: int) -> tuple[str, float, float]:
+    """Answer text, seconds to first token, seconds to the last."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    start = time.perf_counter()
+    first = None
+    text = ""
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line.endswith(b"[DONE]"):
+                continue
+            chunk = json.loads(line.removeprefix(b"data:"))
+            text += chunk["choices"][0].get("text", "")
+            if first is None:
+                first = time.perf_counter() - start
+    return text, first or 0.0, time.perf_counter() - start
+
+
+def report(consumer: str, prompt: str, max_tokens: int, out=sys.stdout) -> None:
+    names = ("pdserve:remote_prefill_seconds_sum", "pdserve:kv_transfer_seconds_sum")
+    before = [metric_sum(consumer, n) for n in names]
+    text, ttft, total = timed_stream(consumer, prompt, max_tokens)
+    prefill, transfer = (
+        metric_sum(consumer, n) - b for n, b in zip(names, before, strict=True)
+    )
+    kv_bytes = metric_sum(consumer, "pdserve:kv_bytes_received_total")
+    out.write(f"\nprompt: {prompt!r}\nanswer: {text!r}\n\n")
+    rows = [
+        ("producer prefill (HTTP round trip)", prefill),
+        ("KV transfer (consumer pull)", transfer),
+        ("consumer first token + overhead", max(ttft - prefill - transfer, 0.0)),
+        ("time to first token", ttft),
+        (f"end to end ({max_tokens} tokens)", total),
+    ]
+    for label, seconds in rows:
+        out.write(f"  {label:<38} {seconds * 1000:9.1f} ms\n")
+    out.write(f"  {'KV bytes pulled so far':<38} {kv_bytes:9.0f} B\n")
+    out.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", default="The weather on the coast this week is")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--keep-running", action="store_true")
+    args = parser.parse_args()
+
+    model = ensure_tiny_model()
+    log_dir = Path(tempfile.mkdtemp(prefix="pdserve-demo-"))
+    sys.stdout.write(f"tiny model: {model}\nserver logs: {log_dir}\n")
+    producer = ServerProcess.pdserve(
+        "producer", ["--model", model, "--kv-role", "producer", *ENGINE_ARGS], log_dir
+    )
+    consumer_args = ["--model", model, "--kv-role", "consumer"]
+    consumer_args += ["--producer-url", producer.url, *ENGINE_ARGS]
+    consumer = ServerProcess.pdserve("consumer", consumer_args, log_dir)
+    try:
+        start = time.perf_counter()
+        for server in (producer, consumer):
+            server.wait_ready()
+            sys.stdout.write(
+                f"{server.name} ready at {server.url} "
+                f"({time.perf_counter() - start:.0f} s after start)\n"
+            )
+        report(consumer.url, args.prompt, args.max_tokens)
+        if args.keep_running:
+            sys.stdout.write(f"\nconsumer serving at {consumer.url}; Ctrl-C stops\n")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.stop()
+        producer.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Loggers in vLLM's style that print through vLLM's handlers and level.
+
+vLLM configures only its own ``vllm`` logger; without this, pdserve's records
+would bypass its format and INFO records would be dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.logger import init_logger as vllm_init_logger
+
+
+def init_logger(name: str) -> logging.Logger:
+    package = logging.getLogger("pdserve")
+    if not package.handlers:
+        vllm_logger = logging.getLogger("vllm")
+        for handler in vllm_logger.handlers:
+            package.addHandler(handler)
+        package.setLevel(vllm_logger.level)
+        package.propagate = not package.handlers
+    return vllm_init_logger(name)

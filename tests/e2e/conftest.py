@@ -1,0 +1,82 @@
+"""One producer, one consumer and one plain-vLLM baseline for the whole
+session: engine starts dominate the suite's time on a 2-core machine."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pdserve.local_cluster import ServerProcess
+from pdserve.tiny_model import ensure_tiny_model
+
+BLOCK_SIZE = 32
+CONSUMER_MAX_LEN = 1024
+PRODUCER_MAX_LEN = 2048
+
+
+def engine_args(model: str, max_len: int) -> list[str]:
+    # float32: random tiny models are chaotic, bf16 noise flips argmax.
+    return [
+        "--dtype", "float32",
+        "--max-model-len", str(max_len),
+        "--block-size", str(BLOCK_SIZE),
+        "--enforce-eager",
+        "--seed", "0",
+        "--max-num-seqs", "32",
+    ]  # fmt: skip
+
+
+@dataclass
+class Cluster:
+    model: str
+    producer: ServerProcess
+    consumer: ServerProcess
+    baseline: ServerProcess
+    log_dir: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_model, log_dir):
+    producer = ServerProcess.pdserve(
+        "producer",
+        ["--model", tiny_model, "--kv-role", "producer"]
+        + engine_args(tiny_model, PRODUCER_MAX_LEN),
+        log_dir,
+    )
+    consumer = ServerProcess.pdserve(
+        "consumer",
+        ["--model", tiny_model, "--kv-role", "consumer"]
+        + ["--producer-url", producer.url]
+        + engine_args(tiny_model, CONSUMER_MAX_LEN),
+        log_dir,
+    )
+    baseline = ServerProcess.plain_vllm(
+        "baseline", [tiny_model, *engine_args(tiny_model, CONSUMER_MAX_LEN)], log_dir
+    )
+    servers = [producer, consumer, baseline]
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield Cluster(tiny_model, producer, consumer, baseline, log_dir)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    """Token ids of an exact length, avoiding the tokenizer's special tokens."""
+    rng = random.Random(seed)
+    return [rng.randrange(10, 800) for _ in range(length)]

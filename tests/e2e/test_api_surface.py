@@ -1,0 +1,99 @@
+"""The consumer serves vLLM's API (completions, chat, streaming, models,
+health, metrics) and the legacy /generate, with the baseline's answers."""
+
+from __future__ import annotations
+
+import json
+
+import requests
+
+from tests.e2e.conftest import random_prompt
+from tests.e2e.helpers import TIMEOUT, chat_text, metric, post, stream
+
+PROMPT = "The weather today is sunny and the network"
+
+
+def chat_body(max_tokens: int = 10) -> dict:
+    return {
+        "messages": [
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "How do I cook rice on a cold day?"},
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+def text_body(max_tokens: int = 10) -> dict:
+    return {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+
+
+def test_chat_equals_baseline(cluster):
+    remote_before = metric(cluster.consumer.url, "pdserve:remote_prefills_total")
+    assert chat_text(cluster.consumer.url, chat_body()) == chat_text(
+        cluster.baseline.url, chat_body()
+    )
+    assert metric(cluster.consumer.url, "pdserve:remote_prefills_total") == (
+        remote_before + 1
+    )
+
+
+def test_streaming_chat_equals_baseline(cluster):
+    expected = chat_text(cluster.baseline.url, chat_body(12))
+    assert stream(cluster.consumer.url, "/v1/chat/completions", chat_body(12)) == (
+        expected
+    )
+
+
+def test_streaming_completion_equals_baseline(cluster):
+    body = text_body(12)
+    expected = post(cluster.baseline.url, "/v1/completions", body).json()
+    assert (
+        stream(cluster.consumer.url, "/v1/completions", body)
+        == (expected["choices"][0]["text"])
+    )
+
+
+def test_models_health_metrics(cluster):
+    models = requests.get(cluster.consumer.url + "/v1/models", timeout=30).json()
+    assert [m["id"] for m in models["data"]] == [cluster.model]
+    assert requests.get(cluster.consumer.url + "/health", timeout=30).status_code == 200
+    text = requests.get(cluster.consumer.url + "/metrics", timeout=30).text
+    assert "pdserve:remote_prefills_total" in text
+    assert "vllm:prompt_tokens_by_source_total" in text
+
+
+def baseline_text(cluster, max_tokens: int = 10) -> str:
+    answer = post(cluster.baseline.url, "/v1/completions", text_body(max_tokens))
+    return answer.json()["choices"][0]["text"]
+
+
+def test_legacy_generate(cluster):
+    response = post(
+        cluster.consumer.url,
+        "/generate",
+        {"prompt": PROMPT, "max_tokens": 10, "temperature": 0},
+    )
+    assert response.status_code == 200
+    assert response.json() == {"text": [PROMPT + baseline_text(cluster)]}
+
+
+def test_legacy_generate_streaming(cluster):
+    with requests.post(
+        cluster.consumer.url + "/generate",
+        json={"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stream": True},
+        stream=True,
+        timeout=TIMEOUT,
+    ) as response:
+        assert response.status_code == 200
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    texts = [line["text"][0] for line in lines]
+    assert texts[-1] == PROMPT + baseline_text(cluster)
+    assert all(text.startswith(PROMPT) for text in texts)
+    assert len(texts) >= 2  # it streamed, not one final answer
+    assert [len(t) for t in texts] == sorted(len(t) for t in texts)
+
+
+def test_legacy_generate_bad_request(cluster):
+    response = post(cluster.consumer.url, "/generate", {"prompt": random_prompt(3, 1)})
+    assert response.status_code == 400

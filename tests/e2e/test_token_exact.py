@@ -1,0 +1,96 @@
+"""Greedy tokens through producer + consumer equal plain vLLM's, and the
+consumer really used the producer's KV instead of recomputing the prompt."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.e2e.conftest import BLOCK_SIZE, CONSUMER_MAX_LEN, random_prompt
+from tests.e2e.helpers import completion_tokens, greedy, metric
+
+MAX_TOKENS = 8
+LENGTHS = [
+    1,
+    BLOCK_SIZE - 1,
+    BLOCK_SIZE,
+    BLOCK_SIZE + 1,
+    5 * BLOCK_SIZE + 3,
+    CONSUMER_MAX_LEN - MAX_TOKENS,
+]
+
+
+def prompt_tokens(url: str, source: str) -> float:
+    return metric(url, "vllm:prompt_tokens_by_source_total", source=source)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_greedy_tokens_equal_baseline(cluster, length):
+    body = greedy(random_prompt(length, seed=length), MAX_TOKENS)
+    consumer = cluster.consumer.url
+    external_before = prompt_tokens(consumer, "external_kv_transfer")
+    local_before = prompt_tokens(consumer, "local_compute")
+    loads_before = metric(consumer, "pdserve:kv_loads_total")
+    bytes_before = metric(consumer, "pdserve:kv_bytes_received_total")
+
+    expected = completion_tokens(cluster.baseline.url, body)
+    got = completion_tokens(consumer, body)
+
+    assert got == expected
+    assert len(got) == MAX_TOKENS
+    # The whole prompt's KV came from the producer; at most the last prompt
+    # token is recomputed to sample the first output token.
+    assert prompt_tokens(consumer, "external_kv_transfer") - external_before >= (
+        length - 1
+    )
+    assert prompt_tokens(consumer, "local_compute") - local_before <= 1
+    assert metric(consumer, "pdserve:kv_loads_total") - loads_before == 1
+    # Bytes moved are exactly the prompt's blocks (no local prefix hits here:
+    # every prompt is new to the consumer).
+    num_blocks = -(-length // BLOCK_SIZE)
+    received = metric(consumer, "pdserve:kv_bytes_received_total") - bytes_before
+    assert received == num_blocks * bytes_per_block(cluster)
+
+
+def bytes_per_block(cluster) -> int:
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(cluster.model) / "config.json").read_text())
+    head_dim = (
+        config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    )
+    per_token = 2 * config["num_key_value_heads"] * head_dim * 4  # K+V, float32
+    return config["num_hidden_layers"] * BLOCK_SIZE * per_token
+
+
+def test_shared_prefix_moves_only_new_blocks(cluster):
+    """Blocks already in the consumer's prefix cache are not transferred."""
+    prefix = random_prompt(4 * BLOCK_SIZE, seed=1001)
+    first = greedy(prefix + random_prompt(5, seed=1002), MAX_TOKENS)
+    second = greedy(prefix + random_prompt(BLOCK_SIZE + 7, seed=1003), MAX_TOKENS)
+    consumer = cluster.consumer.url
+    assert completion_tokens(consumer, first) == completion_tokens(
+        cluster.baseline.url, first
+    )
+    blocks_before = metric(consumer, "pdserve:kv_blocks_received_total")
+    assert completion_tokens(consumer, second) == completion_tokens(
+        cluster.baseline.url, second
+    )
+    moved = metric(consumer, "pdserve:kv_blocks_received_total") - blocks_before
+    total_blocks = -(-len(second["prompt"]) // BLOCK_SIZE)
+    assert moved == total_blocks - 4
+
+
+def test_sixteen_concurrent_requests(cluster):
+    bodies = [
+        greedy(random_prompt(length, seed=2000 + i), max_tokens=4 + i % 5)
+        for i, length in enumerate([3, 17, 40, 100, 250, 16, 15, 64] * 2)
+    ]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(
+            pool.map(lambda b: completion_tokens(cluster.consumer.url, b), bodies)
+        )
+    expected = [completion_tokens(cluster.baseline.url, b) for b in bodies]
+    assert got == expected

@@ -1,0 +1,315 @@
+"""pdserve's command line: its own flags, and everything else handed to
+``vllm serve`` unchanged together with the connector and middleware."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from pdserve.entrypoints.cli_args import (
+    CONNECTOR_CLASS,
+    CONNECTOR_MODULE,
+    MIDDLEWARE,
+    make_settings,
+    parse,
+    vllm_serve_args,
+)
+from pdserve.settings import EXTRA_CONFIG_KEY, Settings
+
+PRODUCER = ["--kv-role", "producer", "--model", "m"]
+CONSUMER = ["--kv-role", "consumer", "--model", "m", "--producer-url", "http://p:8100"]
+
+
+def launch(argv: list[str]) -> tuple[Settings, list[str]]:
+    args, rest = parse(argv)
+    settings = make_settings(args, rest)
+    return settings, vllm_serve_args(args, rest, settings)
+
+
+def kv_transfer_config(serve: list[str]) -> dict:
+    assert serve.count("--kv-transfer-config") == 1
+    return json.loads(serve[serve.index("--kv-transfer-config") + 1])
+
+
+def parser_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "role", "kv_role"),
+    [
+        ("producer", "producer", "kv_producer"),
+        ("kv_producer", "producer", "kv_producer"),
+        ("consumer", "consumer", "kv_consumer"),
+        ("kv_consumer", "consumer", "kv_consumer"),
+    ],
+)
+def test_roles_and_vllm_aliases(flag, role, kv_role):
+    argv = ["--kv-role", flag, "--model", "m"]
+    if role == "consumer":
+        argv += ["--producer-url", "http://10.0.0.7:8100"]
+    args, rest = parse(argv)
+    assert args.kv_role == role and rest == []
+    settings, serve = launch(argv)
+    assert settings.role == role
+    config = kv_transfer_config(serve)
+    assert config["kv_role"] == kv_role
+    assert config["kv_connector"] == CONNECTOR_CLASS == "PDServeConnector"
+    assert config["kv_connector_module_path"] == CONNECTOR_MODULE
+    assert CONNECTOR_MODULE == "pdserve.connector.connector"
+
+
+def test_unknown_role_refused(capsys):
+    err = parser_error(capsys, ["--kv-role", "both", "--model", "m"])
+    assert "--kv-role" in err and "invalid choice" in err
+
+
+def test_consumer_needs_producer_url(capsys):
+    err = parser_error(capsys, ["--kv-role", "consumer", "--model", "m"])
+    assert "--producer-url is required with --kv-role consumer" in err
+
+
+def test_producer_refuses_producer_url(capsys):
+    err = parser_error(capsys, [*PRODUCER, "--producer-url", "http://p:8100"])
+    assert "--producer-url is for consumers" in err
+
+
+def test_producer_url_without_host_refused(capsys):
+    argv = ["--kv-role", "consumer", "--model", "m", "--producer-url", "p:8100"]
+    err = parser_error(capsys, argv)
+    assert "has no host" in err
+
+
+def test_model_required(capsys):
+    err = parser_error(capsys, ["--kv-role", "producer"])
+    assert "--model is required" in err
+
+
+def test_kv_role_required(capsys):
+    err = parser_error(capsys, ["--model", "m"])
+    assert "--kv-role" in err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--kv-transfer-config", "{}"],
+        ["--kv-transfer-config={}"],
+        ["--kv_transfer_config", "{}"],
+        ["--kv_transfer_config={}"],
+    ],
+)
+def test_kv_transfer_config_refused(capsys, extra):
+    err = parser_error(capsys, [*PRODUCER, *extra])
+    assert "is set by pdserve" in err
+
+
+def test_help_short_circuits():
+    # Help wins even over otherwise invalid command lines.
+    assert parse(["--help"])[0].help is True
+    assert parse(["-h", "--kv-role", "nonsense"]) == (parse(["-h"])[0], [])
+    args, rest = parse(PRODUCER)
+    assert args.help is False and rest == []
+
+
+def test_unknown_vllm_flags_pass_through_in_order():
+    unknown = [
+        "--enable-prefix-caching",
+        "--max-num-seqs",
+        "8",
+        "--api-key",
+        "k",
+        "--block-size=16",
+    ]
+    # Interleave them with pdserve's flags: order among themselves is kept.
+    argv = [
+        unknown[0],
+        "--kv-role",
+        "producer",
+        *unknown[1:3],
+        "--model",
+        "m",
+        *unknown[3:],
+        "--port",
+        "8100",
+    ]
+    args, rest = parse(argv)
+    assert rest == unknown
+    settings = make_settings(args, rest)
+    serve = vllm_serve_args(args, rest, settings)
+    start = serve.index(unknown[0])
+    assert serve[start : start + len(unknown)] == unknown
+    assert serve[0] == "m"
+    assert serve[serve.index("--port") + 1] == "8100"
+    # pdserve's own flags never reach vLLM.
+    assert not [a for a in serve if a.startswith(("--kv-role", "--kv-port"))]
+
+
+def test_serve_args_layout():
+    argv = [
+        *PRODUCER,
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "512",
+        "-tp",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        "3",
+    ]
+    _, serve = launch(argv)
+    assert serve[:2] == ["m", "--port"]
+    pairs = dict(zip(serve[1::2], serve[2::2], strict=False))
+    assert pairs["--port"] == "8000"
+    assert pairs["--dtype"] == "bfloat16"
+    assert pairs["--tensor-parallel-size"] == "2"
+    assert pairs["--host"] == "127.0.0.1"
+    assert pairs["--max-model-len"] == "512"
+    assert serve[-2:] == ["--middleware", MIDDLEWARE]
+    assert MIDDLEWARE == "pdserve.entrypoints.middleware.PDServeMiddleware"
+    assert serve[-4] == "--kv-transfer-config"
+    assert serve.index("--seed") < serve.index("--kv-transfer-config")
+
+
+def test_host_and_max_model_len_omitted_by_default():
+    _, serve = launch(PRODUCER)
+    assert "--host" not in serve and "--max-model-len" not in serve
+
+
+def test_settings_round_trip_through_kv_transfer_config():
+    argv = [
+        *CONSUMER,
+        "--dtype",
+        "half",
+        "-tp",
+        "2",
+        "--max-model-len",
+        "4096",
+        "--prefill-timeout",
+        "7.5",
+        "--kv-transfer-timeout",
+        "3",
+        "--producer-connect-timeout",
+        "11",
+        "--api-key",
+        "secret",
+    ]
+    settings, serve = launch(argv)
+    config = kv_transfer_config(serve)
+    assert set(config["kv_connector_extra_config"]) == {EXTRA_CONFIG_KEY}
+    decoded = Settings.from_extra_config(config["kv_connector_extra_config"])
+    assert decoded == settings
+    assert decoded.role == "consumer"
+    assert decoded.model == "m"
+    assert decoded.dtype == "float16"
+    assert decoded.tensor_parallel_size == 2
+    assert decoded.max_model_len == 4096
+    assert decoded.prefill_timeout == 7.5
+    assert decoded.transfer_timeout == 3.0
+    assert decoded.connect_timeout == 11.0
+    assert decoded.producer_url == "http://p:8100"
+    assert decoded.producer_kv_host == "p"
+    assert decoded.api_keys == ["secret"]
+    assert decoded.kv_ports == []
+
+
+def test_producer_settings_round_trip():
+    argv = [*PRODUCER, "--kv-host", "127.0.0.1", "--kv-lease-seconds", "5"]
+    settings, serve = launch(argv)
+    config = kv_transfer_config(serve)
+    decoded = Settings.from_extra_config(config["kv_connector_extra_config"])
+    assert decoded == settings
+    assert decoded.kv_host == "127.0.0.1"
+    assert decoded.lease_seconds == 5.0
+    assert decoded.producer_url is None and decoded.producer_kv_host is None
+
+
+@pytest.mark.parametrize("tp_flag", ["-tp", "--tensor-parallel-size"])
+def test_producer_kv_ports_from_first_port(tp_flag):
+    settings, _ = launch([*PRODUCER, "--kv-port", "9000", tp_flag, "4"])
+    assert settings.kv_ports == [9000, 9001, 9002, 9003]
+    assert settings.tensor_parallel_size == 4
+
+
+@pytest.mark.parametrize("tp", [1, 3])
+def test_producer_kv_ports_default_to_free_ports(tp):
+    settings, _ = launch([*PRODUCER, "--kv-host", "127.0.0.1", "-tp", str(tp)])
+    ports = settings.kv_ports
+    assert len(ports) == tp and len(set(ports)) == tp
+    assert all(0 < p < 65536 for p in ports)
+    # They were free: each can be bound now.
+    for port in ports:
+        socket.create_server(("127.0.0.1", port)).close()
+
+
+def test_consumer_has_no_kv_ports():
+    settings, _ = launch([*CONSUMER, "--kv-port", "9000", "-tp", "2"])
+    assert settings.kv_ports == []
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("half", "float16"),
+        ("float", "float32"),
+        ("bf16", "bfloat16"),
+        ("bfloat16", "bfloat16"),
+        ("auto", "auto"),
+    ],
+)
+def test_dtype_aliases(given, expected):
+    args, _ = parse([*PRODUCER, "--dtype", given])
+    assert args.dtype == expected
+    settings, serve = launch([*PRODUCER, "--dtype", given])
+    assert settings.dtype == expected
+    assert serve[serve.index("--dtype") + 1] == expected
+
+
+def test_dtype_defaults_to_auto():
+    settings, _ = launch(PRODUCER)
+    assert settings.dtype == "auto"
+
+
+@pytest.mark.parametrize(
+    ("extra", "keys"),
+    [
+        ([], []),
+        (["--api-key", "k1"], ["k1"]),
+        (["--api-key=k1"], ["k1"]),
+        (["--api-key", "k1", "--seed", "0", "--api-key=k2"], ["k1", "k2"]),
+        (["--api-key"], []),
+    ],
+)
+def test_api_keys_collected_from_rest(extra, keys):
+    args, rest = parse([*PRODUCER, *extra])
+    assert make_settings(args, rest).api_keys == keys
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: vLLM's --api-key takes several values (nargs='+'); "
+    "pdserve only keeps the first",
+)
+def test_api_key_with_several_values():
+    args, rest = parse([*PRODUCER, "--api-key", "k1", "k2"])
+    assert make_settings(args, rest).api_keys == ["k1", "k2"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: vLLM accepts --tensor_parallel_size (underscores); pdserve "
+    "passes it through but keeps tp=1 for its own settings and KV ports",
+)
+def test_underscore_spelling_of_tensor_parallel_size():
+    settings, _ = launch(
+        [*PRODUCER, "--kv-port", "9000", "--tensor_parallel_size", "2"]
+    )
+    assert settings.tensor_parallel_size == 2
+    assert settings.kv_ports == [9000, 9001]

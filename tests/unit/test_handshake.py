@@ -1,0 +1,287 @@
+"""Startup handshake: a consumer refuses any producer whose KV it could not
+use, and says exactly what differs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import msgspec
+import pytest
+
+import pdserve
+from pdserve.entrypoints.middleware import node_metadata
+from pdserve.handshake import (
+    METADATA_PATH,
+    IncompatibleProducer,
+    check_compatible,
+    check_producer_metadata,
+    fetch_producer_metadata,
+)
+from pdserve.protocol import LayerInfo, RankInfo
+from pdserve.settings import Settings
+
+NUM_BLOCKS = 500
+
+
+def layers(num_blocks: int = NUM_BLOCKS, count: int = 2) -> list[LayerInfo]:
+    return [
+        LayerInfo(f"model.layers.{i}.self_attn", [2, num_blocks, 16, 4, 64], "bf16", 1)
+        for i in range(count)
+    ]
+
+
+def info(**changes) -> RankInfo:
+    base = RankInfo(
+        pdserve_version="0.1.0",
+        protocol_version=1,
+        vllm_version="0.32.0",
+        model="Qwen/Qwen3-0.6B",
+        dtype="bfloat16",
+        tp_size=2,
+        tp_rank=0,
+        block_size=16,
+        num_blocks=NUM_BLOCKS,
+        layers=layers(),
+        transports=["tcp"],
+    )
+    return msgspec.structs.replace(base, **changes)
+
+
+def mismatch(local: RankInfo, remote: RankInfo) -> str:
+    with pytest.raises(IncompatibleProducer) as exc:
+        check_compatible(local, remote)
+    return str(exc.value)
+
+
+def test_identical_infos_pass():
+    check_compatible(info(), info())
+
+
+def test_different_num_blocks_pass():
+    # Each node sizes its own KV cache; only the layout must agree.
+    remote = info(num_blocks=80, layers=layers(80))
+    check_compatible(info(), remote)
+    check_compatible(remote, info())
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"model": "other/model"},
+            "model: consumer='Qwen/Qwen3-0.6B' producer='other/model'",
+        ),
+        ({"dtype": "float32"}, "dtype: consumer='bfloat16' producer='float32'"),
+        ({"tp_size": 4}, "tensor parallel size: consumer=2 producer=4"),
+        ({"tp_rank": 1}, "tensor parallel rank: consumer=0 producer=1"),
+        ({"block_size": 32}, "block size: consumer=16 producer=32"),
+        ({"protocol_version": 2}, "protocol version: consumer=1 producer=2"),
+        (
+            {"pdserve_version": "0.2.0"},
+            "pdserve version: consumer='0.1.0' producer='0.2.0'",
+        ),
+        (
+            {"vllm_version": "0.31.0"},
+            "vLLM version: consumer='0.32.0' producer='0.31.0'",
+        ),
+        ({"layers": layers(count=3)}, "number of KV layers: consumer=2 producer=3"),
+    ],
+)
+def test_mismatch_names_both_values(change, expected):
+    message = mismatch(info(), info(**change))
+    assert expected in message
+    # Only the field that differs is reported.
+    assert message.count("consumer=") == 1
+
+
+def test_layer_block_dim_mismatch():
+    remote_layers = [
+        LayerInfo(layer.name, [NUM_BLOCKS, 2, 16, 4, 64], layer.dtype, 0)
+        for layer in layers()
+    ]
+    message = mismatch(info(), info(layers=remote_layers))
+    assert "model.layers.0.self_attn block dim: consumer=1 producer=0" in message
+    assert "model.layers.1.self_attn block dim: consumer=1 producer=0" in message
+
+
+@pytest.mark.parametrize("dim", [0, 2, 3, 4])
+def test_layer_shape_mismatch_outside_block_dim(dim):
+    shape = [2, NUM_BLOCKS, 16, 4, 64]
+    shape[dim] *= 2
+    remote_layers = [
+        LayerInfo(layers()[0].name, shape, "bf16", 1),
+        layers()[1],
+    ]
+    message = mismatch(info(), info(layers=remote_layers))
+    assert "model.layers.0.self_attn KV layout" in message
+    assert "model.layers.1" not in message
+    expected = [2, -1, 16, 4, 64]
+    theirs = list(expected)
+    theirs[dim] = shape[dim]
+    assert f"consumer={expected!r} producer={theirs!r}" in message
+
+
+def test_layer_rank_mismatch():
+    remote_layers = [LayerInfo(layers()[0].name, [2, 9, 16, 256], "bf16", 1)]
+    remote_layers.append(layers()[1])
+    assert "model.layers.0.self_attn KV layout" in mismatch(
+        info(), info(layers=remote_layers)
+    )
+
+
+def test_layer_dtype_mismatch():
+    remote_layers = [LayerInfo(x.name, x.shape, "f32", x.block_dim) for x in layers()]
+    message = mismatch(info(), info(layers=remote_layers))
+    assert "model.layers.0.self_attn dtype: consumer='bf16' producer='f32'" in message
+
+
+def test_all_mismatches_reported_together():
+    message = mismatch(info(), info(model="x", dtype="float16", block_size=8))
+    assert message.count("consumer=") == 3
+
+
+# --- metadata check before any engine starts ---------------------------------
+
+
+def producer_metadata(**overrides) -> dict:
+    settings = Settings(
+        role="producer",
+        model="Qwen/Qwen3-0.6B",
+        dtype="bfloat16",
+        tensor_parallel_size=2,
+        kv_ports=[9000, 9001],
+    )
+    # Through JSON, as the consumer receives it.
+    metadata = json.loads(json.dumps(node_metadata(settings)))
+    metadata.update(overrides)
+    return metadata
+
+
+def consumer_metadata(**overrides) -> dict:
+    theirs = producer_metadata()
+    mine = {
+        key: theirs[key]
+        for key in (
+            "protocol_version",
+            "pdserve_version",
+            "vllm_version",
+            "model",
+            "dtype",
+            "tensor_parallel_size",
+        )
+    }
+    mine.update(overrides)
+    return mine
+
+
+def metadata_mismatch(mine: dict, theirs: dict) -> str:
+    with pytest.raises(IncompatibleProducer) as exc:
+        check_producer_metadata(mine, theirs)
+    return str(exc.value)
+
+
+def test_matching_metadata_passes():
+    metadata = producer_metadata()
+    assert metadata["protocol_version"] == pdserve.PROTOCOL_VERSION
+    assert metadata["kv_ports"] == [9000, 9001]
+    check_producer_metadata(consumer_metadata(), metadata)
+
+
+@pytest.mark.parametrize(
+    ("key", "mine", "theirs", "expected"),
+    [
+        ("model", "a/b", "c/d", "model: consumer='a/b' producer='c/d'"),
+        ("tensor_parallel_size", 1, 2, "tensor_parallel_size: consumer=1 producer=2"),
+        (
+            "dtype",
+            "float16",
+            "bfloat16",
+            "dtype: consumer='float16' producer='bfloat16'",
+        ),
+        ("protocol_version", 1, 2, "protocol_version: consumer=1 producer=2"),
+    ],
+)
+def test_metadata_mismatch_names_both_values(key, mine, theirs, expected):
+    message = metadata_mismatch(
+        consumer_metadata(**{key: mine}), producer_metadata(**{key: theirs})
+    )
+    assert expected in message
+    assert message.count("consumer=") == 1
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs"),
+    [("auto", "bfloat16"), ("float16", "auto"), ("auto", "auto")],
+)
+def test_auto_dtype_not_compared(mine, theirs):
+    check_producer_metadata(
+        consumer_metadata(dtype=mine), producer_metadata(dtype=theirs)
+    )
+
+
+@pytest.mark.parametrize("role", ["consumer", None])
+def test_non_producer_refused(role):
+    theirs = producer_metadata(role=role)
+    if role is None:
+        del theirs["role"]
+    message = metadata_mismatch(consumer_metadata(), theirs)
+    assert "role" in message and repr(role) in message
+
+
+# --- fetching the metadata ---------------------------------------------------
+
+
+@pytest.fixture
+def metadata_server():
+    seen: list[dict] = []
+    body = json.dumps(producer_metadata()).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append({"path": self.path, **dict(self.headers)})
+            if self.path != METADATA_PATH:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_fetch_producer_metadata(metadata_server, suffix):
+    url, seen = metadata_server
+    got = fetch_producer_metadata(url + suffix, timeout=5)
+    assert got == producer_metadata()
+    assert [s["path"] for s in seen] == [METADATA_PATH]
+
+
+def test_fetch_sends_headers(metadata_server):
+    url, seen = metadata_server
+    fetch_producer_metadata(url, timeout=5, headers={"Authorization": "Bearer k"})
+    assert seen[0]["Authorization"] == "Bearer k"
+
+
+def test_fetch_times_out_on_closed_port():
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=f"127.0.0.1:{port}"):
+        fetch_producer_metadata(f"http://127.0.0.1:{port}", timeout=1.5)
+    assert time.monotonic() - start < 5.0

@@ -1,0 +1,263 @@
+"""The KV side channel's framing over real sockets, including hostile peers."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import tracemalloc
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pdserve.protocol import (
+    MAX_FRAME_BYTES,
+    Ack,
+    GetRankInfo,
+    LayerInfo,
+    ProtocolError,
+    RankInfo,
+    ReadBlocks,
+    ReadReply,
+    Release,
+    decode_body,
+    encode_frame,
+    prompt_hash,
+    recv_message,
+    send_message,
+)
+
+TIMEOUT = 5.0
+MESSAGE_TYPES = (GetRankInfo, RankInfo, ReadBlocks, ReadReply, Release, Ack)
+
+
+def rank_info(layers: int = 2) -> RankInfo:
+    return RankInfo(
+        pdserve_version="0.1.0",
+        protocol_version=1,
+        vllm_version="0.32.0",
+        model="Qwen/Qwen3-0.6B",
+        dtype="bfloat16",
+        tp_size=2,
+        tp_rank=1,
+        block_size=16,
+        num_blocks=1234,
+        layers=[
+            LayerInfo(f"model.layers.{i}.self_attn", [2, 1234, 16, 4, 128], "bf16", 1)
+            for i in range(layers)
+        ],
+        transports=["tcp"],
+    )
+
+
+MESSAGES = [
+    GetRankInfo(),
+    rank_info(),
+    ReadBlocks(request_id="cmpl-1-0", token="tok", block_ids=[5, 0, 4_000_000]),
+    ReadBlocks(request_id="", token="", block_ids=[]),
+    ReadReply(ok=True, layer_nbytes=[65536, 65536]),
+    ReadReply(ok=False, error="wrong token for request x"),
+    Release(request_id="r-ü", token="t"),
+    Ack(ok=True),
+    Ack(ok=False, error="nope"),
+]
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.settimeout(TIMEOUT)
+    b.settimeout(TIMEOUT)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_message_round_trip(pair, message):
+    a, b = pair
+    a.sendall(encode_frame(message))
+    got = recv_message(b)
+    assert type(got) is type(message)
+    assert got == message
+
+
+def test_frame_is_length_prefixed_msgpack():
+    frame = encode_frame(Ack(ok=True))
+    (length,) = struct.unpack(">I", frame[:4])
+    assert length == len(frame) - 4
+    assert msgspec.msgpack.decode(frame[4:]) == {"type": "Ack", "ok": True, "error": ""}
+
+
+def test_back_to_back_frames_keep_their_boundaries(pair):
+    a, b = pair
+    a.sendall(b"".join(encode_frame(m) for m in MESSAGES))
+    assert [recv_message(b) for _ in MESSAGES] == MESSAGES
+
+
+def test_frame_split_into_single_bytes(pair):
+    a, b = pair
+    frame = encode_frame(rank_info())
+    received = []
+    reader = threading.Thread(target=lambda: received.append(recv_message(b)))
+    reader.start()
+    for i in range(len(frame)):
+        a.send(frame[i : i + 1])
+    reader.join(TIMEOUT)
+    assert received == [rank_info()]
+
+
+def test_large_message_arrives_through_partial_reads(pair):
+    a, b = pair
+    message = ReadBlocks(request_id="big", token="t", block_ids=list(range(300_000)))
+    assert len(encode_frame(message)) > 1_000_000  # beyond any socket buffer
+    sender = threading.Thread(target=send_message, args=(a, message))
+    sender.start()
+    got = recv_message(b)
+    sender.join(TIMEOUT)
+    assert got == message
+
+
+def test_prompt_hash():
+    assert prompt_hash([1, 2, 3]) == prompt_hash([1, 2, 3])
+    assert prompt_hash([1, 2, 3]) == prompt_hash((1, 2, 3))
+    assert prompt_hash([1, 2, 3]) != prompt_hash([1, 2, 4])
+    assert prompt_hash([1, 2, 3]) != prompt_hash([3, 2, 1])
+    assert prompt_hash([1, 2, 3]) != prompt_hash([1, 2])
+    assert prompt_hash([1]) != prompt_hash([1, 0])
+    assert prompt_hash([]) != prompt_hash([0])
+    digest = prompt_hash([151643, 0, 7])
+    assert len(digest) == 32 and int(digest, 16) >= 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**31), min_size=1, max_size=20),
+    st.randoms(use_true_random=False),
+)
+def test_prompt_hash_distinguishes_permutations(tokens, rnd):
+    shuffled = list(tokens)
+    rnd.shuffle(shuffled)
+    assert (prompt_hash(tokens) == prompt_hash(shuffled)) == (tokens == shuffled)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(st.binary(max_size=512))
+def test_random_bytes_never_hang_or_crash(data):
+    a, b = socket.socketpair()
+    try:
+        b.settimeout(TIMEOUT)
+        a.sendall(data)
+        a.close()
+        try:
+            message = recv_message(b)
+        except ConnectionError:  # ProtocolError included
+            return
+        # Only a complete, well-formed frame decodes.
+        (length,) = struct.unpack(">I", data[:4])
+        assert len(data) >= 4 + length
+        assert isinstance(message, MESSAGE_TYPES)
+    finally:
+        a.close()
+        b.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_frame_body_is_a_message_or_protocol_error(body):
+    a, b = socket.socketpair()
+    try:
+        b.settimeout(TIMEOUT)
+        a.sendall(struct.pack(">I", len(body)) + body)
+        try:
+            message = recv_message(b)
+        except ProtocolError:
+            return
+        assert isinstance(message, MESSAGE_TYPES)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("keep", [0, 2, 4, 10])
+def test_truncated_frame_then_close(pair, keep):
+    a, b = pair
+    frame = encode_frame(rank_info())
+    assert keep < len(frame)
+    a.sendall(frame[:keep])
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(ConnectionError):
+        recv_message(b)
+
+
+def test_huge_length_prefix_refused_without_allocating(pair):
+    a, b = pair
+    a.sendall(struct.pack(">I", 0xFFFFFFFF))  # the peer stays open
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="exceeds"):
+            recv_message(b)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+def test_length_just_over_limit_refused(pair):
+    a, b = pair
+    a.sendall(struct.pack(">I", MAX_FRAME_BYTES + 1))
+    with pytest.raises(ProtocolError):
+        recv_message(b)
+
+
+def test_length_at_limit_waits_for_body(pair):
+    a, b = pair
+    a.sendall(struct.pack(">I", MAX_FRAME_BYTES) + b"\x00" * 100)
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(ConnectionError) as exc:
+        recv_message(b)
+    # A frame of the maximum size is legal: it failed on the missing body.
+    assert not isinstance(exc.value, ProtocolError)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "Shutdown"},
+        {"type": "ReadBlocks", "request_id": "r", "token": "t"},  # missing field
+        {"type": "ReadBlocks", "request_id": 1, "token": "t", "block_ids": []},
+        {"request_id": "r", "token": "t"},  # no tag
+        [1, 2, 3],
+        7,
+    ],
+)
+def test_valid_msgpack_that_is_no_message(pair, body):
+    a, b = pair
+    data = msgspec.msgpack.encode(body)
+    a.sendall(struct.pack(">I", len(data)) + data)
+    with pytest.raises(ProtocolError):
+        recv_message(b)
+    with pytest.raises(ProtocolError):
+        decode_body(data)
+
+
+def test_garbage_body_is_protocol_error(pair):
+    a, b = pair
+    a.sendall(struct.pack(">I", 3) + b"\xc1\xc1\xc1")  # 0xc1 is never used
+    with pytest.raises(ProtocolError):
+        recv_message(b)
+
+
+def test_stream_stays_usable_after_a_bad_body(pair):
+    a, b = pair
+    bad = msgspec.msgpack.encode({"type": "Nope"})
+    a.sendall(struct.pack(">I", len(bad)) + bad + encode_frame(Ack(ok=True)))
+    with pytest.raises(ProtocolError):
+        recv_message(b)
+    assert recv_message(b) == Ack(ok=True)
