@@ -92,8 +92,18 @@ def fetch_producer_metadata(
     while time.monotonic() < deadline:
         try:
             request = urllib.request.Request(url, headers=headers or {})
-            with urllib.request.urlopen(request, timeout=10) as response:
+            remaining = max(deadline - time.monotonic(), 0.1)
+            with urllib.request.urlopen(
+                request, timeout=min(10, remaining)
+            ) as response:
                 return json.load(response)
+        except urllib.error.HTTPError as exc:
+            if 400 <= exc.code < 500:
+                raise IncompatibleProducer(
+                    f"producer {producer_url} refused the handshake: HTTP {exc.code}"
+                ) from exc
+            last_error = exc
+            time.sleep(RETRY_SECONDS)
         except (OSError, ValueError) as exc:
             last_error = exc
             if not logged:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pdserve.protocol import LayerInfo
@@ -76,7 +77,36 @@ class PagedKVCache:
 
     def gather(self, layer: int, index: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of the layer's blocks at ``index``."""
-        return self.layers[layer].index_select(self.block_dims[layer], index)
+        tensor, dim = self.layers[layer], self.block_dims[layer]
+        if tensor.device.type == "cpu":
+            return _host_gather(tensor, dim, index)
+        return tensor.index_select(dim, index)
 
     def scatter(self, layer: int, index: torch.Tensor, blocks: torch.Tensor) -> None:
-        self.layers[layer].index_copy_(self.block_dims[layer], index, blocks)
+        tensor, dim = self.layers[layer], self.block_dims[layer]
+        if tensor.device.type == "cpu":
+            _host_scatter(tensor, dim, index, blocks)
+        else:
+            tensor.index_copy_(dim, index, blocks)
+
+
+# Transfers run on background threads of vLLM's CPU worker. torch's CPU ops
+# would start a second OpenMP team there, pinned to the cores the engine's
+# team spins on, and stall both; numpy's indexing is single-threaded.
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.view(_SAME_SIZE_INT[tensor.element_size()]).numpy()
+
+
+def _host_gather(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    taken = np.take(_as_numpy(tensor), index.numpy(), axis=dim)
+    return torch.from_numpy(taken).view(tensor.dtype)
+
+
+def _host_scatter(
+    tensor: torch.Tensor, dim: int, index: torch.Tensor, blocks: torch.Tensor
+) -> None:
+    selector = (slice(None),) * dim + (index.numpy(),)
+    _as_numpy(tensor)[selector] = _as_numpy(blocks.contiguous())

@@ -7,6 +7,7 @@ per-request token the reader presents.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
@@ -24,6 +25,7 @@ from pdserve.protocol import (
     recv_message,
     send_message,
 )
+from pdserve.threads import start_thread
 from pdserve.transport import KVTransport
 
 logger = init_logger(__name__)
@@ -50,17 +52,14 @@ class KVServer:
         self.transport = transport
         self.bytes_sent = 0
         self._stopped = threading.Event()
+        self._conns: set[socket.socket] = set()
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.settimeout(0.5)
         self.port = self._listener.getsockname()[1]
-        self._thread = threading.Thread(
-            target=self._accept_loop, name=f"pdserve-kv-server-{self.port}", daemon=True
-        )
-        self._thread.start()
+        start_thread(self._accept_loop, f"pdserve-kv-server-{self.port}")
 
     def close(self) -> None:
         self._stopped.set()
-        self._thread.join(timeout=2)
         self._listener.close()
 
     def _accept_loop(self) -> None:
@@ -71,7 +70,8 @@ class KVServer:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn, peer), daemon=True).start()
+            self._conns.add(conn)
+            start_thread(self._serve, "pdserve-kv-conn", conn, peer)
 
     def _serve(self, conn: socket.socket, peer: tuple) -> None:
         conn.settimeout(IDLE_CONNECTION_SECONDS)
@@ -84,6 +84,16 @@ class KVServer:
                 logger.warning("Closing KV connection from %s: %s", peer, exc)
             except (ConnectionError, TimeoutError, OSError):
                 pass
+            finally:
+                self._conns.discard(conn)
+
+    def has_pending_input(self) -> bool:
+        """Whether a connection or request waits for a server thread."""
+        sockets = [self._listener, *self._conns]
+        try:
+            return bool(select.select(sockets, [], [], 0)[0])
+        except (OSError, ValueError):
+            return True  # a socket closed under us: let the threads run
 
     def _handle(self, conn: socket.socket, message: object) -> None:
         if isinstance(message, GetRankInfo):

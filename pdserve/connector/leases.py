@@ -36,6 +36,7 @@ class LeaseTable:
             early = self._early_releases.pop(request_id, None)
             if early is not None and hmac.compare_digest(early[0], token):
                 self._finished.add(request_id)
+                self._cond.notify_all()
                 return
             expires_at = self._clock() + self._lease_seconds
             self._leases[request_id] = Lease(list(block_ids), token, expires_at)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -24,6 +23,7 @@ from pdserve.kv_cache import PagedKVCache, dtype_name
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
+from pdserve.threads import hand_off_gil, thread_pool
 from pdserve.transport import TRANSPORTS, get_transport
 
 logger = init_logger(__name__)
@@ -48,9 +48,11 @@ class PDServeWorker:
         self.server: KVServer | None = None
         self.leases = LeaseTable(settings.lease_seconds)
         self.clients = ProducerClients(settings.transfer_timeout)
-        self._pool = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="pdserve-load")
+        self._pool = thread_pool(LOAD_THREADS, "pdserve-load")
         self._lock = threading.Lock()
         self._done_loads: set[str] = set()
+        # Loads and releases submitted to the pool and not finished yet.
+        self._in_flight = 0
         self._failed_blocks: set[int] = set()
         self._stats = PDServeStats()
 
@@ -107,11 +109,31 @@ class PDServeWorker:
         for grant in meta.grants:
             self.leases.grant(grant.request_id, grant.block_ids, grant.token)
         for load in meta.loads:
-            self._pool.submit(self._load, load)
+            self._submit(self._load, load)
         for lease in meta.releases:
-            self._pool.submit(self._release, lease)
+            self._submit(self._release, lease)
+
+    def _submit(self, work, item) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+        def run() -> None:
+            try:
+                work(item)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+
+        self._pool.submit(run)
+
+    def _transfers_waiting(self) -> bool:
+        if self.server is not None and self.server.has_pending_input():
+            return True
+        return self._in_flight > 0
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        if self._transfers_waiting():
+            hand_off_gil()
         if self.settings.role == "producer":
             finished, expired = self.leases.pop_finished()
             if expired:

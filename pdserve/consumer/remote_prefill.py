@@ -32,7 +32,7 @@ def local_reason(path: str, payload: Any) -> str | None:
         return "client_kv_params"
     if payload.get("n", 1) != 1 or payload.get("best_of") not in (None, 1):
         return "multiple_choices"
-    if payload.get("prompt_logprobs") or (
+    if payload.get("prompt_logprobs") is not None or (
         path.endswith("/completions") and payload.get("echo")
     ):
         return "prompt_logprobs"

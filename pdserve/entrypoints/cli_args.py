@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -109,20 +110,34 @@ def free_ports(host: str, count: int) -> list[int]:
 
 
 def _api_keys(rest: list[str]) -> list[str]:
-    keys = []
+    """The keys vLLM will accept: every value after --api-key, else the env."""
+    keys: list[str] = []
     for i, arg in enumerate(rest):
-        if arg == "--api-key" and i + 1 < len(rest):
-            keys.append(rest[i + 1])
-        elif arg.startswith("--api-key="):
+        if arg.startswith("--api-key="):
             keys.append(arg.split("=", 1)[1])
+        elif arg == "--api-key":
+            for value in rest[i + 1 :]:
+                if value.startswith("-"):
+                    break
+                keys.append(value)
+    if not keys and os.environ.get("VLLM_API_KEY"):
+        keys.append(os.environ["VLLM_API_KEY"])
     return keys
+
+
+def normalize_flag(arg: str) -> str:
+    """vLLM accepts --foo_bar for --foo-bar; so must our parser."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "-h" in argv or "--help" in argv:
         return argparse.Namespace(help=True), []
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args([normalize_flag(a) for a in argv])
     args.kv_role = ROLES[args.kv_role]
     if args.kv_role == "consumer" and not args.producer_url:
         parser.error("--producer-url is required with --kv-role consumer")
@@ -132,9 +147,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"--producer-url {args.producer_url!r} has no host")
     if not args.model:
         parser.error("--model is required")
-    for owned in ("--kv-transfer-config", "--kv_transfer_config"):
-        if any(a == owned or a.startswith(owned + "=") for a in rest):
-            parser.error(f"{owned} is set by pdserve; use the --kv-* flags instead")
+    owned = "--kv-transfer-config"
+    if any(a == owned or a.startswith(owned + "=") for a in rest):
+        parser.error(f"{owned} is set by pdserve; use the --kv-* flags instead")
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     return args, rest
 

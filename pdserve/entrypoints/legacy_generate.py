@@ -60,7 +60,11 @@ class BufferedReply:
                 await self.finish()
 
     async def finish(self) -> None:
-        answer = json.loads(b"".join(self.chunks) or b"{}")
+        body = b"".join(self.chunks)
+        try:
+            answer = json.loads(body or b"{}")
+        except ValueError:
+            answer = {"error": body.decode(errors="replace")}
         if self.status != 200:
             await send_json(self.send, self.status, answer)
             return
@@ -107,6 +111,9 @@ class StreamingReply:
             if not payload or payload == b"[DONE]":
                 continue
             chunk = json.loads(payload)
+            if "error" in chunk:
+                lines.append(json.dumps({"error": chunk["error"]}))
+                continue
             for choice in chunk.get("choices", []):
                 index = choice["index"]
                 self.texts[index] = self.texts.get(index, "") + choice.get("text", "")

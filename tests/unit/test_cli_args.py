@@ -292,21 +292,11 @@ def test_api_keys_collected_from_rest(extra, keys):
     assert make_settings(args, rest).api_keys == keys
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: vLLM's --api-key takes several values (nargs='+'); "
-    "pdserve only keeps the first",
-)
 def test_api_key_with_several_values():
     args, rest = parse([*PRODUCER, "--api-key", "k1", "k2"])
     assert make_settings(args, rest).api_keys == ["k1", "k2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: vLLM accepts --tensor_parallel_size (underscores); pdserve "
-    "passes it through but keeps tp=1 for its own settings and KV ports",
-)
 def test_underscore_spelling_of_tensor_parallel_size():
     settings, _ = launch(
         [*PRODUCER, "--kv-port", "9000", "--tensor_parallel_size", "2"]

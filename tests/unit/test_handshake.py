@@ -69,6 +69,30 @@ def test_different_num_blocks_pass():
 
 
 @pytest.mark.parametrize(
+    ("shape", "block_dim"),
+    [
+        (lambda n: [n, 2, 16, 4, 64], 0),  # blocks first
+        (lambda n: [2, n, 16, 4, 64], 1),  # K/V first
+        (lambda n: [2, 4, n, 16, 64], 2),
+        (lambda n: [n, 16, 576], 0),  # MLA-like, no K/V split
+    ],
+)
+def test_num_blocks_ignored_in_any_block_dim(shape, block_dim):
+    def with_blocks(n: int) -> RankInfo:
+        layer = LayerInfo("model.layers.0.self_attn", shape(n), "bf16", block_dim)
+        return info(num_blocks=n, layers=[layer])
+
+    check_compatible(with_blocks(500), with_blocks(37))
+    # The same layer with one other dimension changed is refused.
+    other = with_blocks(500)
+    wider = list(other.layers[0].shape)
+    wider[-1] += 1
+    other.layers[0] = LayerInfo(other.layers[0].name, wider, "bf16", block_dim)
+    with pytest.raises(IncompatibleProducer, match="KV layout"):
+        check_compatible(with_blocks(37), other)
+
+
+@pytest.mark.parametrize(
     ("change", "expected"),
     [
         (
@@ -256,7 +280,7 @@ def metadata_server():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", seen
     server.shutdown()

@@ -231,3 +231,9 @@ def test_to_completion_request():
 def test_to_completion_request_needs_string_prompt(payload):
     with pytest.raises(ValueError, match="prompt"):
         to_completion_request(payload)
+
+
+@pytest.mark.parametrize("reply_cls", [BufferedReply, StreamingReply])
+def test_non_json_error_body_passes_through(reply_cls):
+    recorder = drive(reply_cls, 500, [b"Internal Server Error"])
+    assert recorder.start["status"] == 500

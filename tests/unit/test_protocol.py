@@ -65,6 +65,28 @@ MESSAGES = [
 ]
 
 
+def receive(sock: socket.socket):
+    """recv_message, but a test fails instead of hanging if it never returns
+    (socket timeouts cannot bound a loop that spins on a closed peer)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(("ok", recv_message(sock)))
+        except BaseException as exc:  # re-raised in the test's thread
+            outcome.append(("error", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(TIMEOUT + 2)
+    if not outcome:
+        pytest.fail("recv_message did not return")
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 @pytest.fixture
 def pair():
     a, b = socket.socketpair()
@@ -79,7 +101,7 @@ def pair():
 def test_message_round_trip(pair, message):
     a, b = pair
     a.sendall(encode_frame(message))
-    got = recv_message(b)
+    got = receive(b)
     assert type(got) is type(message)
     assert got == message
 
@@ -94,7 +116,7 @@ def test_frame_is_length_prefixed_msgpack():
 def test_back_to_back_frames_keep_their_boundaries(pair):
     a, b = pair
     a.sendall(b"".join(encode_frame(m) for m in MESSAGES))
-    assert [recv_message(b) for _ in MESSAGES] == MESSAGES
+    assert [receive(b) for _ in MESSAGES] == MESSAGES
 
 
 def test_frame_split_into_single_bytes(pair):
@@ -115,7 +137,7 @@ def test_large_message_arrives_through_partial_reads(pair):
     assert len(encode_frame(message)) > 1_000_000  # beyond any socket buffer
     sender = threading.Thread(target=send_message, args=(a, message))
     sender.start()
-    got = recv_message(b)
+    got = receive(b)
     sender.join(TIMEOUT)
     assert got == message
 
@@ -156,7 +178,7 @@ def test_random_bytes_never_hang_or_crash(data):
         a.sendall(data)
         a.close()
         try:
-            message = recv_message(b)
+            message = receive(b)
         except ConnectionError:  # ProtocolError included
             return
         # Only a complete, well-formed frame decodes.
@@ -176,7 +198,7 @@ def test_random_frame_body_is_a_message_or_protocol_error(body):
         b.settimeout(TIMEOUT)
         a.sendall(struct.pack(">I", len(body)) + body)
         try:
-            message = recv_message(b)
+            message = receive(b)
         except ProtocolError:
             return
         assert isinstance(message, MESSAGE_TYPES)
@@ -193,7 +215,7 @@ def test_truncated_frame_then_close(pair, keep):
     a.sendall(frame[:keep])
     a.shutdown(socket.SHUT_WR)
     with pytest.raises(ConnectionError):
-        recv_message(b)
+        receive(b)
 
 
 def test_huge_length_prefix_refused_without_allocating(pair):
@@ -202,7 +224,7 @@ def test_huge_length_prefix_refused_without_allocating(pair):
     tracemalloc.start()
     try:
         with pytest.raises(ProtocolError, match="exceeds"):
-            recv_message(b)
+            receive(b)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -213,7 +235,7 @@ def test_length_just_over_limit_refused(pair):
     a, b = pair
     a.sendall(struct.pack(">I", MAX_FRAME_BYTES + 1))
     with pytest.raises(ProtocolError):
-        recv_message(b)
+        receive(b)
 
 
 def test_length_at_limit_waits_for_body(pair):
@@ -221,7 +243,7 @@ def test_length_at_limit_waits_for_body(pair):
     a.sendall(struct.pack(">I", MAX_FRAME_BYTES) + b"\x00" * 100)
     a.shutdown(socket.SHUT_WR)
     with pytest.raises(ConnectionError) as exc:
-        recv_message(b)
+        receive(b)
     # A frame of the maximum size is legal: it failed on the missing body.
     assert not isinstance(exc.value, ProtocolError)
 
@@ -242,7 +264,7 @@ def test_valid_msgpack_that_is_no_message(pair, body):
     data = msgspec.msgpack.encode(body)
     a.sendall(struct.pack(">I", len(data)) + data)
     with pytest.raises(ProtocolError):
-        recv_message(b)
+        receive(b)
     with pytest.raises(ProtocolError):
         decode_body(data)
 
@@ -251,7 +273,7 @@ def test_garbage_body_is_protocol_error(pair):
     a, b = pair
     a.sendall(struct.pack(">I", 3) + b"\xc1\xc1\xc1")  # 0xc1 is never used
     with pytest.raises(ProtocolError):
-        recv_message(b)
+        receive(b)
 
 
 def test_stream_stays_usable_after_a_bad_body(pair):
@@ -259,5 +281,5 @@ def test_stream_stays_usable_after_a_bad_body(pair):
     bad = msgspec.msgpack.encode({"type": "Nope"})
     a.sendall(struct.pack(">I", len(bad)) + bad + encode_frame(Ack(ok=True)))
     with pytest.raises(ProtocolError):
-        recv_message(b)
-    assert recv_message(b) == Ack(ok=True)
+        receive(b)
+    assert receive(b) == Ack(ok=True)

@@ -64,11 +64,6 @@ def test_client_kv_params_win_over_other_reasons():
     assert local_reason(COMPLETIONS, payload) == "client_kv_params"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: prompt_logprobs=0 asks vLLM for prompt logprobs (0 is valid, "
-    "only None means none) but is treated as falsy and prefilled remotely",
-)
 def test_zero_prompt_logprobs_prefills_locally():
     assert local_reason(COMPLETIONS, {"prompt": "Hi", "prompt_logprobs": 0}) == (
         "prompt_logprobs"

@@ -34,7 +34,7 @@ def random_cache(shape, dtype, layers=3, seed=0) -> PagedKVCache:
 
 
 def empty_like(kv: PagedKVCache) -> PagedKVCache:
-    caches = {name: torch.zeros_like(t) for name, t in zip(kv.names, kv.layers)}
+    caches = {n: torch.zeros_like(t) for n, t in zip(kv.names, kv.layers, strict=True)}
     return PagedKVCache(caches, kv.num_blocks)
 
 
@@ -63,7 +63,9 @@ def serve():
     servers = []
 
     def start(kv: PagedKVCache, leases: LeaseTable) -> ProducerRankClient:
-        server = KVServer("127.0.0.1", 0, kv, rank_info(kv), leases, get_transport("tcp"))
+        server = KVServer(
+            "127.0.0.1", 0, kv, rank_info(kv), leases, get_transport("tcp")
+        )
         servers.append(server)
         return ProducerRankClient("127.0.0.1", server.port, timeout=5)
 
