@@ -105,8 +105,10 @@ def main() -> None:
             f"\n{'prompt':>7} {'node':<9} {'TTFT p50':>9} {'E2E p50':>9} "
             f"{'KV B/req':>10} {'expected':>10}\n"
         )
-        out.write(f"{args.runs} runs each, {args.max_tokens} output tokens, "
-                  f"{args.dtype}, block {args.block_size}\n" + header)
+        out.write(
+            f"{args.runs} runs each, {args.max_tokens} output tokens, "
+            f"{args.dtype}, block {args.block_size}\n" + header
+        )
         for length in (int(x) for x in args.lengths.split(",")):
             for name, url in (("pd", consumer.url), ("baseline", baseline.url)):
                 ttfts, e2es, moved = [], [], []
@@ -118,7 +120,9 @@ def main() -> None:
                     ttfts.append(ttft)
                     e2es.append(e2e)
                     moved.append(after - before)
-                expected = -(-length // args.block_size) * per_block if name == "pd" else 0
+                expected = (
+                    -(-length // args.block_size) * per_block if name == "pd" else 0
+                )
                 out.write(
                     f"{length:>7} {name:<9} {statistics.median(ttfts) * 1e3:7.1f}ms "
                     f"{statistics.median(e2es) * 1e3:7.1f}ms "

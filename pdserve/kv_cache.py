@@ -79,13 +79,13 @@ class PagedKVCache:
         """A contiguous copy of the layer's blocks at ``index``."""
         tensor, dim = self.layers[layer], self.block_dims[layer]
         if tensor.device.type == "cpu":
-            return _host_gather(tensor, dim, index)
+            return host_gather(tensor, dim, index)
         return tensor.index_select(dim, index)
 
     def scatter(self, layer: int, index: torch.Tensor, blocks: torch.Tensor) -> None:
         tensor, dim = self.layers[layer], self.block_dims[layer]
         if tensor.device.type == "cpu":
-            _host_scatter(tensor, dim, index, blocks)
+            host_scatter(tensor, dim, index, blocks)
         else:
             tensor.index_copy_(dim, index, blocks)
 
@@ -100,12 +100,12 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(_SAME_SIZE_INT[tensor.element_size()]).numpy()
 
 
-def _host_gather(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+def host_gather(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     taken = np.take(_as_numpy(tensor), index.numpy(), axis=dim)
     return torch.from_numpy(taken).view(tensor.dtype)
 
 
-def _host_scatter(
+def host_scatter(
     tensor: torch.Tensor, dim: int, index: torch.Tensor, blocks: torch.Tensor
 ) -> None:
     selector = (slice(None),) * dim + (index.numpy(),)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from vllm.logger import init_logger as vllm_init_logger
+try:
+    from vllm.logger import init_logger as vllm_init_logger
+except ImportError:  # transports and benchmarks run without vLLM too
+    vllm_init_logger = logging.getLogger
 
 
 def init_logger(name: str) -> logging.Logger:

@@ -11,6 +11,7 @@ import hashlib
 import socket
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -44,6 +45,11 @@ class RankInfo(msgspec.Struct, tag=True):
     num_blocks: int
     layers: list[LayerInfo]
     transports: list[str]
+    # Where this rank runs: device kind, device uuid and host identity let a
+    # peer tell whether a GPU-direct transport can reach it.
+    device: str = "cpu"
+    device_uuid: str = ""
+    host_id: str = ""
 
 
 class GetRankInfo(msgspec.Struct, tag=True):
@@ -56,6 +62,23 @@ class ReadBlocks(msgspec.Struct, tag=True):
     request_id: str
     token: str
     block_ids: list[int]
+    # How the bytes move; a GPU-direct transport names its session.
+    transport: str = "tcp"
+    session: str = ""
+
+
+class TransportHello(msgspec.Struct, tag=True):
+    """Consumer: set up a GPU-direct transport session with this rank."""
+
+    transport: str
+    session: str
+    payload: dict[str, Any] = {}
+
+
+class TransportWelcome(msgspec.Struct, tag=True):
+    ok: bool
+    error: str = ""
+    payload: dict[str, Any] = {}
 
 
 class ReadReply(msgspec.Struct, tag=True):
@@ -77,7 +100,16 @@ class Ack(msgspec.Struct, tag=True):
     error: str = ""
 
 
-Message = GetRankInfo | RankInfo | ReadBlocks | ReadReply | Release | Ack
+Message = (
+    GetRankInfo
+    | RankInfo
+    | ReadBlocks
+    | ReadReply
+    | Release
+    | Ack
+    | TransportHello
+    | TransportWelcome
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

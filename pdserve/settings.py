@@ -21,7 +21,7 @@ class Settings(msgspec.Struct, kw_only=True):
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
-    transport: str = "tcp"
+    transport: str = "auto"
     # Producer: where its ranks' side-channel servers listen (one port a rank).
     kv_host: str = "0.0.0.0"
     kv_ports: list[int] = []

@@ -20,6 +20,8 @@ from pdserve.protocol import (
     RankInfo,
     ReadBlocks,
     Release,
+    TransportHello,
+    TransportWelcome,
     recv_message,
     send_message,
 )
@@ -80,12 +82,30 @@ class ProducerRankClient:
         token: str,
         remote_block_ids: list[int],
         local_block_ids: list[int],
+        session: str = "",
     ) -> int:
-        def read(conn: socket.socket) -> int:
-            send_message(conn, ReadBlocks(request_id, token, remote_block_ids))
-            return transport.recv_blocks(conn, kv, local_block_ids)
+        request = ReadBlocks(
+            request_id, token, remote_block_ids, transport.name, session
+        )
 
-        return self._call(read)
+        def read(conn: socket.socket) -> int:
+            send_message(conn, request)
+            return transport.recv_blocks(
+                conn, kv, remote_block_ids, local_block_ids, session
+            )
+
+        with transport.exclusive(session):
+            return self._call(read)
+
+    def hello(self, message: TransportHello) -> TransportWelcome:
+        def ask(conn: socket.socket) -> TransportWelcome:
+            send_message(conn, message)
+            reply = recv_message(conn)
+            if not isinstance(reply, TransportWelcome):
+                raise ConnectionError(f"expected welcome, got {type(reply).__name__}")
+            return reply
+
+        return self._call(ask)
 
     def release(self, request_id: str, token: str) -> bool:
         def release(conn: socket.socket) -> bool:

@@ -22,6 +22,8 @@ from pdserve.protocol import (
     ReadBlocks,
     ReadReply,
     Release,
+    TransportHello,
+    TransportWelcome,
     recv_message,
     send_message,
 )
@@ -44,12 +46,12 @@ class KVServer:
         kv: PagedKVCache,
         info: RankInfo,
         leases: LeaseTable,
-        transport: KVTransport,
+        transports: dict[str, KVTransport],
     ) -> None:
         self.kv = kv
         self.info = info
         self.leases = leases
-        self.transport = transport
+        self.transports = transports
         self.bytes_sent = 0
         self._stopped = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -100,6 +102,8 @@ class KVServer:
             send_message(conn, self.info)
         elif isinstance(message, ReadBlocks):
             self._read(conn, message)
+        elif isinstance(message, TransportHello):
+            send_message(conn, self._welcome(message))
         elif isinstance(message, Release):
             try:
                 released = self.leases.release(message.request_id, message.token)
@@ -108,6 +112,16 @@ class KVServer:
                 send_message(conn, Ack(ok=False, error=str(exc)))
         else:
             raise ProtocolError(f"unexpected message {type(message).__name__}")
+
+    def _welcome(self, hello: TransportHello) -> TransportWelcome:
+        transport = self.transports.get(hello.transport)
+        if transport is None:
+            return TransportWelcome(ok=False, error=f"{hello.transport} not served")
+        try:
+            return transport.welcome(hello, self.kv)
+        except Exception as exc:  # a refusal, never a dead server
+            logger.warning("%s session setup failed: %s", hello.transport, exc)
+            return TransportWelcome(ok=False, error=str(exc))
 
     def _read(self, conn: socket.socket, read: ReadBlocks) -> None:
         try:
@@ -122,4 +136,18 @@ class KVServer:
                 conn, ReadReply(ok=False, error="blocks outside the request's lease")
             )
             return
-        self.bytes_sent += self.transport.send_blocks(conn, self.kv, read.block_ids)
+        transport = self.transports.get(read.transport)
+        if transport is None:
+            send_message(
+                conn, ReadReply(ok=False, error=f"{read.transport} not served")
+            )
+            return
+        # Counted before any byte leaves: the consumer's release (another
+        # thread) must never be accounted before the bytes it released.
+        nbytes = self.kv.bytes_per_block() * len(read.block_ids)
+        self.bytes_sent += nbytes
+        try:
+            transport.send_blocks(conn, self.kv, read.block_ids, read.session)
+        except BaseException:
+            self.bytes_sent -= nbytes
+            raise

@@ -24,7 +24,13 @@ from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
 from pdserve.threads import hand_off_gil, thread_pool
-from pdserve.transport import TRANSPORTS, get_transport
+from pdserve.transport import (
+    TRANSPORT_NAMES,
+    TransportUnavailable,
+    candidates,
+    get_transport,
+    host_identity,
+)
 
 logger = init_logger(__name__)
 
@@ -43,7 +49,9 @@ class PDServeWorker:
         self.vllm_config = vllm_config
         self.num_blocks = num_blocks
         self.tp_rank = tp_rank
-        self.transport = get_transport(settings.transport)
+        # The consumer picks its transport at the handshake; tcp until then.
+        self.transport = get_transport("tcp")
+        self.session = ""
         self.kv: PagedKVCache | None = None
         self.server: KVServer | None = None
         self.leases = LeaseTable(settings.lease_seconds)
@@ -70,16 +78,26 @@ class PDServeWorker:
             block_size=self.vllm_config.cache_config.block_size,
             num_blocks=self.num_blocks,
             layers=self.kv.layer_infos(),
-            transports=sorted(TRANSPORTS),
+            transports=self.served_transports(),
+            device=self.kv.device.type,
+            device_uuid=_device_uuid(self.kv.device),
+            host_id=host_identity(),
         )
+
+    def served_transports(self) -> list[str]:
+        assert self.kv is not None
+        if self.kv.device.type == "cuda":
+            return list(TRANSPORT_NAMES)
+        return ["tcp"]
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv = PagedKVCache(kv_caches, self.num_blocks)
         info = self.rank_info()
         if self.settings.role == "producer":
             port = self.settings.kv_ports[self.tp_rank]
+            transports = {name: get_transport(name) for name in info.transports}
             self.server = KVServer(
-                self.settings.kv_host, port, self.kv, info, self.leases, self.transport
+                self.settings.kv_host, port, self.kv, info, self.leases, transports
             )
             logger.info(
                 "pdserve producer rank %d serves KV on port %d (%d layers, %d B/block)",
@@ -96,12 +114,32 @@ class PDServeWorker:
             self.clients.get(host, port), self.settings.connect_timeout
         )
         check_compatible(local=info, remote=remote)
+        self._open_transport(self.clients.get(host, port), info, remote)
         logger.info(
-            "pdserve consumer rank %d paired with producer %s:%d",
+            "pdserve consumer rank %d paired with producer %s:%d over %s",
             self.tp_rank,
             host,
             port,
+            self.transport.name,
         )
+
+    def _open_transport(self, client, local: RankInfo, remote: RankInfo) -> None:
+        """The best transport both ranks can use; tcp if the others fail."""
+        assert self.kv is not None
+        for name in candidates(self.settings.transport, local, remote):
+            transport = get_transport(name)
+            try:
+                self.session = transport.open_session(client, self.kv, remote)
+            except (TransportUnavailable, OSError, RuntimeError) as exc:
+                logger.warning(
+                    "pdserve: KV transport %s unavailable (%s); trying the next",
+                    name,
+                    exc,
+                )
+                self._stats.add("kv_transport_fallbacks")
+                continue
+            self.transport = transport
+            return
 
     # ---- each engine step ----
 
@@ -127,7 +165,11 @@ class PDServeWorker:
         self._pool.submit(run)
 
     def _transfers_waiting(self) -> bool:
-        if self.server is not None and self.server.has_pending_input():
+        # Producer: a consumer may read any held lease at any moment, and its
+        # server thread needs the GIL at every step of serving it.
+        if self.server is not None and (
+            len(self.leases) or self.server.has_pending_input()
+        ):
             return True
         return self._in_flight > 0
 
@@ -177,6 +219,7 @@ class PDServeWorker:
                 load.lease.token,
                 load.remote_block_ids,
                 load.local_block_ids,
+                self.session,
             )
         except Exception as exc:
             logger.warning(
@@ -213,6 +256,14 @@ class PDServeWorker:
         if self.server is not None:
             self.server.close()
         self.clients.close()
+
+
+def _device_uuid(device: torch.device) -> str:
+    if device.type != "cuda":
+        return ""
+    from pdserve.transport.ipc import device_uuid
+
+    return device_uuid(device)
 
 
 def _vllm_version() -> str:

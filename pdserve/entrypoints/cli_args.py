@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from pdserve.settings import EXTRA_CONFIG_KEY, Settings
+from pdserve.transport import CHOICES
 
 ROLES = {
     "producer": "producer",
@@ -47,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="consumer only (required): the producer's HTTP address",
     )
     pd.add_argument(
-        "--kv-transport", default="tcp", choices=["tcp"], help="how KV blocks move"
+        "--kv-transport",
+        default="auto",
+        choices=list(CHOICES),
+        help="how KV blocks move: auto picks ipc for GPUs on one host, nccl for "
+        "GPUs on different hosts, tcp otherwise; a failed one falls back to tcp",
     )
     pd.add_argument(
         "--kv-host",

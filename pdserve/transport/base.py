@@ -1,36 +1,84 @@
 """The interface every KV transport implements: move blocks of one rank's KV.
 
 Control traffic (rank info, read requests, releases) always travels on the
-TCP side channel; a transport only decides how the block bytes move. A
-GPU-direct transport is one more file implementing this interface.
+TCP side channel; a transport decides how the block bytes move and may set
+up a session first (IPC handles, a NCCL pair). One file per transport.
 """
 
 from __future__ import annotations
 
 import socket
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, ClassVar
 
 from pdserve.kv_cache import PagedKVCache
+from pdserve.protocol import ReadReply, TransportHello, TransportWelcome, recv_message
+
+if TYPE_CHECKING:
+    from pdserve.protocol import RankInfo
+
+
+class TransportUnavailable(RuntimeError):
+    """This transport cannot connect these two ranks; use another."""
 
 
 class KVTransport(ABC):
     name: ClassVar[str]
 
+    # ---- producer ----
+
+    def welcome(self, hello: TransportHello, kv: PagedKVCache) -> TransportWelcome:
+        """Accept a consumer's session; the default transport needs none."""
+        return TransportWelcome(ok=True)
+
     @abstractmethod
     def send_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int]
+        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
     ) -> int:
-        """Producer side: answer a read with a ReadReply and the blocks' bytes.
+        """Answer a read with a ReadReply and move the blocks; returns bytes."""
 
-        Returns the number of payload bytes sent.
-        """
+    # ---- consumer ----
+
+    def open_session(self, client, kv: PagedKVCache, remote: RankInfo) -> str:
+        """Set up what reads from ``client``'s rank need (``client.hello`` sends
+        a TransportHello); returns the session id. Raises TransportUnavailable."""
+        return ""
+
+    def exclusive(self, session: str) -> AbstractContextManager:
+        """Held around a whole read; transports that must not interleave reads
+        on one session lock here."""
+        return nullcontext()
 
     @abstractmethod
     def recv_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int]
+        self,
+        conn: socket.socket,
+        kv: PagedKVCache,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        session: str,
     ) -> int:
-        """Consumer side: take the answer to a read into ``block_ids``.
+        """Take the answer to a read into ``local_block_ids``; returns bytes.
 
-        Raises on any error; returns the number of payload bytes received.
-        """
+        Raises on any error."""
+
+
+def layer_sizes(kv: PagedKVCache, num_blocks: int) -> list[int]:
+    return [kv.block_nbytes(i) * num_blocks for i in range(len(kv.layers))]
+
+
+def expect_reply(conn: socket.socket, kv: PagedKVCache, num_blocks: int) -> list[int]:
+    """Read the producer's ReadReply and check the sizes it announces."""
+    reply = recv_message(conn)
+    if not isinstance(reply, ReadReply):
+        raise ConnectionError(f"expected ReadReply, got {type(reply).__name__}")
+    if not reply.ok:
+        raise ConnectionError(f"producer refused the read: {reply.error}")
+    expected = layer_sizes(kv, num_blocks)
+    if reply.layer_nbytes != expected:
+        raise ConnectionError(
+            f"producer announced {reply.layer_nbytes} bytes per layer, "
+            f"expected {expected}"
+        )
+    return expected

@@ -7,8 +7,8 @@ import socket
 import torch
 
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import ReadReply, recv_exact, recv_message, send_message
-from pdserve.transport.base import KVTransport
+from pdserve.protocol import ReadReply, recv_exact, send_message
+from pdserve.transport.base import KVTransport, expect_reply, layer_sizes
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -19,9 +19,9 @@ class TcpTransport(KVTransport):
     name = "tcp"
 
     def send_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int]
+        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
     ) -> int:
-        sizes = [kv.block_nbytes(i) * len(block_ids) for i in range(len(kv.layers))]
+        sizes = layer_sizes(kv, len(block_ids))
         send_message(conn, ReadReply(ok=True, layer_nbytes=sizes))
         if not block_ids:
             return 0
@@ -33,25 +33,20 @@ class TcpTransport(KVTransport):
         return sum(sizes)
 
     def recv_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int]
+        self,
+        conn: socket.socket,
+        kv: PagedKVCache,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        session: str,
     ) -> int:
-        reply = recv_message(conn)
-        if not isinstance(reply, ReadReply):
-            raise ConnectionError(f"expected ReadReply, got {type(reply).__name__}")
-        if not reply.ok:
-            raise ConnectionError(f"producer refused the read: {reply.error}")
-        expected = [kv.block_nbytes(i) * len(block_ids) for i in range(len(kv.layers))]
-        if reply.layer_nbytes != expected:
-            raise ConnectionError(
-                f"producer announced {reply.layer_nbytes} bytes per layer, "
-                f"expected {expected}"
-            )
-        if not block_ids:
+        sizes = expect_reply(conn, kv, len(local_block_ids))
+        if not local_block_ids:
             return 0
-        index = kv.index(block_ids)
+        index = kv.index(local_block_ids)
         for layer, tensor in enumerate(kv.layers):
-            shape = kv.gathered_shape(layer, len(block_ids))
+            shape = kv.gathered_shape(layer, len(local_block_ids))
             buffer = torch.empty(shape, dtype=tensor.dtype)
             recv_exact(conn, _byte_view(buffer))
             kv.scatter(layer, index, buffer.to(tensor.device))
-        return sum(expected)
+        return sum(sizes)

@@ -63,9 +63,8 @@ def serve():
     servers = []
 
     def start(kv: PagedKVCache, leases: LeaseTable) -> ProducerRankClient:
-        server = KVServer(
-            "127.0.0.1", 0, kv, rank_info(kv), leases, get_transport("tcp")
-        )
+        transports = {"tcp": get_transport("tcp")}
+        server = KVServer("127.0.0.1", 0, kv, rank_info(kv), leases, transports)
         servers.append(server)
         return ProducerRankClient("127.0.0.1", server.port, timeout=5)
 
@@ -142,3 +141,15 @@ def test_rank_info_roundtrip(serve):
     info = client.rank_info()
     assert info.layers == producer.layer_infos()
     assert [layer.block_dim for layer in info.layers] == [0, 0, 0]
+
+
+def test_read_over_unserved_transport_is_refused(serve):
+    producer = random_cache(LAYOUTS["kv_first"], torch.float32)
+    consumer = empty_like(producer)
+    leases = LeaseTable(lease_seconds=30)
+    leases.grant("req-1", [1], "t")
+    client = serve(producer, leases)
+    ipc_named_tcp = get_transport("tcp")
+    ipc_named_tcp.name = "ipc"  # a consumer asking for a transport not served
+    with pytest.raises(ConnectionError, match="ipc not served"):
+        client.read(ipc_named_tcp, consumer, "req-1", "t", [1], [1])
