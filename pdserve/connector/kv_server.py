@@ -63,6 +63,11 @@ class KVServer:
     def close(self) -> None:
         self._stopped.set()
         self._listener.close()
+        for conn in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():

@@ -60,15 +60,18 @@ def rank_info(kv: PagedKVCache) -> RankInfo:
 
 @pytest.fixture
 def serve():
-    servers = []
-
     def start(kv: PagedKVCache, leases: LeaseTable) -> ProducerRankClient:
         transports = {"tcp": get_transport("tcp")}
         server = KVServer("127.0.0.1", 0, kv, rank_info(kv), leases, transports)
         servers.append(server)
-        return ProducerRankClient("127.0.0.1", server.port, timeout=5)
+        client = ProducerRankClient("127.0.0.1", server.port, timeout=5)
+        clients.append(client)
+        return client
 
+    servers, clients = [], []
     yield start
+    for client in clients:
+        client.close()
     for server in servers:
         server.close()
 
