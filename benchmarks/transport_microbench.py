@@ -179,7 +179,15 @@ def main() -> None:
     ]
     for proc in procs:
         proc.start()
-    rows = results.get(timeout=900)
+    rows = None
+    while rows is None:
+        try:
+            rows = results.get(timeout=5)
+        except Exception:
+            if any(proc.exitcode not in (None, 0) for proc in procs):
+                for proc in procs:
+                    proc.kill()
+                sys.exit("a benchmark process failed (see above)")
     for proc in procs:
         proc.join(timeout=60)
 

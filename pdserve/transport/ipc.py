@@ -4,6 +4,7 @@ per layer one gather on the producer's GPU, one peer copy, one scatter."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import threading
@@ -136,11 +137,15 @@ class IpcTransport(KVTransport):
         self._remote[session] = layers
         return session
 
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        key = (device.index or 0, threading.get_ident())
+    def _streams_for(self, remote: torch.device, local: torch.device):
+        key = (remote.index or 0, local.index or 0, threading.get_ident())
         with self._lock:
             if key not in self._streams:
-                self._streams[key] = torch.cuda.Stream(device=device)
+                self._streams[key] = (
+                    torch.cuda.Stream(device=remote),
+                    torch.cuda.Stream(device=local),
+                    torch.cuda.Stream(device=local),
+                )
             return self._streams[key]
 
     def recv_blocks(
@@ -155,23 +160,65 @@ class IpcTransport(KVTransport):
         if not local_block_ids:
             return 0
         remote = self._remote[session]
-        remote_device = remote[0].device
-        remote_stream, local_stream = (
-            self._stream(remote_device),
-            self._stream(kv.device),
+        num = len(local_block_ids)
+        gather_stream, copy_stream, scatter_stream = self._streams_for(
+            remote[0].device, kv.device
         )
-        with torch.cuda.stream(remote_stream):
-            remote_index = torch.tensor(remote_block_ids, device=remote_device)
-            gathered = [
-                layer.index_select(kv.block_dims[i], remote_index)
-                for i, layer in enumerate(remote)
-            ]
-            ready = torch.cuda.Event()
-            ready.record(remote_stream)
-        with torch.cuda.stream(local_stream):
-            local_stream.wait_event(ready)
+        # Layers go in chunks through three stages on three streams, so the
+        # gather on the producer's GPU, the peer copy and the scatter on ours
+        # overlap; the peer copy is one large copy per chunk.
+        with torch.cuda.stream(gather_stream):
+            remote_index = torch.tensor(remote_block_ids, device=remote[0].device)
+            remote_flat = torch.empty(
+                sum(sizes), dtype=torch.uint8, device=remote[0].device
+            )
+        with torch.cuda.stream(scatter_stream):
             local_index = kv.index(local_block_ids)
-            for i, blocks in enumerate(gathered):
-                kv.scatter(i, local_index, blocks.to(kv.device, non_blocking=True))
-        local_stream.synchronize()
+            local_flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
+        remote_views = flat_views(kv, remote_flat, num)
+        local_views = flat_views(kv, local_flat, num)
+        for layers, (start, end) in chunks(sizes):
+            with torch.cuda.stream(gather_stream):
+                for i in layers:
+                    torch.index_select(
+                        remote[i], kv.block_dims[i], remote_index, out=remote_views[i]
+                    )
+                gathered = torch.cuda.Event()
+                gathered.record(gather_stream)
+            with torch.cuda.stream(copy_stream):
+                copy_stream.wait_event(gathered)
+                local_flat[start:end].copy_(remote_flat[start:end], non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(copy_stream)
+            with torch.cuda.stream(scatter_stream):
+                scatter_stream.wait_event(copied)
+                for i in layers:
+                    kv.scatter(i, local_index, local_views[i])
+        scatter_stream.synchronize()
         return sum(sizes)
+
+
+def flat_views(kv: PagedKVCache, flat: torch.Tensor, num: int) -> list[torch.Tensor]:
+    """Per-layer views into one byte buffer, shaped like gathered blocks."""
+    views, offset = [], 0
+    for layer, size in enumerate(layer_sizes(kv, num)):
+        chunk = flat[offset : offset + size].view(kv.layers[layer].dtype)
+        views.append(chunk.view(kv.gathered_shape(layer, num)))
+        offset += size
+    return views
+
+
+# Layer groups a GPU-direct read is pipelined in (gather / move / scatter).
+PIPELINE_CHUNKS = int(os.environ.get("PDSERVE_PIPELINE_CHUNKS", "4"))
+
+
+def chunks(sizes: list[int], count: int = PIPELINE_CHUNKS):
+    """Layer groups of a pipelined transfer with their byte range in the
+    flat buffer: [(layers, (start, end)), ...]."""
+    per_chunk = -(-len(sizes) // count)
+    offset = 0
+    for first in range(0, len(sizes), per_chunk):
+        layers = range(first, min(first + per_chunk, len(sizes)))
+        size = sum(sizes[i] for i in layers)
+        yield layers, (offset, offset + size)
+        offset += size

@@ -31,6 +31,7 @@ from pdserve.transport.base import (
     expect_reply,
     layer_sizes,
 )
+from pdserve.transport.ipc import chunks, flat_views
 
 PRODUCER, CONSUMER = 0, 1
 TIMEOUT = timedelta(seconds=30)
@@ -42,17 +43,6 @@ def pair_group(store: Any, rank: int) -> Any:
     options = ProcessGroupNCCL.Options()
     options._timeout = TIMEOUT
     return ProcessGroupNCCL(store, rank, 2, options)
-
-
-def flat_views(kv: PagedKVCache, flat: torch.Tensor, num: int) -> list[torch.Tensor]:
-    """Per-layer views into one byte buffer, shaped like gathered blocks."""
-    views, offset = [], 0
-    for layer, size in enumerate(layer_sizes(kv, num)):
-        tensor = kv.layers[layer]
-        chunk = flat[offset : offset + size].view(tensor.dtype)
-        views.append(chunk.view(kv.gathered_shape(layer, num)))
-        offset += size
-    return views
 
 
 class _Session:
@@ -149,9 +139,16 @@ class NcclTransport(KVTransport):
         pair = self._sessions[session]
         with torch.cuda.stream(pair.stream):
             flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
-            pair.group.recv([flat], PRODUCER, 0).wait(TIMEOUT)
             index = kv.index(local_block_ids)
-            for layer, view in enumerate(flat_views(kv, flat, len(local_block_ids))):
-                kv.scatter(layer, index, view)
+            views = flat_views(kv, flat, len(local_block_ids))
+            # Receiving chunk k+1 overlaps scattering chunk k.
+            works = [
+                (layers, pair.group.recv([flat[start:end]], PRODUCER, 0))
+                for layers, (start, end) in chunks(sizes)
+            ]
+            for layers, work in works:
+                work.wait(TIMEOUT)  # host waits: the chunk has landed
+                for i in layers:
+                    kv.scatter(i, index, views[i])
         pair.stream.synchronize()
         return sum(sizes)
