@@ -18,10 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from pdserve.demo import metric_sum
+from pdserve.demo import metric_sum, timed_stream
 from pdserve.local_cluster import ServerProcess
 from pdserve.tiny_model import ensure_tiny_model
 
@@ -29,20 +28,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def stream_tokens(url: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    body.update(stream=True, ignore_eos=True)
-    request = urllib.request.Request(
-        url + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-    start = time.perf_counter()
-    ttft = None
-    with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if ttft is None and line.startswith(b"data:"):
-                ttft = time.perf_counter() - start
-    return ttft or 0.0, time.perf_counter() - start
+    _, ttft, total = timed_stream(url, prompt, max_tokens, ignore_eos=True)
+    return ttft, total
 
 
 def bytes_per_block(model: str, block_size: int, dtype: str) -> int:

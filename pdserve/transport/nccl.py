@@ -31,7 +31,7 @@ from pdserve.transport.base import (
     expect_reply,
     layer_sizes,
 )
-from pdserve.transport.ipc import chunks, flat_views
+from pdserve.transport.ipc import flat_views
 
 PRODUCER, CONSUMER = 0, 1
 TIMEOUT = timedelta(seconds=30)
@@ -140,15 +140,8 @@ class NcclTransport(KVTransport):
         with torch.cuda.stream(pair.stream):
             flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
             index = kv.index(local_block_ids)
-            views = flat_views(kv, flat, len(local_block_ids))
-            # Receiving chunk k+1 overlaps scattering chunk k.
-            works = [
-                (layers, pair.group.recv([flat[start:end]], PRODUCER, 0))
-                for layers, (start, end) in chunks(sizes)
-            ]
-            for layers, work in works:
-                work.wait(TIMEOUT)  # host waits: the chunk has landed
-                for i in layers:
-                    kv.scatter(i, index, views[i])
+            pair.group.recv([flat], PRODUCER, 0).wait(TIMEOUT)
+            for i, view in enumerate(flat_views(kv, flat, len(local_block_ids))):
+                kv.scatter(i, index, view)
         pair.stream.synchronize()
         return sum(sizes)
