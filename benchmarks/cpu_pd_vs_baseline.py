@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from pdserve.demo import metric_sum, timed_stream
-from pdserve.local_cluster import ServerProcess
+from pdserve.local_cluster import ServerProcess, cpu_env, split_cores
 from pdserve.tiny_model import ensure_tiny_model
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -63,8 +63,14 @@ def main() -> None:
     servers: list[ServerProcess] = []
     cold: dict[str, float] = {}
     try:
+        # Each node on its own cores, as on separate machines; the baseline
+        # gets the consumer's cores (measured while the producer is idle).
+        producer_cores, consumer_cores = split_cores()
         producer = ServerProcess.pdserve(
-            "producer", ["--model", model, "--kv-role", "producer", *engine], logs
+            "producer",
+            ["--model", model, "--kv-role", "producer", *engine],
+            logs,
+            cpu_env(cores=producer_cores),
         )
         servers.append(producer)
         cold["producer"] = start(producer)
@@ -73,10 +79,13 @@ def main() -> None:
             ["--model", model, "--kv-role", "consumer", "--producer-url", producer.url]
             + engine,
             logs,
+            cpu_env(cores=consumer_cores),
         )
         servers.append(consumer)
         cold["consumer"] = start(consumer)
-        baseline = ServerProcess.plain_vllm("baseline", [model, *engine], logs)
+        baseline = ServerProcess.plain_vllm(
+            "baseline", [model, *engine], logs, cpu_env(cores=consumer_cores)
+        )
         servers.append(baseline)
         cold["baseline (plain vLLM)"] = start(baseline)
 

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdserve.local_cluster import ServerProcess
+from pdserve.local_cluster import ServerProcess, cpu_env, split_cores
 from pdserve.tiny_model import ensure_tiny_model
 
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
@@ -35,14 +35,12 @@ def metric_sum(url: str, name: str) -> float:
     )
 
 
-def timed_stream(url: str, prompt: str, max_tokens: int) -> tuple[str, float, float]:
+def timed_stream(
+    url: str, prompt: str | list[int], max_tokens: int, **extra: object
+) -> tuple[str, float, float]:
     """Answer text, seconds to first token, seconds to the last."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body.update(extra, stream=True)
     request = urllib.request.Request(
         url + "/v1/completions",
         data=json.dumps(body).encode(),
@@ -95,12 +93,18 @@ def main() -> None:
     model = ensure_tiny_model()
     log_dir = Path(tempfile.mkdtemp(prefix="pdserve-demo-"))
     sys.stdout.write(f"tiny model: {model}\nserver logs: {log_dir}\n")
+    producer_cores, consumer_cores = split_cores()
     producer = ServerProcess.pdserve(
-        "producer", ["--model", model, "--kv-role", "producer", *ENGINE_ARGS], log_dir
+        "producer",
+        ["--model", model, "--kv-role", "producer", *ENGINE_ARGS],
+        log_dir,
+        cpu_env(cores=producer_cores),
     )
     consumer_args = ["--model", model, "--kv-role", "consumer"]
     consumer_args += ["--producer-url", producer.url, *ENGINE_ARGS]
-    consumer = ServerProcess.pdserve("consumer", consumer_args, log_dir)
+    consumer = ServerProcess.pdserve(
+        "consumer", consumer_args, log_dir, cpu_env(cores=consumer_cores)
+    )
     try:
         start = time.perf_counter()
         for server in (producer, consumer):

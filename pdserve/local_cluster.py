@@ -27,11 +27,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_env(kv_cache_gib: int = 1) -> dict[str, str]:
+def cpu_env(kv_cache_gib: int = 1, cores: str | None = None) -> dict[str, str]:
+    """Environment of a vLLM CPU server; ``cores`` pins its OpenMP team
+    (vLLM's VLLM_CPU_OMP_THREADS_BIND), so that nodes sharing one machine
+    do not spin on each other's cores."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
     return env
+
+
+def split_cores() -> tuple[str | None, str | None]:
+    """Cores for a producer and a consumer on this machine, or no pinning."""
+    count = os.cpu_count() or 1
+    if count < 2:
+        return None, None
+    half = count // 2
+    return f"{half}-{count - 1}" if half < count - 1 else str(half), (
+        f"0-{half - 1}" if half > 1 else "0"
+    )
 
 
 class ServerProcess:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.e2e.conftest import BLOCK_SIZE, CONSUMER_MAX_LEN, random_prompt
-from tests.e2e.helpers import completion_tokens, greedy, metric
+from tests.e2e.helpers import completion_tokens, greedy, metric, post, stream
 
 MAX_TOKENS = 8
 LENGTHS = [
@@ -83,14 +83,36 @@ def test_shared_prefix_moves_only_new_blocks(cluster):
     assert moved == total_blocks - 4
 
 
-def test_sixteen_concurrent_requests(cluster):
-    bodies = [
-        greedy(random_prompt(length, seed=2000 + i), max_tokens=4 + i % 5)
-        for i, length in enumerate([3, 17, 40, 100, 250, 16, 15, 64] * 2)
-    ]
+def mixed_request(i: int) -> tuple[str, dict, bool]:
+    """Request i of the concurrent mix: completion or chat, streamed or not."""
+    stream_it = i % 2 == 1
+    if i % 4 < 2:
+        length = [3, 17, 40, 100, 250, 16, 15, 64][i % 8]
+        body = greedy(random_prompt(length, seed=2000 + i), max_tokens=4 + i % 5)
+        return "/v1/completions", body, stream_it
+    words = " ".join(["rain", "cache", "bread", "route", "wind", "salt"][: 2 + i % 4])
+    body = {
+        "messages": [{"role": "user", "content": f"Tell me about {words} #{i}"}],
+        "max_tokens": 4 + i % 5,
+        "temperature": 0,
+    }
+    return "/v1/chat/completions", body, stream_it
+
+
+def answer_text(url: str, path: str, body: dict, stream_it: bool) -> str:
+    if stream_it:
+        return stream(url, path, body)
+    choice = post(url, path, body).json()["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def test_sixteen_concurrent_mixed_requests(cluster):
+    requests_ = [mixed_request(i) for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
-        got = list(
-            pool.map(lambda b: completion_tokens(cluster.consumer.url, b), bodies)
-        )
-    expected = [completion_tokens(cluster.baseline.url, b) for b in bodies]
+        got = list(pool.map(lambda r: answer_text(cluster.consumer.url, *r), requests_))
+    expected = [
+        answer_text(cluster.baseline.url, path, body, False)
+        for path, body, _ in requests_
+    ]
     assert got == expected
+    assert all(got)
