@@ -69,9 +69,14 @@ class ServerProcess:
 
     @classmethod
     def pdserve(
-        cls, name: str, args: list[str], log_dir: Path, env: dict | None = None
+        cls,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict | None = None,
+        port: int | None = None,
     ) -> ServerProcess:
-        port = free_port()
+        port = port or free_port()
         argv = [sys.executable, "-m", "pdserve.entrypoints.api_server"]
         argv += ["--port", str(port), "--host", "127.0.0.1", *args]
         return cls(name, argv, port, log_dir, env or cpu_env())
@@ -107,6 +112,12 @@ class ServerProcess:
         self._log.flush()
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the whole server (API, engine and workers), no cleanup."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
     def stop(self, timeout: float = 30) -> None:
         if self.process.poll() is None:

@@ -59,6 +59,7 @@ class RemotePrefill:
         self.settings = settings
         self.url = settings.producer_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
+        self.health = ProducerHealth(self.url)
 
     def _client_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -70,6 +71,8 @@ class RemotePrefill:
         self, path: str, payload: dict[str, Any], headers: dict[str, str]
     ) -> dict[str, Any] | None:
         """The producer's kv_transfer_params, or None to prefill locally."""
+        if self.health.down:
+            return self._fallback("producer_down")
         forwarded = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
         start = time.perf_counter()
         try:
@@ -77,11 +80,15 @@ class RemotePrefill:
                 self.url + path, json=prefill_body(path, payload), headers=forwarded
             ) as response:
                 if response.status != 200:
+                    if response.status >= 500:
+                        self.health.mark_down(self._client_session())
                     return self._fallback(f"producer_http_{response.status}")
                 answer = await response.json()
         except asyncio.TimeoutError:
+            self.health.mark_down(self._client_session())
             return self._fallback("producer_timeout")
         except (aiohttp.ClientError, ValueError, OSError):
+            self.health.mark_down(self._client_session())
             return self._fallback("producer_unreachable")
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         if not params or not params.get("do_remote_prefill"):
@@ -115,3 +122,35 @@ class RemotePrefill:
                     client.close()
 
         await asyncio.to_thread(release_all)
+
+
+class ProducerHealth:
+    """After a failure, requests skip the producer (prefilling locally at
+    once) until a background probe of its /health succeeds again."""
+
+    PROBE_SECONDS = 2.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.down = False
+        self._probe: asyncio.Task | None = None
+
+    def mark_down(self, session: aiohttp.ClientSession) -> None:
+        if not self.down:
+            logger.warning("Producer %s is down; prefilling locally", self.url)
+        self.down = True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._wait_up(session))
+
+    async def _wait_up(self, session: aiohttp.ClientSession) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.PROBE_SECONDS)
+        while True:
+            await asyncio.sleep(self.PROBE_SECONDS)
+            try:
+                async with session.get(self.url + "/health", timeout=timeout) as r:
+                    if r.status == 200:
+                        break
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                continue
+        logger.info("Producer %s is back; prefilling there again", self.url)
+        self.down = False

@@ -1,0 +1,87 @@
+"""Hostile bytes on a producer rank's KV port close that connection only;
+the server keeps serving well-formed clients."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pdserve.connector.kv_client import ProducerRankClient
+from pdserve.connector.kv_server import KVServer
+from pdserve.connector.leases import LeaseTable
+from pdserve.kv_cache import PagedKVCache
+from pdserve.protocol import MAX_FRAME_BYTES, RankInfo
+from pdserve.transport import get_transport
+
+
+@pytest.fixture(scope="module")
+def server():
+    kv = PagedKVCache({"layer": torch.zeros(2, 8, 16, 2, 8)}, 8)
+    info = RankInfo(
+        pdserve_version="t", protocol_version=1, vllm_version="t", model="m",
+        dtype="float32", tp_size=1, tp_rank=0, block_size=16, num_blocks=8,
+        layers=kv.layer_infos(), transports=["tcp"],
+    )  # fmt: skip
+    leases = LeaseTable(30)
+    leases.grant("req", [1, 2], "token")
+    kv_server = KVServer(
+        "127.0.0.1", 0, kv, info, leases, {"tcp": get_transport("tcp")}
+    )
+    yield kv_server
+    kv_server.close()
+
+
+def send_raw(port: int, data: bytes) -> bytes:
+    """Send ``data``; return what the server answered before closing (or b"")."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        try:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            return conn.recv(1 << 16)
+        except OSError:
+            return b""
+
+
+def still_serves(port: int) -> bool:
+    client = ProducerRankClient("127.0.0.1", port, timeout=5)
+    try:
+        return client.rank_info().model == "m" and client.release("x", "y") is False
+    finally:
+        client.close()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(st.binary(max_size=512))
+def test_random_bytes_leave_server_serving(server, data):
+    send_raw(server.port, data)
+    assert still_serves(server.port)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        struct.pack(">I", MAX_FRAME_BYTES + 1),  # huge length prefix
+        struct.pack(">I", 0xFFFFFFFF) + b"x" * 100,
+        struct.pack(">I", 100) + b"short",  # truncated frame
+        struct.pack(">I", 3) + b"\x81\xa4type",  # msgpack that is no message
+    ],
+)
+def test_malformed_frames_close_only_that_connection(server, data):
+    assert send_raw(server.port, data) == b""
+    assert still_serves(server.port)
+
+
+def test_wrong_message_type_closes_connection(server):
+    from pdserve.protocol import Ack, encode_frame
+
+    assert send_raw(server.port, encode_frame(Ack(ok=True))) == b""
+    assert still_serves(server.port)
