@@ -53,3 +53,13 @@ def test_unreachable_producer_times_out(tmp_path, tiny_model):
 def _producer_still_serves(cluster):
     yield
     assert cluster.producer.process.poll() is None
+
+
+def test_other_block_size_refused_by_rank_handshake(cluster):
+    # Block size only exists once the engine is configured: the consumer's
+    # rank compares it with the producer rank's and the engine refuses to start.
+    code, log = exit_output(
+        start_consumer(cluster, cluster.model, ["--block-size", "64"])
+    )
+    assert code != 0
+    assert "block size: consumer=64 producer=32" in log
