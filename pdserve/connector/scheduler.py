@@ -10,7 +10,6 @@ workers pull the KV into them.
 from __future__ import annotations
 
 import secrets
-import time
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.request import RequestStatus
@@ -32,11 +31,6 @@ logger = init_logger(__name__)
 # answers between the two nodes.
 DO_REMOTE_DECODE = "do_remote_decode"
 DO_REMOTE_PREFILL = "do_remote_prefill"
-
-# vLLM steps without pause while any request waits on a KV transfer (a held
-# lease, a pull in flight) even when there is nothing to compute; pausing such
-# idle steps keeps the spin from starving co-located processes of CPU.
-IDLE_STEP_PAUSE_SECONDS = 0.002
 
 
 def lease_params(
@@ -135,9 +129,6 @@ class PDServeScheduler:
         self, scheduler_output: SchedulerOutput
     ) -> PDServeMetadata:
         meta, self._meta = self._meta, PDServeMetadata()
-        idle = not (meta.loads or meta.grants or meta.releases)
-        if idle and scheduler_output.total_num_scheduled_tokens == 0:
-            time.sleep(IDLE_STEP_PAUSE_SECONDS)
         return meta
 
     def request_finished(
