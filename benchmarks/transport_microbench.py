@@ -28,8 +28,7 @@ from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import RankInfo
-from pdserve.transport import get_transport, host_identity
-from pdserve.transport.ipc import device_uuid
+from pdserve.transport import device_uuid, get_transport, host_identity
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 28, 4, 128, 16
 PROMPTS = (512, 2048, 8192)

@@ -28,6 +28,7 @@ from pdserve.transport import (
     TRANSPORT_NAMES,
     TransportUnavailable,
     candidates,
+    device_uuid,
     get_transport,
     host_identity,
 )
@@ -80,7 +81,7 @@ class PDServeWorker:
             layers=self.kv.layer_infos(),
             transports=self.served_transports(),
             device=self.kv.device.type,
-            device_uuid=_device_uuid(self.kv.device),
+            device_uuid=device_uuid(self.kv.device),
             host_id=host_identity(),
         )
 
@@ -256,14 +257,6 @@ class PDServeWorker:
         if self.server is not None:
             self.server.close()
         self.clients.close()
-
-
-def _device_uuid(device: torch.device) -> str:
-    if device.type != "cuda":
-        return ""
-    from pdserve.transport.ipc import device_uuid
-
-    return device_uuid(device)
 
 
 def _vllm_version() -> str:

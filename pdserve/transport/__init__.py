@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import torch
+
 from pdserve.protocol import RankInfo
 from pdserve.transport.base import KVTransport, TransportUnavailable
 from pdserve.transport.tcp import TcpTransport
@@ -40,6 +42,13 @@ def candidates(requested: str, local: RankInfo, remote: RankInfo) -> list[str]:
     if both_gpu:
         return ["nccl", "tcp"]
     return ["tcp"]
+
+
+def device_uuid(device: torch.device) -> str:
+    """Identifies a GPU across processes whatever their CUDA_VISIBLE_DEVICES."""
+    if device.type != "cuda":
+        return ""
+    return str(getattr(torch.cuda.get_device_properties(device), "uuid", ""))
 
 
 def host_identity() -> str:

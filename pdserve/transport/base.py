@@ -7,10 +7,13 @@ up a session first (IPC handles, a NCCL pair). One file per transport.
 
 from __future__ import annotations
 
+import secrets
 import socket
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
+
+import torch
 
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import ReadReply, TransportHello, TransportWelcome, recv_message
@@ -82,3 +85,31 @@ def expect_reply(conn: socket.socket, kv: PagedKVCache, num_blocks: int) -> list
             f"expected {expected}"
         )
     return expected
+
+
+def flat_views(kv: PagedKVCache, flat: torch.Tensor, num: int) -> list[torch.Tensor]:
+    """Per-layer views into one byte buffer, shaped like gathered blocks."""
+    views, offset = [], 0
+    for layer, size in enumerate(layer_sizes(kv, num)):
+        chunk = flat[offset : offset + size].view(kv.layers[layer].dtype)
+        views.append(chunk.view(kv.gathered_shape(layer, num)))
+        offset += size
+    return views
+
+
+def require_gpus(name: str, kv: PagedKVCache, remote: RankInfo) -> None:
+    if kv.device.type != "cuda" or remote.device != "cuda":
+        raise TransportUnavailable(f"{name} needs both ranks on GPUs")
+
+
+def greet(
+    name: str, client, kv: PagedKVCache, remote: RankInfo
+) -> tuple[str, TransportWelcome]:
+    """Open a GPU-direct session with ``client``'s rank: a new session id and
+    the producer's welcome. Raises TransportUnavailable."""
+    require_gpus(name, kv, remote)
+    session = secrets.token_hex(8)
+    welcome = client.hello(TransportHello(name, session))
+    if not welcome.ok:
+        raise TransportUnavailable(f"producer refused {name}: {welcome.error}")
+    return session, welcome

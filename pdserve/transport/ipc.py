@@ -5,7 +5,6 @@ per layer one gather on the producer's GPU, one peer copy, one scatter."""
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import threading
 from typing import Any
@@ -20,18 +19,15 @@ from pdserve.protocol import (
     TransportWelcome,
     send_message,
 )
+from pdserve.transport import device_uuid
 from pdserve.transport.base import (
     KVTransport,
     TransportUnavailable,
     expect_reply,
+    flat_views,
+    greet,
     layer_sizes,
 )
-
-
-def device_uuid(device: torch.device) -> str:
-    if device.type != "cuda":
-        return ""
-    return str(getattr(torch.cuda.get_device_properties(device), "uuid", ""))
 
 
 def local_index_of(uuid: str) -> int | None:
@@ -95,7 +91,8 @@ class IpcTransport(KVTransport):
     def __init__(self) -> None:
         self._exported: list[dict[str, Any]] | None = None
         self._remote: dict[str, list[torch.Tensor]] = {}
-        self._streams: dict[tuple[int, int], torch.cuda.Stream] = {}
+        # Per (producer device, our device, thread): gather, copy, scatter.
+        self._streams: dict[tuple[int, int, int], tuple[torch.cuda.Stream, ...]] = {}
         self._lock = threading.Lock()
 
     # ---- producer ----
@@ -119,12 +116,7 @@ class IpcTransport(KVTransport):
     # ---- consumer ----
 
     def open_session(self, client, kv: PagedKVCache, remote: RankInfo) -> str:
-        if kv.device.type != "cuda" or remote.device != "cuda":
-            raise TransportUnavailable("ipc needs both ranks on GPUs")
-        session = secrets.token_hex(8)
-        welcome = client.hello(TransportHello(self.name, session))
-        if not welcome.ok:
-            raise TransportUnavailable(f"producer refused ipc: {welcome.error}")
+        session, welcome = greet(self.name, client, kv, remote)
         index = local_index_of(welcome.payload["device_uuid"])
         if index is None:
             raise TransportUnavailable(
@@ -196,16 +188,6 @@ class IpcTransport(KVTransport):
                     kv.scatter(i, local_index, local_views[i])
         scatter_stream.synchronize()
         return sum(sizes)
-
-
-def flat_views(kv: PagedKVCache, flat: torch.Tensor, num: int) -> list[torch.Tensor]:
-    """Per-layer views into one byte buffer, shaped like gathered blocks."""
-    views, offset = [], 0
-    for layer, size in enumerate(layer_sizes(kv, num)):
-        chunk = flat[offset : offset + size].view(kv.layers[layer].dtype)
-        views.append(chunk.view(kv.gathered_shape(layer, num)))
-        offset += size
-    return views
 
 
 # Layer groups a GPU-direct read is pipelined in (gather / move / scatter).

@@ -8,7 +8,6 @@ read per pair is in flight at a time, so sends and receives always match.
 
 from __future__ import annotations
 
-import secrets
 import socket
 import threading
 from contextlib import contextmanager
@@ -29,9 +28,11 @@ from pdserve.transport.base import (
     KVTransport,
     TransportUnavailable,
     expect_reply,
+    flat_views,
+    greet,
     layer_sizes,
+    require_gpus,
 )
-from pdserve.transport.ipc import flat_views
 
 PRODUCER, CONSUMER = 0, 1
 TIMEOUT = timedelta(seconds=30)
@@ -98,16 +99,12 @@ class NcclTransport(KVTransport):
     # ---- consumer ----
 
     def open_session(self, client, kv: PagedKVCache, remote: RankInfo) -> str:
-        if kv.device.type != "cuda" or remote.device != "cuda":
-            raise TransportUnavailable("nccl needs both ranks on GPUs")
+        require_gpus(self.name, kv, remote)
         import torch.distributed as dist
 
         if not dist.is_nccl_available():
             raise TransportUnavailable("this torch build has no NCCL/RCCL")
-        session = secrets.token_hex(8)
-        welcome = client.hello(TransportHello(self.name, session))
-        if not welcome.ok:
-            raise TransportUnavailable(f"producer refused nccl: {welcome.error}")
+        session, welcome = greet(self.name, client, kv, remote)
         store = dist.TCPStore(
             client.host,
             welcome.payload["store_port"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pdserve.kv_cache import PagedKVCache, find_block_dim, host_gather, host_scatter
-from pdserve.transport.ipc import flat_views
+from pdserve.transport.base import flat_views
 
 NUM_BLOCKS = 23
 SHAPES = [
