@@ -165,6 +165,9 @@ class PDServeWorker:
 
         self._pool.submit(run)
 
+    def _on_cpu(self) -> bool:
+        return self.kv is not None and self.kv.device.type == "cpu"
+
     def _transfers_waiting(self) -> bool:
         # Producer: a consumer may read any held lease at any moment, and its
         # server thread needs the GIL at every step of serving it.
@@ -175,7 +178,9 @@ class PDServeWorker:
         return self._in_flight > 0
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
-        if self._transfers_waiting():
+        # Only vLLM's CPU worker spins between steps and starves our threads;
+        # a GPU worker waits on the device and lets them run.
+        if self._on_cpu() and self._transfers_waiting():
             hand_off_gil()
         if self.settings.role == "producer":
             finished, expired = self.leases.pop_finished()
