@@ -4,4 +4,5 @@ __version__ = "0.1.0"
 
 # The wire protocol changes independently of the package version; peers with
 # different protocol versions refuse each other at handshake.
-PROTOCOL_VERSION = 1
+# 2: the server greets every connection (ServerHello, optional KV secret).
+PROTOCOL_VERSION = 2

@@ -22,6 +22,26 @@ class IncompatibleProducer(RuntimeError):
     pass
 
 
+class KVAuthError(IncompatibleProducer):
+    """The two nodes' KV secrets differ (or only one has one): never retried."""
+
+
+NO_SECRET_HERE = "producer requires a KV secret (--kv-secret / PDSERVE_KV_SECRET)"
+NO_SECRET_THERE = (
+    "this consumer has a KV secret but the producer has none "
+    "(give both the same --kv-secret / PDSERVE_KV_SECRET)"
+)
+SECRET_REJECTED = "KV secret rejected by producer (the nodes' secrets differ)"
+
+
+def check_kv_auth(has_secret: bool, producer_requires: bool) -> None:
+    """Both nodes must agree on whether the KV side channel is authenticated."""
+    if producer_requires and not has_secret:
+        raise KVAuthError(NO_SECRET_HERE)
+    if has_secret and not producer_requires:
+        raise KVAuthError(NO_SECRET_THERE)
+
+
 def describe_mismatches(pairs: list[tuple[str, object, object]]) -> list[str]:
     return [
         f"{name}: consumer={mine!r} producer={theirs!r}"
@@ -47,6 +67,7 @@ def check_compatible(local: RankInfo, remote: RankInfo) -> None:
         ("tensor parallel size", local.tp_size, remote.tp_size),
         ("tensor parallel rank", local.tp_rank, remote.tp_rank),
         ("block size", local.block_size, remote.block_size),
+        ("KV cache dtype", local.kv_cache_dtype, remote.kv_cache_dtype),
         ("number of KV layers", len(local.layers), len(remote.layers)),
     ]
     for mine, theirs in zip(local.layers, remote.layers, strict=False):

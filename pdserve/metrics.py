@@ -22,5 +22,6 @@ REMOTE_PREFILL_SECONDS = Histogram(
 )
 LEASES_RELEASED = Counter(
     "pdserve:leases_released_by_frontend",
-    "Producer leases released because the consumer rejected the request.",
+    "Producer leases released by the HTTP layer: request rejected or client gone.",
+    ["reason"],
 )

@@ -8,6 +8,7 @@ can be received straight into tensor memory.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import socket
 import struct
 from collections.abc import Sequence
@@ -45,11 +46,27 @@ class RankInfo(msgspec.Struct, tag=True):
     num_blocks: int
     layers: list[LayerInfo]
     transports: list[str]
+    # vLLM's --kv-cache-dtype ("auto": the model's dtype).
+    kv_cache_dtype: str = "auto"
     # Where this rank runs: device kind, device uuid and host identity let a
     # peer tell whether a GPU-direct transport can reach it.
     device: str = "cpu"
     device_uuid: str = ""
     host_id: str = ""
+
+
+class ServerHello(msgspec.Struct, tag=True):
+    """The producer's first frame on every connection. With ``auth`` the
+    client must answer ``AuthProof`` for ``nonce`` before anything else."""
+
+    auth: bool
+    nonce: bytes = b""
+
+
+class AuthProof(msgspec.Struct, tag=True):
+    """HMAC-SHA256 of the server's nonce, keyed with the shared KV secret."""
+
+    mac: bytes
 
 
 class GetRankInfo(msgspec.Struct, tag=True):
@@ -101,7 +118,9 @@ class Ack(msgspec.Struct, tag=True):
 
 
 Message = (
-    GetRankInfo
+    ServerHello
+    | AuthProof
+    | GetRankInfo
     | RankInfo
     | ReadBlocks
     | ReadReply
@@ -158,3 +177,8 @@ def prompt_hash(token_ids: Sequence[int]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return digest.hexdigest()
+
+
+def auth_mac(secret: bytes, nonce: bytes) -> bytes:
+    """Proof that the sender knows ``secret``, bound to one connection's nonce."""
+    return hmac.new(secret, b"pdserve-kv-auth:" + nonce, hashlib.sha256).digest()

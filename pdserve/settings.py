@@ -11,6 +11,9 @@ import msgspec
 
 ENV_VAR = "PDSERVE_SETTINGS"
 EXTRA_CONFIG_KEY = "pdserve"
+# The KV side channel's shared secret travels only in this variable: Settings
+# end up in vLLM's logged config and in every process's command line.
+KV_SECRET_ENV_VAR = "PDSERVE_KV_SECRET"
 
 Role = Literal["producer", "consumer"]
 
@@ -50,3 +53,9 @@ class Settings(msgspec.Struct, kw_only=True):
     def from_env(cls) -> Settings | None:
         data = os.environ.get(ENV_VAR)
         return cls.from_json(data) if data else None
+
+
+def kv_secret() -> bytes | None:
+    """The KV side channel's shared secret, or None if none was given."""
+    secret = os.environ.get(KV_SECRET_ENV_VAR, "")
+    return secret.encode() if secret else None

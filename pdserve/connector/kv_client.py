@@ -1,7 +1,8 @@
 """Consumer side of the KV side channel: talk to one producer rank.
 
 Connections are pooled per producer address and reused across requests;
-every socket operation is bounded by a timeout.
+every socket operation is bounded by a timeout. Every new connection first
+answers the producer's greeting, proving the shared KV secret if it asks.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from pdserve.handshake import SECRET_REJECTED, KVAuthError, check_kv_auth
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import (
     Ack,
+    AuthProof,
     GetRankInfo,
     RankInfo,
     ReadBlocks,
     Release,
+    ServerHello,
     TransportHello,
     TransportWelcome,
+    auth_mac,
     recv_message,
     send_message,
 )
@@ -30,11 +35,28 @@ from pdserve.transport import KVTransport
 T = TypeVar("T")
 
 
+def authenticate(conn: socket.socket, secret: bytes | None) -> None:
+    """Answer the producer's greeting; raises KVAuthError if the secrets differ."""
+    hello = recv_message(conn)
+    if not isinstance(hello, ServerHello):
+        raise ConnectionError(f"expected ServerHello, got {type(hello).__name__}")
+    check_kv_auth(has_secret=secret is not None, producer_requires=hello.auth)
+    if secret is None:
+        return
+    send_message(conn, AuthProof(auth_mac(secret, hello.nonce)))
+    reply = recv_message(conn)
+    if not isinstance(reply, Ack) or not reply.ok:
+        raise KVAuthError(SECRET_REJECTED)
+
+
 class ProducerRankClient:
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, secret: bytes | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self._secret = secret
         self._idle: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
 
     def close(self) -> None:
@@ -49,8 +71,7 @@ class ProducerRankClient:
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
-            conn = socket.create_connection((self.host, self.port), self.timeout)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = self._open()
         conn.settimeout(self.timeout)
         try:
             yield conn
@@ -59,6 +80,19 @@ class ProducerRankClient:
             conn.close()
             raise
         self._idle.put(conn)
+
+    def _open(self) -> socket.socket:
+        conn = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            authenticate(conn, self._secret)
+        except KVAuthError as exc:
+            conn.close()
+            raise KVAuthError(f"{exc} at {self.host}:{self.port}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _call(self, fn: Callable[[socket.socket], T]) -> T:
         with self._connection() as conn:
@@ -119,8 +153,9 @@ class ProducerRankClient:
 class ProducerClients:
     """One client per producer rank address, created on first use."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, secret: bytes | None = None) -> None:
         self.timeout = timeout
+        self._secret = secret
         self._clients: dict[tuple[str, int], ProducerRankClient] = {}
         self._lock = threading.Lock()
 
@@ -128,7 +163,7 @@ class ProducerClients:
         with self._lock:
             client = self._clients.get((host, port))
             if client is None:
-                client = ProducerRankClient(host, port, self.timeout)
+                client = ProducerRankClient(host, port, self.timeout, self._secret)
                 self._clients[(host, port)] = client
             return client
 

@@ -1,12 +1,16 @@
 """Producer rank's side-channel server: rank info, block reads, releases.
 
 One thread per consumer connection; a malformed or hostile frame closes that
-connection only. Reads are served only for blocks of a live lease whose
-per-request token the reader presents.
+connection only. Every connection is greeted first; with a shared KV secret
+the peer must prove it (HMAC of a fresh nonce) before anything is served.
+Reads are served only for blocks of a live lease whose per-request token the
+reader presents.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import select
 import socket
 import threading
@@ -16,14 +20,17 @@ from pdserve.kv_cache import PagedKVCache
 from pdserve.log import init_logger
 from pdserve.protocol import (
     Ack,
+    AuthProof,
     GetRankInfo,
     ProtocolError,
     RankInfo,
     ReadBlocks,
     ReadReply,
     Release,
+    ServerHello,
     TransportHello,
     TransportWelcome,
+    auth_mac,
     recv_message,
     send_message,
 )
@@ -36,6 +43,13 @@ logger = init_logger(__name__)
 # this worker one engine step later: wait that long, not forever.
 GRANT_WAIT_SECONDS = 5.0
 IDLE_CONNECTION_SECONDS = 300.0
+# An unauthenticated peer holds a server thread at most this long.
+AUTH_SECONDS = 10.0
+NONCE_BYTES = 32
+
+
+class AuthRefused(ConnectionError):
+    """The peer did not prove knowledge of the KV secret."""
 
 
 class KVServer:
@@ -47,11 +61,13 @@ class KVServer:
         info: RankInfo,
         leases: LeaseTable,
         transports: dict[str, KVTransport],
+        secret: bytes | None = None,
     ) -> None:
         self.kv = kv
         self.info = info
         self.leases = leases
         self.transports = transports
+        self._secret = secret
         self.bytes_sent = 0
         self._stopped = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -81,18 +97,41 @@ class KVServer:
             start_thread(self._serve, "pdserve-kv-conn", conn, peer)
 
     def _serve(self, conn: socket.socket, peer: tuple) -> None:
-        conn.settimeout(IDLE_CONNECTION_SECONDS)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             try:
+                self._greet(conn)
+                conn.settimeout(IDLE_CONNECTION_SECONDS)
                 while not self._stopped.is_set():
                     self._handle(conn, recv_message(conn))
+            except AuthRefused as exc:
+                logger.warning("Refusing KV connection from %s: %s", peer, exc)
             except ProtocolError as exc:
                 logger.warning("Closing KV connection from %s: %s", peer, exc)
             except (ConnectionError, TimeoutError, OSError):
                 pass
             finally:
                 self._conns.discard(conn)
+
+    def _greet(self, conn: socket.socket) -> None:
+        """Send the greeting; with a secret, require the peer's proof of it."""
+        conn.settimeout(AUTH_SECONDS)
+        if self._secret is None:
+            send_message(conn, ServerHello(auth=False))
+            return
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        send_message(conn, ServerHello(auth=True, nonce=nonce))
+        try:
+            proof = recv_message(conn)
+        except (ProtocolError, TimeoutError) as exc:
+            raise AuthRefused(f"no KV secret proof ({exc or 'timed out'})") from None
+        if not isinstance(proof, AuthProof):
+            send_message(conn, Ack(ok=False, error="KV secret required"))
+            raise AuthRefused(f"no KV secret proof (sent {type(proof).__name__})")
+        if not hmac.compare_digest(proof.mac, auth_mac(self._secret, nonce)):
+            send_message(conn, Ack(ok=False, error="KV secret rejected"))
+            raise AuthRefused("wrong KV secret")
+        send_message(conn, Ack(ok=True))
 
     def has_pending_input(self) -> bool:
         """Whether a connection or request waits for a server thread."""

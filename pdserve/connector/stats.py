@@ -19,6 +19,7 @@ COUNTERS = {
     "kv_prompt_mismatches": "Producer KV refused: it was computed for other tokens.",
     "kv_bytes_sent": "KV cache bytes sent to consumers.",
     "kv_leases_expired": "Producer leases that ended by timeout, not release.",
+    "kv_leases_released": "Producer leases that consumers released (read or given up).",
     "kv_transport_fallbacks": "KV transports that failed at handshake (next tried).",
 }
 

@@ -22,7 +22,7 @@ from pdserve.handshake import check_compatible, wait_for_rank_info
 from pdserve.kv_cache import PagedKVCache, dtype_name
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
-from pdserve.settings import Settings
+from pdserve.settings import Settings, kv_secret
 from pdserve.threads import hand_off_gil, thread_pool
 from pdserve.transport import (
     TRANSPORT_NAMES,
@@ -56,7 +56,7 @@ class PDServeWorker:
         self.kv: PagedKVCache | None = None
         self.server: KVServer | None = None
         self.leases = LeaseTable(settings.lease_seconds)
-        self.clients = ProducerClients(settings.transfer_timeout)
+        self.clients = ProducerClients(settings.transfer_timeout, kv_secret())
         self._pool = thread_pool(LOAD_THREADS, "pdserve-load")
         self._lock = threading.Lock()
         self._done_loads: set[str] = set()
@@ -77,6 +77,7 @@ class PDServeWorker:
             tp_size=self.vllm_config.parallel_config.tensor_parallel_size,
             tp_rank=self.tp_rank,
             block_size=self.vllm_config.cache_config.block_size,
+            kv_cache_dtype=str(self.vllm_config.cache_config.cache_dtype),
             num_blocks=self.num_blocks,
             layers=self.kv.layer_infos(),
             transports=self.served_transports(),
@@ -98,14 +99,22 @@ class PDServeWorker:
             port = self.settings.kv_ports[self.tp_rank]
             transports = {name: get_transport(name) for name in info.transports}
             self.server = KVServer(
-                self.settings.kv_host, port, self.kv, info, self.leases, transports
+                self.settings.kv_host,
+                port,
+                self.kv,
+                info,
+                self.leases,
+                transports,
+                secret=kv_secret(),
             )
             logger.info(
-                "pdserve producer rank %d serves KV on port %d (%d layers, %d B/block)",
+                "pdserve producer rank %d serves KV on port %d (%d layers, %d B/block, "
+                "KV secret %s)",
                 self.tp_rank,
                 self.server.port,
                 len(self.kv.layers),
                 self.kv.bytes_per_block(),
+                "required" if kv_secret() else "off",
             )
             return
         host = self.settings.producer_kv_host
@@ -187,6 +196,8 @@ class PDServeWorker:
             if expired:
                 logger.warning("pdserve: %d KV leases expired unread", expired)
                 self._stats.add("kv_leases_expired", expired)
+            if released := self.leases.take_released():
+                self._stats.add("kv_leases_released", released)
             if self.server is not None and self.server.bytes_sent:
                 self._stats.add("kv_bytes_sent", self.server.bytes_sent)
                 self.server.bytes_sent = 0

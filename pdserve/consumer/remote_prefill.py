@@ -16,8 +16,9 @@ import aiohttp
 
 from pdserve import metrics
 from pdserve.connector.kv_client import ProducerRankClient
+from pdserve.handshake import KVAuthError
 from pdserve.log import init_logger
-from pdserve.settings import Settings
+from pdserve.settings import Settings, kv_secret
 
 logger = init_logger(__name__)
 
@@ -103,18 +104,20 @@ class RemotePrefill:
         metrics.LOCAL_PREFILLS.labels(reason=reason).inc()
         return None
 
-    async def release(self, params: dict[str, Any]) -> None:
-        """Free a lease the engine will never read (the request was rejected)."""
+    async def release(self, params: dict[str, Any], reason: str) -> None:
+        """Free a lease the engine will not read (request rejected, client gone)."""
         host = self.settings.producer_kv_host
         assert host is not None
-        metrics.LEASES_RELEASED.inc()
+        metrics.LEASES_RELEASED.labels(reason=reason).inc()
 
         def release_all() -> None:
             for port in params["kv_ports"]:
-                client = ProducerRankClient(host, port, self.settings.transfer_timeout)
+                client = ProducerRankClient(
+                    host, port, self.settings.transfer_timeout, kv_secret()
+                )
                 try:
                     client.release(params["remote_request_id"], params["lease_token"])
-                except OSError as exc:
+                except (OSError, KVAuthError) as exc:
                     logger.warning(
                         "Releasing lease on %s:%d failed: %s", host, port, exc
                     )

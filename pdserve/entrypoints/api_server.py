@@ -7,10 +7,12 @@ other flag unchanged.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import pdserve
+from pdserve.connector.kv_client import ProducerRankClient
 from pdserve.entrypoints.cli_args import (
     build_parser,
     make_settings,
@@ -19,11 +21,12 @@ from pdserve.entrypoints.cli_args import (
 )
 from pdserve.handshake import (
     IncompatibleProducer,
+    check_kv_auth,
     check_producer_metadata,
     fetch_producer_metadata,
 )
 from pdserve.log import init_logger
-from pdserve.settings import ENV_VAR, Settings
+from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, Settings, kv_secret
 
 logger = init_logger(__name__)
 
@@ -75,6 +78,9 @@ def handshake(settings: Settings) -> None:
     }
     check_producer_metadata(mine, theirs)
     settings.producer_kv_ports = list(theirs["kv_ports"])
+    check_kv_auth(kv_secret() is not None, bool(theirs.get("kv_auth")))
+    if kv_secret() is not None:
+        try_kv_secret(settings)
     logger.info(
         "Producer %s: %s, TP %s, KV ports %s",
         settings.producer_url,
@@ -84,12 +90,36 @@ def handshake(settings: Settings) -> None:
     )
 
 
+def try_kv_secret(settings: Settings) -> None:
+    """Prove the secret on the producer's first KV port before any engine
+    starts: different secrets fail in seconds, not after a model load."""
+    assert settings.producer_kv_host is not None
+    port = settings.producer_kv_ports[0]
+    client = ProducerRankClient(
+        settings.producer_kv_host, port, settings.transfer_timeout, kv_secret()
+    )
+    try:
+        client.rank_info()
+    except OSError as exc:
+        # Unreachable from here: each rank's own handshake retries and decides.
+        logger.info("KV port %d not checked yet: %s", port, exc)
+    finally:
+        client.close()
+
+
+def export_kv_secret(args: argparse.Namespace) -> None:
+    """--kv-secret wins over the environment; engine processes inherit it."""
+    if args.kv_secret:
+        os.environ[KV_SECRET_ENV_VAR] = args.kv_secret
+
+
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse(sys.argv[1:] if argv is None else argv)
     if args.help:
         print_help()
         return
     settings = make_settings(args, rest)
+    export_kv_secret(args)
     if settings.role == "consumer":
         try:
             handshake(settings)

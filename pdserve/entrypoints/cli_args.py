@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from pdserve.settings import EXTRA_CONFIG_KEY, Settings
+from pdserve.settings import EXTRA_CONFIG_KEY, KV_SECRET_ENV_VAR, Settings
 from pdserve.transport import CHOICES
 
 ROLES = {
@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="producer: free prefilled KV a consumer has not read after this long",
+    )
+    pd.add_argument(
+        "--kv-secret",
+        default=None,
+        help="both nodes: shared secret the KV side channel requires of every "
+        f"connection (HMAC challenge); default ${KV_SECRET_ENV_VAR}, which keeps "
+        "it out of the process list",
     )
     pd.add_argument(
         "--producer-connect-timeout",

@@ -4,13 +4,17 @@ On both nodes it serves ``GET /pdserve/metadata`` (the startup handshake) and
 the legacy ``POST /generate``. On the consumer it puts the producer in front
 of every completion: the producer prefills and leases the KV, the request
 then goes to vLLM's own handlers carrying the lease in ``kv_transfer_params``.
+A lease the engine will not read (request rejected, client gone) is released
+here at once instead of waiting for it to expire on the producer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import vllm
 
@@ -24,9 +28,10 @@ from pdserve.entrypoints.legacy_generate import (
 )
 from pdserve.handshake import METADATA_PATH
 from pdserve.metrics import LOCAL_PREFILLS
-from pdserve.settings import Settings
+from pdserve.settings import Settings, kv_secret
 
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+T = TypeVar("T")
 
 
 def node_metadata(settings: Settings) -> dict[str, Any]:
@@ -38,6 +43,8 @@ def node_metadata(settings: Settings) -> dict[str, Any]:
         "max_model_len": settings.max_model_len,
         "kv_ports": settings.kv_ports,
         "transport": settings.transport,
+        # Whether the KV ports require the shared secret (never the secret).
+        "kv_auth": kv_secret() is not None,
         "pdserve_version": pdserve.__version__,
         "protocol_version": pdserve.PROTOCOL_VERSION,
         "vllm_version": vllm.__version__,
@@ -72,6 +79,51 @@ def with_body(scope: dict, receive: Any, body: bytes, path: str | None = None):
         return await receive()
 
     return new_scope, replay
+
+
+class ClientWatch:
+    """Stands between the client and the app, noting whether the client went
+    away before any response body reached it."""
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self._pending: asyncio.Future | None = None
+        self.body_sent = False
+        # The client left before receiving a byte of the answer: whatever
+        # happened inside vLLM, nobody will use this request's KV.
+        self.left_early = False
+
+    async def receive(self) -> dict:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            message = await pending
+        else:
+            message = await self._receive()
+        self._note(message)
+        return message
+
+    def _note(self, message: dict) -> None:
+        if message["type"] == "http.disconnect" and not self.body_sent:
+            self.left_early = True
+
+    async def during(self, work: Awaitable[T]) -> T:
+        """Await ``work`` while listening for the client leaving meanwhile.
+
+        The message listened for is kept for the app's next receive."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._receive())
+        result = await work
+        if self._pending.done() and not self._pending.cancelled():
+            self._note(self._pending.result())
+        return result
+
+    def wrap_send(self, send: Any) -> Any:
+        async def watched(message: dict) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                self.body_sent = True
+            await send(message)
+
+        return watched
 
 
 class PDServeMiddleware:
@@ -128,12 +180,24 @@ class PDServeMiddleware:
             LOCAL_PREFILLS.labels(reason=reason).inc()
             return await self._forward(scope, receive, send, body, path)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        lease = await self.prefill.request_lease(path, payload, headers)
+        client = ClientWatch(receive)
+        lease = await client.during(self.prefill.request_lease(path, payload, headers))
+        if lease is not None and client.left_early:
+            # Gone while the producer prefilled: do not start the request.
+            return await self.prefill.release(lease, "client_disconnected")
         if lease is not None:
             body = json.dumps(dict(payload, kv_transfer_params=lease)).encode()
-        status = await self._forward(scope, receive, send, body, path)
-        if lease is not None and status >= 400:
-            await self.prefill.release(lease)
+        status = await self._forward(
+            scope, client.receive, client.wrap_send(send), body, path
+        )
+        if lease is None:
+            return
+        if client.left_early:
+            # vLLM aborted the request, maybe before its engine saw the lease;
+            # if the engine did, it releases too, and the second is a no-op.
+            await self.prefill.release(lease, "client_disconnected")
+        elif status >= 400:
+            await self.prefill.release(lease, "rejected")
 
     async def _forward(
         self, scope: dict, receive: Any, send: Any, body: bytes, path: str

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.local_cluster import ServerProcess
+from pdserve.local_cluster import ServerProcess, cpu_env
+from pdserve.settings import KV_SECRET_ENV_VAR
 from pdserve.tiny_model import ensure_tiny_model
 
 BLOCK_SIZE = 32
 CONSUMER_MAX_LEN = 1024
 PRODUCER_MAX_LEN = 2048
+# The session's nodes authenticate their KV side channel: the producer gets
+# the secret from the environment, consumers from --kv-secret.
+KV_SECRET = "e2e-kv-secret-4f1c"
 
 
 def engine_args(model: str, max_len: int) -> list[str]:
@@ -55,10 +59,11 @@ def cluster(tiny_model, log_dir):
         ["--model", tiny_model, "--kv-role", "producer"]
         + engine_args(tiny_model, PRODUCER_MAX_LEN),
         log_dir,
+        env=cpu_env() | {KV_SECRET_ENV_VAR: KV_SECRET},
     )
     consumer = ServerProcess.pdserve(
         "consumer",
-        ["--model", tiny_model, "--kv-role", "consumer"]
+        ["--model", tiny_model, "--kv-role", "consumer", "--kv-secret", KV_SECRET]
         + ["--producer-url", producer.url]
         + engine_args(tiny_model, CONSUMER_MAX_LEN),
         log_dir,

@@ -103,6 +103,10 @@ def test_num_blocks_ignored_in_any_block_dim(shape, block_dim):
         ({"tp_size": 4}, "tensor parallel size: consumer=2 producer=4"),
         ({"tp_rank": 1}, "tensor parallel rank: consumer=0 producer=1"),
         ({"block_size": 32}, "block size: consumer=16 producer=32"),
+        (
+            {"kv_cache_dtype": "fp8_e5m2"},
+            "KV cache dtype: consumer='auto' producer='fp8_e5m2'",
+        ),
         ({"protocol_version": 2}, "protocol version: consumer=1 producer=2"),
         (
             {"pdserve_version": "0.2.0"},

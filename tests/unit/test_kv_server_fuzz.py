@@ -15,12 +15,25 @@ from pdserve.connector.kv_client import ProducerRankClient
 from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import MAX_FRAME_BYTES, RankInfo
+from pdserve.protocol import MAX_FRAME_BYTES, RankInfo, ServerHello, recv_message
 from pdserve.transport import get_transport
+
+SECRET = b"fuzz-secret"
+
+
+@pytest.fixture(scope="module", params=[None, SECRET], ids=["open", "secret"])
+def any_server(request):
+    """(server, the secret its clients need): fuzzed with and without one."""
+    for kv_server in serve(request.param):
+        yield kv_server, request.param
 
 
 @pytest.fixture(scope="module")
 def server():
+    yield from serve(None)
+
+
+def serve(secret: bytes | None):
     kv = PagedKVCache({"layer": torch.zeros(2, 8, 16, 2, 8)}, 8)
     info = RankInfo(
         pdserve_version="t", protocol_version=1, vllm_version="t", model="m",
@@ -30,15 +43,17 @@ def server():
     leases = LeaseTable(30)
     leases.grant("req", [1, 2], "token")
     kv_server = KVServer(
-        "127.0.0.1", 0, kv, info, leases, {"tcp": get_transport("tcp")}
+        "127.0.0.1", 0, kv, info, leases, {"tcp": get_transport("tcp")}, secret
     )
     yield kv_server
     kv_server.close()
 
 
 def send_raw(port: int, data: bytes) -> bytes:
-    """Send ``data``; return what the server answered before closing (or b"")."""
+    """Send ``data`` after the server's greeting; return what the server
+    answered before closing (or b"")."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        assert isinstance(recv_message(conn), ServerHello)
         try:
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
@@ -47,8 +62,8 @@ def send_raw(port: int, data: bytes) -> bytes:
             return b""
 
 
-def still_serves(port: int) -> bool:
-    client = ProducerRankClient("127.0.0.1", port, timeout=5)
+def still_serves(port: int, secret: bytes | None = None) -> bool:
+    client = ProducerRankClient("127.0.0.1", port, timeout=5, secret=secret)
     try:
         return client.rank_info().model == "m" and client.release("x", "y") is False
     finally:
@@ -61,9 +76,10 @@ def still_serves(port: int) -> bool:
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.binary(max_size=512))
-def test_random_bytes_leave_server_serving(server, data):
-    send_raw(server.port, data)
-    assert still_serves(server.port)
+def test_random_bytes_leave_server_serving(any_server, data):
+    kv_server, secret = any_server
+    send_raw(kv_server.port, data)
+    assert still_serves(kv_server.port, secret)
 
 
 @pytest.mark.parametrize(

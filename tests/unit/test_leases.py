@@ -192,3 +192,52 @@ def test_wait_for_finished_request_fails_fast():
     with pytest.raises(LookupError):
         table.wait_for("r1", "tok", timeout=5.0)
     assert time.monotonic() - start < 1.0
+
+
+def test_read_of_an_ended_lease_fails_fast_in_later_steps():
+    # The consumer's engine and its HTTP layer may both end a lease (the
+    # client went away); a read arriving after that must not wait for a grant.
+    table = LeaseTable(lease_seconds=30.0)
+    table.grant("r1", [1], "tok")
+    table.release("r1", "tok")
+    assert table.pop_finished() == ({"r1"}, 0)
+    start = time.monotonic()
+    with pytest.raises(LookupError):
+        table.wait_for("r1", "tok", timeout=5.0)
+    assert time.monotonic() - start < 1.0
+
+
+def test_second_release_is_a_no_op(table, clock):
+    table.grant("r1", [1], "tok")
+    assert table.release("r1", "tok") is True
+    assert table.pop_finished() == ({"r1"}, 0)
+    assert table.release("r1", "tok") is False
+    assert table.pop_finished() == (set(), 0)
+    assert table.take_released() == 1
+    # Not kept as an early release: a grant would not be ended by it.
+    table.grant("r1", [2], "tok")
+    assert len(table) == 1
+
+
+def test_ended_leases_are_forgotten_after_lease_seconds(table, clock):
+    table.grant("r1", [1], "tok")
+    clock.advance(10)
+    assert table.pop_finished() == ({"r1"}, 1)
+    clock.advance(10)
+    table.pop_finished()
+    # Forgotten: a release is remembered as an early one again.
+    assert table.release("r1", "tok") is False
+    table.grant("r1", [2], "tok")
+    assert len(table) == 0
+
+
+def test_released_counts_releases_not_expiries(table, clock):
+    table.grant("a", [1], "t")
+    table.grant("b", [2], "t")
+    table.release("early", "t")
+    table.grant("early", [3], "t")
+    assert table.release("a", "t") is True
+    clock.advance(10)
+    assert table.pop_finished() == ({"a", "b", "early"}, 1)
+    assert table.take_released() == 2
+    assert table.take_released() == 0

@@ -1,0 +1,157 @@
+"""Clients that leave early: the consumer aborts their requests and releases
+their leases at once, so the producer frees the KV well before the lease
+would run out, and no lease expires."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import requests
+
+from tests.e2e.conftest import random_prompt
+from tests.e2e.helpers import TIMEOUT, metric, wait_idle
+
+# Leases run 30 s on the session producer: freeing within this shows they
+# were released, not expired.
+FREED_WITHIN_SECONDS = 10
+
+
+def raw_request(url: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    host = urlparse(url).netloc
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+def send_and_leave(url: str, body: dict, after: float) -> None:
+    """Send a whole request, then close the connection ``after`` seconds later."""
+    parsed = urlparse(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as conn:
+        conn.sendall(raw_request(url, body))
+        time.sleep(after)
+
+
+def leave_after_first_token(url: str, body: dict) -> str:
+    """Stream a completion and close the connection after its first chunk."""
+    with requests.Session() as session:
+        response = session.post(
+            url + "/v1/completions",
+            json=dict(body, stream=True),
+            stream=True,
+            timeout=TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+        for line in response.iter_lines():
+            if line.startswith(b"data:"):
+                response.close()
+                return line.decode()
+    raise AssertionError("stream ended before its first token")
+
+
+def stream_body(prompt: list[int], max_tokens: int = 200) -> dict:
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
+def released_by_frontend(url: str) -> float:
+    return metric(
+        url, "pdserve:leases_released_by_frontend_total", reason="client_disconnected"
+    )
+
+
+def expired(cluster) -> float:
+    return metric(cluster.producer.url, "pdserve:kv_leases_expired_total")
+
+
+def assert_freed_without_expiry(cluster, expired_before: float) -> None:
+    assert wait_idle(cluster.producer.url, FREED_WITHIN_SECONDS) == (0, 0, 0)
+    assert wait_idle(cluster.consumer.url, FREED_WITHIN_SECONDS) == (0, 0, 0)
+    assert expired(cluster) == expired_before
+
+
+def test_leave_mid_stream(cluster):
+    before = expired(cluster)
+    loads = metric(cluster.consumer.url, "pdserve:kv_loads_total")
+    threads = [
+        threading.Thread(
+            target=leave_after_first_token,
+            args=(cluster.consumer.url, stream_body(random_prompt(90, seed=7000 + i))),
+        )
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    # The KV was pulled (a token came), so the engine released each lease.
+    assert metric(cluster.consumer.url, "pdserve:kv_loads_total") == loads + 4
+    assert_freed_without_expiry(cluster, before)
+
+
+def test_leave_while_the_producer_prefills(cluster):
+    """The producer is saturated, so the lease comes long after the client
+    left: the consumer releases it on arrival and never starts the request."""
+    before = expired(cluster)
+    released = released_by_frontend(cluster.consumer.url)
+    consumer_prompts = metric(cluster.consumer.url, "vllm:prompt_tokens_total")
+    busy = [
+        threading.Thread(
+            target=requests.post,
+            args=(cluster.producer.url + "/v1/completions",),
+            kwargs={"json": dict(stream_body([5 + i] * 8, 300), stream=False)},
+        )
+        for i in range(32)  # the producer's --max-num-seqs
+    ]
+    for thread in busy:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while metric(cluster.producer.url, "vllm:num_requests_running") < 32:
+        assert time.monotonic() < deadline, "producer never got busy"
+        time.sleep(0.1)
+    send_and_leave(cluster.consumer.url, stream_body(random_prompt(64, 7100)), 0.5)
+    for thread in busy:
+        thread.join(TIMEOUT)
+    deadline = time.monotonic() + FREED_WITHIN_SECONDS
+    while released_by_frontend(cluster.consumer.url) == released:
+        assert time.monotonic() < deadline, "lease not released by the consumer"
+        time.sleep(0.25)
+    assert released_by_frontend(cluster.consumer.url) == released + 1
+    # The request never reached the consumer's engine.
+    assert metric(cluster.consumer.url, "vllm:prompt_tokens_total") == consumer_prompts
+    assert_freed_without_expiry(cluster, before)
+
+
+def test_leave_at_any_moment(cluster):
+    """Whatever the request was doing when its client left (prefill on the
+    producer, waiting in the consumer's queue, pulling KV, decoding)."""
+    before = expired(cluster)
+    delays = [0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3]
+    threads = [
+        threading.Thread(
+            target=send_and_leave,
+            args=(
+                cluster.consumer.url,
+                stream_body(random_prompt(40 + 100 * (i % 3), seed=7200 + i)),
+                delays[i % len(delays)],
+            ),
+        )
+        for i in range(2 * len(delays))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert_freed_without_expiry(cluster, before)

@@ -1,0 +1,217 @@
+"""The consumer's HTTP layer releases a lease nobody will read as soon as it
+knows: the client left while the producer prefilled (the request never
+starts), or left before any of the answer reached it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.settings import ENV_VAR, Settings
+
+LEASE = {"do_remote_prefill": True, "remote_request_id": "r1", "lease_token": "t"}
+BODY = json.dumps({"prompt": "Hello", "max_tokens": 4, "stream": True}).encode()
+
+
+class FakePrefill:
+    """The producer: answers with LEASE once ``answer`` is set."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.asked = asyncio.Event()
+        self.released: list[tuple[str, str]] = []
+
+    async def request_lease(self, path, payload, headers):
+        self.asked.set()
+        await self.answer.wait()
+        return dict(LEASE)
+
+    async def release(self, params, reason: str) -> None:
+        self.released.append((params["remote_request_id"], reason))
+
+
+class Client:
+    """An ASGI client: sends BODY, then disconnects when told to."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.sent_body = False
+        self.received: list[dict] = []
+
+    async def receive(self) -> dict:
+        if not self.sent_body:
+            self.sent_body = True
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.received.append(message)
+
+
+class FakeVLLM:
+    """vLLM's app: records the body, then plays ``script``."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.bodies: list[dict] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        first = await receive()
+        self.bodies.append(json.loads(first["body"]))
+        await self.script(receive, send)
+
+
+@pytest.fixture
+def middleware(monkeypatch):
+    settings = Settings(
+        role="consumer",
+        model="m",
+        producer_url="http://producer:1",
+        producer_kv_host="producer",
+    )
+    monkeypatch.setenv(ENV_VAR, settings.to_json())
+
+    def build(script) -> tuple[PDServeMiddleware, FakeVLLM, FakePrefill]:
+        app = FakeVLLM(script)
+        mw = PDServeMiddleware(app)
+        mw.prefill = FakePrefill()
+        return mw, app, mw.prefill
+
+    return build
+
+
+def scope() -> dict:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "headers": [(b"content-type", b"application/json")],
+    }
+
+
+def streaming(chunks: list[bytes], wait_for_client: bool):
+    """A streaming answer; with ``wait_for_client`` it then waits for the
+    client to leave (as Starlette's disconnect listener does)."""
+
+    async def script(receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if wait_for_client:
+            assert (await receive())["type"] == "http.disconnect"
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return script
+
+
+async def rejected(receive, send) -> None:
+    await send({"type": "http.response.start", "status": 400, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=10))
+
+
+def test_client_gone_during_prefill_releases_and_skips_vllm(middleware):
+    async def scenario():
+        mw, app, prefill = middleware(streaming([b"data: x\n\n"], False))
+        client = Client()
+        task = asyncio.create_task(mw(scope(), client.receive, client.send))
+        await prefill.asked.wait()
+        client.gone.set()
+        await asyncio.sleep(0.05)  # the disconnect arrives before the answer
+        prefill.answer.set()
+        await task
+        return app, prefill, client
+
+    app, prefill, client = run(scenario())
+    assert prefill.released == [("r1", "client_disconnected")]
+    assert app.bodies == []
+    assert client.received == []
+
+
+def test_client_staying_gets_the_lease_forwarded(middleware):
+    async def scenario():
+        mw, app, prefill = middleware(streaming([b"data: x\n\n"], False))
+        client = Client()
+        prefill.answer.set()
+        await mw(scope(), client.receive, client.send)
+        client.gone.set()
+        return app, prefill, client
+
+    app, prefill, client = run(scenario())
+    assert prefill.released == []
+    assert app.bodies[0]["kv_transfer_params"] == LEASE
+    assert [m.get("body") for m in client.received[1:]] == [b"data: x\n\n", b""]
+
+
+def test_client_gone_before_any_answer_releases(middleware):
+    # vLLM started the response but the client left before the first token:
+    # the engine may never have seen the lease.
+    async def scenario():
+        mw, app, prefill = middleware(streaming([], wait_for_client=True))
+        client = Client()
+        prefill.answer.set()
+        task = asyncio.create_task(mw(scope(), client.receive, client.send))
+        await asyncio.sleep(0.05)
+        client.gone.set()
+        await task
+        return app, prefill
+
+    app, prefill = run(scenario())
+    assert len(app.bodies) == 1
+    assert prefill.released == [("r1", "client_disconnected")]
+
+
+def test_client_gone_after_tokens_leaves_release_to_the_engine(middleware):
+    # A token was sent, so the KV was read and the engine released it.
+    async def scenario():
+        mw, app, prefill = middleware(streaming([b"data: x\n\n"], True))
+        client = Client()
+        prefill.answer.set()
+        task = asyncio.create_task(mw(scope(), client.receive, client.send))
+        await asyncio.sleep(0.05)
+        client.gone.set()
+        await task
+        return prefill
+
+    assert run(scenario()).released == []
+
+
+def test_disconnect_after_a_complete_answer_releases_nothing(middleware):
+    async def script(receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+        await receive()  # the server reports the finished connection
+
+    async def scenario():
+        mw, app, prefill = middleware(script)
+        client = Client()
+        prefill.answer.set()
+
+        async def send_then_leave(message: dict) -> None:
+            if message["type"] == "http.response.body" and not message["more_body"]:
+                client.gone.set()
+
+        await mw(scope(), client.receive, send_then_leave)
+        return prefill
+
+    assert run(scenario()).released == []
+
+
+def test_rejected_request_releases(middleware):
+    async def scenario():
+        mw, app, prefill = middleware(rejected)
+        client = Client()
+        prefill.answer.set()
+        await mw(scope(), client.receive, client.send)
+        return prefill
+
+    assert run(scenario()).released == [("r1", "rejected")]
