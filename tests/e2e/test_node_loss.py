@@ -1,21 +1,29 @@
-"""A consumer keeps answering correctly when its producer dies (SIGKILL),
-prefilling locally, and uses the producer again soon after it returns."""
+"""Nodes killed with SIGKILL. A consumer keeps answering correctly when its
+producer dies, prefilling locally, and uses the producer again soon after it
+returns. A producer frees the KV leased to a consumer that dies, when the
+leases run out."""
 
 from __future__ import annotations
 
+import threading
 import time
 
+import psutil
 import pytest
+import requests
 
 from pdserve.local_cluster import ServerProcess
 from tests.e2e.conftest import engine_args, random_prompt
-from tests.e2e.helpers import completion_tokens, greedy, metric, wait_idle
+from tests.e2e.helpers import TIMEOUT, completion_tokens, greedy, metric, wait_idle
 
 BACK_WITHIN_SECONDS = 10
+# Short leases: the consumer-crash test waits for them to run out.
+LEASE_SECONDS = 8
 
 
 def start_producer(model: str, log_dir, port: int | None = None) -> ServerProcess:
     args = ["--model", model, "--kv-role", "producer", *engine_args(model, 1024)]
+    args += ["--kv-lease-seconds", str(LEASE_SECONDS)]
     return ServerProcess.pdserve("producer-loss", args, log_dir, port=port)
 
 
@@ -77,3 +85,48 @@ def test_producer_killed_then_back(cluster, pair, tiny_model, log_dir):
         time.sleep(0.5)
     assert wait_idle(pair["producer"].url) == (0, 0, 0)
     assert wait_idle(consumer) == (0, 0, 0)
+
+
+def post_until_killed(url: str, body: dict) -> None:
+    try:
+        requests.post(url + "/v1/completions", json=body, timeout=TIMEOUT)
+    except requests.RequestException:
+        pass  # the consumer was killed under it
+
+
+def freeze_engine(server: ServerProcess) -> None:
+    """Stop the consumer's engine and workers, not its HTTP server: leases
+    are still taken from the producer, but nothing pulls them."""
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        child.suspend()
+
+
+def test_consumer_killed_while_holding_leases(pair):
+    """Runs after the producer test: its consumer is gone afterwards."""
+    producer, consumer = pair["producer"].url, pair["consumer"].url
+    assert wait_idle(producer) == (0, 0, 0)
+    expired = metric(producer, "pdserve:kv_leases_expired_total")
+    released = metric(producer, "pdserve:kv_leases_released_total")
+    leased = metric(consumer, "pdserve:remote_prefills_total")
+    freeze_engine(pair["consumer"])
+    requests_sent = 4
+    for i in range(requests_sent):
+        body = greedy(random_prompt(64, seed=4100 + i))
+        threading.Thread(
+            target=post_until_killed, args=(consumer, body), daemon=True
+        ).start()
+    deadline = time.monotonic() + 60
+    while metric(consumer, "pdserve:remote_prefills_total") < leased + requests_sent:
+        assert time.monotonic() < deadline, "the consumer got no leases"
+        time.sleep(0.2)
+
+    pair["consumer"].kill()
+    assert metric(producer, "vllm:num_requests_running") == 0
+    assert metric(producer, "vllm:kv_cache_usage_perc") > 0  # still leased
+    assert wait_idle(producer, timeout=LEASE_SECONDS + 15) == (0, 0, 0)
+    assert metric(producer, "pdserve:kv_leases_expired_total") == (
+        expired + requests_sent
+    )
+    assert metric(producer, "pdserve:kv_leases_released_total") == released
+    # The producer serves on.
+    assert completion_tokens(producer, greedy(random_prompt(20, seed=4200)))
