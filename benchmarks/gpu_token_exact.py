@@ -109,6 +109,12 @@ def check_concurrent(consumer, baseline, tp: int) -> dict:
     return result
 
 
+def start(servers: list[ServerProcess], server: ServerProcess) -> ServerProcess:
+    servers.append(server)
+    server.wait_ready(300)
+    return server
+
+
 def run_tp(model: str, tp: int, block: int, out: Path) -> dict:
     logs = out / f"logs-tp{tp}"
     logs.mkdir(parents=True, exist_ok=True)
@@ -116,26 +122,24 @@ def run_tp(model: str, tp: int, block: int, out: Path) -> dict:
     # GPU 0. TP 2: every node spans both GPUs.
     visible = ("0,1", "1,0", "0") if tp == 1 else ("0,1", "0,1", "0,1")
     engine = engine_args(0.25, tp, block)
-    producer = ServerProcess.pdserve(
-        f"producer-tp{tp}",
-        ["--model", model, "--kv-role", "producer", *engine],
-        logs,
-        gpu_env(visible[0]),
-    )
-    consumer = ServerProcess.pdserve(
-        f"consumer-tp{tp}",
-        ["--model", model, "--kv-role", "consumer", "--producer-url", producer.url]
-        + engine,
-        logs,
-        gpu_env(visible[1]),
-    )
-    baseline = ServerProcess.plain_vllm(
-        f"baseline-tp{tp}", [model, *engine], logs, gpu_env(visible[2])
-    )
-    servers = [producer, consumer, baseline]
+    # One at a time: vLLM sizes its KV cache from the free memory it sees,
+    # which another engine starting on the same GPU changes under it.
+    servers: list[ServerProcess] = []
     try:
-        for server in servers:
-            server.wait_ready(400)
+        producer = start(servers, ServerProcess.pdserve(
+            f"producer-tp{tp}",
+            ["--model", model, "--kv-role", "producer", *engine],
+            logs, gpu_env(visible[0]),
+        ))  # fmt: skip
+        consumer = start(servers, ServerProcess.pdserve(
+            f"consumer-tp{tp}",
+            ["--model", model, "--kv-role", "consumer", "--producer-url", producer.url]
+            + engine,
+            logs, gpu_env(visible[1]),
+        ))  # fmt: skip
+        baseline = start(servers, ServerProcess.plain_vllm(
+            f"baseline-tp{tp}", [model, *engine], logs, gpu_env(visible[2])
+        ))  # fmt: skip
         paired = [
             line
             for line in consumer.log_path.read_text().splitlines()
