@@ -154,4 +154,11 @@ def check_producer_metadata(mine: dict[str, Any], theirs: dict[str, Any]) -> Non
     # "auto" resolves inside the engine; the per-rank handshake checks it then.
     if "auto" not in (mine.get("dtype"), theirs.get("dtype")):
         pairs.append(("dtype", mine.get("dtype"), theirs.get("dtype")))
-    _raise_if(describe_mismatches(pairs))
+    mismatches = describe_mismatches(pairs)
+    if mine.get("tensor_parallel_size") != theirs.get("tensor_parallel_size"):
+        # Each consumer rank reads its KV heads from the same producer rank.
+        mismatches.append(
+            "pdserve pairs TP ranks one to one: start both nodes with the same "
+            "--tensor-parallel-size"
+        )
+    _raise_if(mismatches)

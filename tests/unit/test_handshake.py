@@ -313,3 +313,18 @@ def test_fetch_times_out_on_closed_port():
     with pytest.raises(TimeoutError, match=f"127.0.0.1:{port}"):
         fetch_producer_metadata(f"http://127.0.0.1:{port}", timeout=1.5)
     assert time.monotonic() - start < 5.0
+
+
+def test_tp_mismatch_says_how_to_fix_it():
+    message = metadata_mismatch(
+        consumer_metadata(tensor_parallel_size=1), producer_metadata()
+    )
+    assert "same --tensor-parallel-size" in message
+    assert "same --tensor-parallel-size" not in str(
+        pytest.raises(
+            IncompatibleProducer,
+            check_producer_metadata,
+            consumer_metadata(model="x/y"),
+            producer_metadata(),
+        ).value
+    )
