@@ -49,3 +49,10 @@ def hand_off_gil() -> None:
     lets it in.
     """
     time.sleep(HANDOFF_SECONDS)
+
+
+def wait_until(done: Callable[[], bool], timeout: float) -> None:
+    """Hand the GIL over in short sleeps until ``done()`` or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        hand_off_gil()

@@ -71,6 +71,9 @@ class KVServer:
         self.bytes_sent = 0
         self._stopped = threading.Event()
         self._conns: set[socket.socket] = set()
+        # Requests being handled right now (read by the worker's main thread).
+        self._busy = 0
+        self._busy_lock = threading.Lock()
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.settimeout(0.5)
         self.port = self._listener.getsockname()[1]
@@ -103,7 +106,12 @@ class KVServer:
                 self._greet(conn)
                 conn.settimeout(IDLE_CONNECTION_SECONDS)
                 while not self._stopped.is_set():
-                    self._handle(conn, recv_message(conn))
+                    message = recv_message(conn)
+                    self._add_busy(1)
+                    try:
+                        self._handle(conn, message)
+                    finally:
+                        self._add_busy(-1)
             except AuthRefused as exc:
                 logger.warning("Refusing KV connection from %s: %s", peer, exc)
             except ProtocolError as exc:
@@ -132,6 +140,14 @@ class KVServer:
             send_message(conn, Ack(ok=False, error="KV secret rejected"))
             raise AuthRefused("wrong KV secret")
         send_message(conn, Ack(ok=True))
+
+    def _add_busy(self, delta: int) -> None:
+        with self._busy_lock:
+            self._busy += delta
+
+    def is_busy(self) -> bool:
+        """Whether a request is being served or waits to be read."""
+        return self._busy > 0 or self.has_pending_input()
 
     def has_pending_input(self) -> bool:
         """Whether a connection or request waits for a server thread."""
@@ -169,9 +185,15 @@ class KVServer:
 
     def _read(self, conn: socket.socket, read: ReadBlocks) -> None:
         try:
-            lease = self.leases.wait_for(
-                read.request_id, read.token, GRANT_WAIT_SECONDS
-            )
+            # The grant comes with the worker's next step: waiting for it is
+            # not work the worker should wait for.
+            self._add_busy(-1)
+            try:
+                lease = self.leases.wait_for(
+                    read.request_id, read.token, GRANT_WAIT_SECONDS
+                )
+            finally:
+                self._add_busy(1)
         except (LookupError, PermissionError) as exc:
             send_message(conn, ReadReply(ok=False, error=str(exc)))
             return

@@ -23,7 +23,7 @@ from pdserve.kv_cache import PagedKVCache, dtype_name
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings, kv_secret
-from pdserve.threads import hand_off_gil, thread_pool
+from pdserve.threads import hand_off_gil, thread_pool, wait_until
 from pdserve.transport import (
     TRANSPORT_NAMES,
     TransportUnavailable,
@@ -36,6 +36,8 @@ from pdserve.transport import (
 logger = init_logger(__name__)
 
 LOAD_THREADS = 4
+# Longest an engine step of a CPU worker waits for transfers to finish.
+CPU_TRANSFER_WAIT_SECONDS = 0.05
 
 
 class PDServeWorker:
@@ -177,20 +179,26 @@ class PDServeWorker:
     def _on_cpu(self) -> bool:
         return self.kv is not None and self.kv.device.type == "cpu"
 
-    def _transfers_waiting(self) -> bool:
-        # Producer: a consumer may read any held lease at any moment, and its
-        # server thread needs the GIL at every step of serving it.
-        if self.server is not None and (
-            len(self.leases) or self.server.has_pending_input()
-        ):
+    def _transfers_busy(self) -> bool:
+        if self.server is not None and self.server.is_busy():
             return True
         return self._in_flight > 0
 
-    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
-        # Only vLLM's CPU worker spins between steps and starves our threads;
-        # a GPU worker waits on the device and lets them run.
-        if self._on_cpu() and self._transfers_waiting():
+    def _let_transfers_run(self) -> None:
+        """vLLM's CPU worker keeps the GIL between steps (its main thread
+        spins, waiting for the next one), so transfer threads only run while
+        this thread waits here: until they are done, within a bound; or, on a
+        producer holding leases, briefly, for a read that may be arriving.
+        A GPU worker waits on the device and lets them run by itself."""
+        if not self._on_cpu():
+            return
+        if self._transfers_busy():
+            wait_until(lambda: not self._transfers_busy(), CPU_TRANSFER_WAIT_SECONDS)
+        elif self.server is not None and len(self.leases):
             hand_off_gil()
+
+    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        self._let_transfers_run()
         if self.settings.role == "producer":
             finished, expired = self.leases.pop_finished()
             if expired:
