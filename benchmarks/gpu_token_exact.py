@@ -20,9 +20,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gpu_e2e import gpu_env, scrape
+from gpu_e2e import gpu_env
 
-from pdserve.local_cluster import ServerProcess
+from pdserve.local_cluster import ServerProcess, scrape_metrics
 
 MAX_TOKENS = 16
 LENGTHS = (1, 15, 16, 17, 83, 700, 2000)
@@ -72,9 +72,9 @@ def check_sequential(model, consumer, baseline, tp: int, block: int) -> list[dic
     rows = []
     for length in LENGTHS:
         prompt = random_prompt(length, seed=length + 100 * tp)
-        before = scrape(consumer.url)
+        before = scrape_metrics(consumer.url)
         expected, got = tokens(baseline.url, prompt), tokens(consumer.url, prompt)
-        after = scrape(consumer.url)
+        after = scrape_metrics(consumer.url)
         moved = after.get("pdserve:kv_bytes_received_total", 0) - before.get(
             "pdserve:kv_bytes_received_total", 0
         )

@@ -21,12 +21,12 @@ import random
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+
+from pdserve.local_cluster import scrape_metrics
 
 IDLE_TIMEOUT_SECONDS = 20.0
 # Where an aborting client leaves: seconds after sending (the producer may
@@ -98,19 +98,8 @@ class LoadResult:
 # ---- metrics ----
 
 
-def metrics(url: str) -> dict[str, float]:
-    """Every sample on ``url``'s /metrics, summed over labels, by name."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
-
-
 def node_state(url: str) -> NodeState:
-    values = metrics(url)
+    values = scrape_metrics(url)
     return NodeState(
         kv_usage=values.get("vllm:kv_cache_usage_perc", 0.0),
         running=values.get("vllm:num_requests_running", 0.0),
@@ -139,7 +128,7 @@ LEASE_COUNTERS = {
 
 
 def lease_counters(urls: dict[str, str]) -> dict[str, float]:
-    values = {node: metrics(url) for node, url in urls.items()}
+    values = {node: scrape_metrics(url) for node, url in urls.items()}
     return {
         name: values[node].get(metric, 0.0)
         for name, (node, metric) in LEASE_COUNTERS.items()
