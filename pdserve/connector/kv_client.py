@@ -8,8 +8,10 @@ answers the producer's greeting, proving the shared KV secret if it asks.
 from __future__ import annotations
 
 import queue
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -34,6 +36,19 @@ from pdserve.transport import KVTransport
 
 T = TypeVar("T")
 
+# The producer closes connections idle for IDLE_CONNECTION_SECONDS (300 s);
+# reuse them only well before that, so a read never meets a closing socket.
+REUSE_IDLE_SECONDS = 60.0
+
+
+def closed(conn: socket.socket) -> bool:
+    """Whether the peer closed (or wrote to) an idle connection: either
+    way it cannot carry a new request."""
+    try:
+        return bool(select.select([conn], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
 
 def authenticate(conn: socket.socket, secret: bytes | None) -> None:
     """Answer the producer's greeting; raises KVAuthError if the secrets differ."""
@@ -57,21 +72,30 @@ class ProducerRankClient:
         self.port = port
         self.timeout = timeout
         self._secret = secret
-        self._idle: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        # Idle connections with the time they were last used.
+        self._idle: queue.SimpleQueue[tuple[socket.socket, float]] = queue.SimpleQueue()
 
     def close(self) -> None:
         while True:
             try:
-                self._idle.get_nowait().close()
+                self._idle.get_nowait()[0].close()
             except queue.Empty:
                 return
 
+    def _reusable(self) -> socket.socket | None:
+        """An idle connection the producer has not closed, if there is one."""
+        while True:
+            try:
+                conn, last_used = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if time.monotonic() - last_used < REUSE_IDLE_SECONDS and not closed(conn):
+                return conn
+            conn.close()
+
     @contextmanager
     def _connection(self) -> Iterator[socket.socket]:
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = self._open()
+        conn = self._reusable() or self._open()
         conn.settimeout(self.timeout)
         try:
             yield conn
@@ -79,7 +103,7 @@ class ProducerRankClient:
             # The stream may be mid-message: never reuse it.
             conn.close()
             raise
-        self._idle.put(conn)
+        self._idle.put((conn, time.monotonic()))
 
     def _open(self) -> socket.socket:
         conn = socket.create_connection((self.host, self.port), self.timeout)

@@ -39,9 +39,6 @@ from pdserve.transport import KVTransport
 
 logger = init_logger(__name__)
 
-# A consumer reads right after the producer answers, but the grant reaches
-# this worker one engine step later: wait that long, not forever.
-GRANT_WAIT_SECONDS = 5.0
 IDLE_CONNECTION_SECONDS = 300.0
 # An unauthenticated peer holds a server thread at most this long.
 AUTH_SECONDS = 10.0
@@ -185,12 +182,14 @@ class KVServer:
 
     def _read(self, conn: socket.socket, read: ReadBlocks) -> None:
         try:
-            # The grant comes with the worker's next step: waiting for it is
-            # not work the worker should wait for.
+            # A consumer reads right after the producer answers, but the grant
+            # reaches this worker with its next engine step, which a busy or
+            # starved machine can delay: wait for it as long as the lease
+            # would live. Waiting is not work the worker should wait for.
             self._add_busy(-1)
             try:
                 lease = self.leases.wait_for(
-                    read.request_id, read.token, GRANT_WAIT_SECONDS
+                    read.request_id, read.token, self.leases.lease_seconds
                 )
             finally:
                 self._add_busy(1)

@@ -38,6 +38,10 @@ class LeaseTable:
         self._ended: dict[str, float] = {}
         self._released = 0
 
+    @property
+    def lease_seconds(self) -> float:
+        return self._lease_seconds
+
     def grant(self, request_id: str, block_ids: list[int], token: str) -> None:
         with self._cond:
             early = self._early_releases.pop(request_id, None)
