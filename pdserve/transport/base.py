@@ -38,8 +38,8 @@ class KVTransport(ABC):
     @abstractmethod
     def send_blocks(
         self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
-    ) -> int:
-        """Answer a read with a ReadReply and move the blocks; returns bytes."""
+    ) -> None:
+        """Answer a read with a ReadReply and move the blocks."""
 
     # ---- consumer ----
 
@@ -53,7 +53,6 @@ class KVTransport(ABC):
         on one session lock here."""
         return nullcontext()
 
-    @abstractmethod
     def recv_blocks(
         self,
         conn: socket.socket,
@@ -65,6 +64,23 @@ class KVTransport(ABC):
         """Take the answer to a read into ``local_block_ids``; returns bytes.
 
         Raises on any error."""
+        sizes = expect_reply(conn, kv, len(local_block_ids))
+        if local_block_ids:
+            self.copy_in(conn, kv, remote_block_ids, local_block_ids, session, sizes)
+        return sum(sizes)
+
+    @abstractmethod
+    def copy_in(
+        self,
+        conn: socket.socket,
+        kv: PagedKVCache,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+        session: str,
+        sizes: list[int],
+    ) -> None:
+        """Move the blocks the producer announced (``sizes`` bytes per layer)
+        into ``local_block_ids``."""
 
 
 def layer_sizes(kv: PagedKVCache, num_blocks: int) -> list[int]:

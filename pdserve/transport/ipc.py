@@ -23,7 +23,6 @@ from pdserve.transport import device_uuid
 from pdserve.transport.base import (
     KVTransport,
     TransportUnavailable,
-    expect_reply,
     flat_views,
     greet,
     layer_sizes,
@@ -107,11 +106,10 @@ class IpcTransport(KVTransport):
 
     def send_blocks(
         self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
-    ) -> int:
+    ) -> None:
         # The consumer copies by itself; the lease keeps the blocks until then.
         sizes = layer_sizes(kv, len(block_ids))
         send_message(conn, ReadReply(ok=True, layer_nbytes=sizes))
-        return sum(sizes)
 
     # ---- consumer ----
 
@@ -140,17 +138,15 @@ class IpcTransport(KVTransport):
                 )
             return self._streams[key]
 
-    def recv_blocks(
+    def copy_in(
         self,
         conn: socket.socket,
         kv: PagedKVCache,
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
-    ) -> int:
-        sizes = expect_reply(conn, kv, len(local_block_ids))
-        if not local_block_ids:
-            return 0
+        sizes: list[int],
+    ) -> None:
         remote = self._remote[session]
         num = len(local_block_ids)
         gather_stream, copy_stream, scatter_stream = self._streams_for(
@@ -187,7 +183,6 @@ class IpcTransport(KVTransport):
                 for i in layers:
                     kv.scatter(i, local_index, local_views[i])
         scatter_stream.synchronize()
-        return sum(sizes)
 
 
 # Layer groups a GPU-direct read is pipelined in (gather / move / scatter).

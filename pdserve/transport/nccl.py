@@ -27,7 +27,6 @@ from pdserve.protocol import (
 from pdserve.transport.base import (
     KVTransport,
     TransportUnavailable,
-    expect_reply,
     flat_views,
     greet,
     layer_sizes,
@@ -77,16 +76,16 @@ class NcclTransport(KVTransport):
 
     def send_blocks(
         self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
-    ) -> int:
+    ) -> None:
         pair = self._sessions.get(session)
         if pair is None:
             send_message(conn, ReadReply(ok=False, error="unknown nccl session"))
-            return 0
+            return
         sizes = layer_sizes(kv, len(block_ids))
         with pair.lock, torch.cuda.stream(pair.stream):
             send_message(conn, ReadReply(ok=True, layer_nbytes=sizes))
             if not block_ids:
-                return 0
+                return
             flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
             index = kv.index(block_ids)
             for layer, view in enumerate(flat_views(kv, flat, len(block_ids))):
@@ -94,7 +93,6 @@ class NcclTransport(KVTransport):
                     kv.layers[layer], kv.block_dims[layer], index, out=view
                 )
             pair.group.send([flat], CONSUMER, 0).wait(TIMEOUT)
-        return sum(sizes)
 
     # ---- consumer ----
 
@@ -122,17 +120,15 @@ class NcclTransport(KVTransport):
         with self._sessions[session].lock:
             yield
 
-    def recv_blocks(
+    def copy_in(
         self,
         conn: socket.socket,
         kv: PagedKVCache,
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
-    ) -> int:
-        sizes = expect_reply(conn, kv, len(local_block_ids))
-        if not local_block_ids:
-            return 0
+        sizes: list[int],
+    ) -> None:
         pair = self._sessions[session]
         with torch.cuda.stream(pair.stream):
             flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
@@ -141,4 +137,3 @@ class NcclTransport(KVTransport):
             for i, view in enumerate(flat_views(kv, flat, len(local_block_ids))):
                 kv.scatter(i, index, view)
         pair.stream.synchronize()
-        return sum(sizes)
