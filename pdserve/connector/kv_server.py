@@ -65,12 +65,13 @@ class KVServer:
         self.leases = leases
         self.transports = transports
         self._secret = secret
-        self.bytes_sent = 0
+        self._bytes_sent = 0
         self._stopped = threading.Event()
         self._conns: set[socket.socket] = set()
-        # Requests being handled right now (read by the worker's main thread).
+        # Requests being handled right now; both counters are read by the
+        # worker's main thread while server threads update them.
         self._busy = 0
-        self._busy_lock = threading.Lock()
+        self._counters_lock = threading.Lock()
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.settimeout(0.5)
         self.port = self._listener.getsockname()[1]
@@ -139,8 +140,18 @@ class KVServer:
         send_message(conn, Ack(ok=True))
 
     def _add_busy(self, delta: int) -> None:
-        with self._busy_lock:
+        with self._counters_lock:
             self._busy += delta
+
+    def _add_bytes_sent(self, nbytes: int) -> None:
+        with self._counters_lock:
+            self._bytes_sent += nbytes
+
+    def take_bytes_sent(self) -> int:
+        """Bytes served since the last call."""
+        with self._counters_lock:
+            nbytes, self._bytes_sent = self._bytes_sent, 0
+            return nbytes
 
     def is_busy(self) -> bool:
         """Whether a request is being served or waits to be read."""
@@ -210,9 +221,9 @@ class KVServer:
         # Counted before any byte leaves: the consumer's release (another
         # thread) must never be accounted before the bytes it released.
         nbytes = self.kv.bytes_per_block() * len(read.block_ids)
-        self.bytes_sent += nbytes
+        self._add_bytes_sent(nbytes)
         try:
             transport.send_blocks(conn, self.kv, read.block_ids, read.session)
         except BaseException:
-            self.bytes_sent -= nbytes
+            self._add_bytes_sent(-nbytes)
             raise

@@ -206,9 +206,8 @@ class PDServeWorker:
                 self._stats.add("kv_leases_expired", expired)
             if released := self.leases.take_released():
                 self._stats.add("kv_leases_released", released)
-            if self.server is not None and self.server.bytes_sent:
-                self._stats.add("kv_bytes_sent", self.server.bytes_sent)
-                self.server.bytes_sent = 0
+            if self.server is not None and (sent := self.server.take_bytes_sent()):
+                self._stats.add("kv_bytes_sent", sent)
             return finished or None, None
         with self._lock:
             done, self._done_loads = self._done_loads, set()

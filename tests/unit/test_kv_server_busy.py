@@ -1,6 +1,7 @@
-"""What a CPU worker waits for each step: a producer's server is busy while it
-serves a request, not while a read waits for the grant of its lease (that
-grant comes with the worker's next step, so waiting for it would stall)."""
+"""What the producer's worker reads from its KV server each step. Busy: while
+it serves a request, not while a read waits for the grant of its lease (that
+grant comes with the worker's next step, so waiting for it would stall).
+Bytes sent: each served byte is handed over exactly once."""
 
 from __future__ import annotations
 
@@ -38,6 +39,27 @@ def test_read_waiting_for_its_grant_is_not_busy():
         reader.join(timeout=5)
         assert result == [server.kv.bytes_per_block()]
         assert eventually(lambda: not server.is_busy())
+    finally:
+        rank.close()
+        server.close()
+
+
+def test_bytes_sent_are_taken_once():
+    server = start_server(None)
+    rank = client(server.port, None)
+    try:
+        server.leases.grant("r", [1, 2, 3], "t")
+        for blocks in ([1], [2, 3]):
+            rank.read(
+                get_transport("tcp"),
+                paged_kv(None),
+                "r",
+                "t",
+                blocks,
+                [4, 5][: len(blocks)],
+            )
+        assert server.take_bytes_sent() == 3 * server.kv.bytes_per_block()
+        assert server.take_bytes_sent() == 0
     finally:
         rank.close()
         server.close()
