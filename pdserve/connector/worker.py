@@ -58,7 +58,8 @@ class PDServeWorker:
         self.kv: PagedKVCache | None = None
         self.server: KVServer | None = None
         self.leases = LeaseTable(settings.lease_seconds)
-        self.clients = ProducerClients(settings.transfer_timeout, kv_secret())
+        self._secret = kv_secret()
+        self.clients = ProducerClients(settings.transfer_timeout, self._secret)
         self._pool = thread_pool(LOAD_THREADS, "pdserve-load")
         self._lock = threading.Lock()
         self._done_loads: set[str] = set()
@@ -107,7 +108,7 @@ class PDServeWorker:
                 info,
                 self.leases,
                 transports,
-                secret=kv_secret(),
+                secret=self._secret,
             )
             logger.info(
                 "pdserve producer rank %d serves KV on port %d (%d layers, %d B/block, "
@@ -116,7 +117,7 @@ class PDServeWorker:
                 self.server.port,
                 len(self.kv.layers),
                 self.kv.bytes_per_block(),
-                "required" if kv_secret() else "off",
+                "required" if self._secret else "off",
             )
             return
         host = self.settings.producer_kv_host
