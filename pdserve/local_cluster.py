@@ -58,9 +58,12 @@ def split_cores() -> tuple[str | None, str | None]:
     if count < 2:
         return None, None
     half = count // 2
-    return f"{half}-{count - 1}" if half < count - 1 else str(half), (
-        f"0-{half - 1}" if half > 1 else "0"
-    )
+    return core_range(half, count - 1), core_range(0, half - 1)
+
+
+def core_range(first: int, last: int) -> str:
+    """Cores first..last as VLLM_CPU_OMP_THREADS_BIND spells them."""
+    return str(first) if first == last else f"{first}-{last}"
 
 
 class ServerProcess:
