@@ -61,6 +61,7 @@ class RemotePrefill:
         self.url = settings.producer_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self.health = ProducerHealth(self.url)
+        self._secret = kv_secret()
 
     def _client_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -113,7 +114,7 @@ class RemotePrefill:
         def release_all() -> None:
             for port in params["kv_ports"]:
                 client = ProducerRankClient(
-                    host, port, self.settings.transfer_timeout, kv_secret()
+                    host, port, self.settings.transfer_timeout, self._secret
                 )
                 try:
                     client.release(params["remote_request_id"], params["lease_token"])

@@ -78,9 +78,10 @@ def handshake(settings: Settings) -> None:
     }
     check_producer_metadata(mine, theirs)
     settings.producer_kv_ports = list(theirs["kv_ports"])
-    check_kv_auth(kv_secret() is not None, bool(theirs.get("kv_auth")))
-    if kv_secret() is not None:
-        try_kv_secret(settings)
+    secret = kv_secret()
+    check_kv_auth(secret is not None, bool(theirs.get("kv_auth")))
+    if secret is not None:
+        try_kv_secret(settings, secret)
     logger.info(
         "Producer %s: %s, TP %s, KV ports %s",
         settings.producer_url,
@@ -90,13 +91,13 @@ def handshake(settings: Settings) -> None:
     )
 
 
-def try_kv_secret(settings: Settings) -> None:
+def try_kv_secret(settings: Settings, secret: bytes) -> None:
     """Prove the secret on the producer's first KV port before any engine
     starts: different secrets fail in seconds, not after a model load."""
     assert settings.producer_kv_host is not None
     port = settings.producer_kv_ports[0]
     client = ProducerRankClient(
-        settings.producer_kv_host, port, settings.transfer_timeout, kv_secret()
+        settings.producer_kv_host, port, settings.transfer_timeout, secret
     )
     try:
         client.rank_info()
