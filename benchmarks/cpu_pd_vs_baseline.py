@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdserve.demo import metric_sum, timed_stream
-from pdserve.local_cluster import ServerProcess, cpu_env, split_cores
+from pdserve.demo import timed_stream
+from pdserve.local_cluster import ServerProcess, cpu_env, scrape_metrics, split_cores
 from pdserve.tiny_model import ensure_tiny_model
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -30,6 +30,10 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def stream_tokens(url: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
     _, ttft, total = timed_stream(url, prompt, max_tokens, ignore_eos=True)
     return ttft, total
+
+
+def received_bytes(url: str) -> float:
+    return scrape_metrics(url).get("pdserve:kv_bytes_received_total", 0.0)
 
 
 def bytes_per_block(model: str, block_size: int, dtype: str) -> int:
@@ -110,9 +114,9 @@ def main() -> None:
                 ttfts, e2es, moved = [], [], []
                 for _ in range(args.runs):
                     prompt = [rng.randrange(10, 800) for _ in range(length)]
-                    before = metric_sum(consumer.url, "pdserve:kv_bytes_received_total")
+                    before = received_bytes(consumer.url)
                     ttft, e2e = stream_tokens(url, prompt, args.max_tokens)
-                    after = metric_sum(consumer.url, "pdserve:kv_bytes_received_total")
+                    after = received_bytes(consumer.url)
                     ttfts.append(ttft)
                     e2es.append(e2e)
                     moved.append(after - before)

@@ -16,23 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdserve.local_cluster import ServerProcess, cpu_env, split_cores
+from pdserve.local_cluster import ServerProcess, cpu_env, scrape_metrics, split_cores
 from pdserve.tiny_model import ensure_tiny_model
 
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
-
-
-def metric_sum(url: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    )
 
 
 def timed_stream(
@@ -62,13 +49,17 @@ def timed_stream(
 
 
 def report(consumer: str, prompt: str, max_tokens: int, out=sys.stdout) -> None:
-    names = ("pdserve:remote_prefill_seconds_sum", "pdserve:kv_transfer_seconds_sum")
-    before = [metric_sum(consumer, n) for n in names]
+    before = scrape_metrics(consumer)
     text, ttft, total = timed_stream(consumer, prompt, max_tokens)
+    after = scrape_metrics(consumer)
     prefill, transfer = (
-        metric_sum(consumer, n) - b for n, b in zip(names, before, strict=True)
+        after.get(n, 0.0) - before.get(n, 0.0)
+        for n in (
+            "pdserve:remote_prefill_seconds_sum",
+            "pdserve:kv_transfer_seconds_sum",
+        )
     )
-    kv_bytes = metric_sum(consumer, "pdserve:kv_bytes_received_total")
+    kv_bytes = after.get("pdserve:kv_bytes_received_total", 0.0)
     out.write(f"\nprompt: {prompt!r}\nanswer: {text!r}\n\n")
     rows = [
         ("producer prefill (HTTP round trip)", prefill),
