@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from benchmarks.load_with_aborts import completion_body
 from tests.e2e.conftest import random_prompt
 from tests.e2e.helpers import TIMEOUT, metric, wait_idle
 
@@ -57,13 +58,7 @@ def leave_after_first_token(url: str, body: dict) -> str:
 
 
 def stream_body(prompt: list[int], max_tokens: int = 200) -> dict:
-    return {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    return completion_body(prompt, max_tokens)
 
 
 def released_by_frontend(url: str) -> float:
