@@ -31,6 +31,7 @@ from pdserve.protocol import (
 )
 from pdserve.settings import KV_SECRET_ENV_VAR, Settings, kv_secret
 from pdserve.transport import get_transport
+from tests.unit.kv_server_helpers import start_tcp_server
 
 SECRET = b"correct horse battery staple"
 NUM_BLOCKS = 8
@@ -46,16 +47,9 @@ def paged_kv(seed: int | None) -> PagedKVCache:
 
 
 def start_server(secret: bytes | None) -> KVServer:
-    kv = paged_kv(seed=0)
-    info = RankInfo(
-        pdserve_version="t", protocol_version=2, vllm_version="t", model="m",
-        dtype="float32", tp_size=1, tp_rank=0, block_size=16,
-        num_blocks=NUM_BLOCKS, layers=kv.layer_infos(), transports=["tcp"],
-    )  # fmt: skip
     leases = LeaseTable(30)
     leases.grant("req", [1, 2], "token")
-    transports = {"tcp": get_transport("tcp")}
-    return KVServer("127.0.0.1", 0, kv, info, leases, transports, secret)
+    return start_tcp_server(paged_kv(seed=0), leases, secret)
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.connector.kv_client import ProducerRankClient
-from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import MAX_FRAME_BYTES, RankInfo, ServerHello, recv_message
-from pdserve.transport import get_transport
+from pdserve.protocol import MAX_FRAME_BYTES, ServerHello, recv_message
+from tests.unit.kv_server_helpers import start_tcp_server
 
 SECRET = b"fuzz-secret"
 
@@ -35,16 +34,9 @@ def server():
 
 def serve(secret: bytes | None):
     kv = PagedKVCache({"layer": torch.zeros(2, 8, 16, 2, 8)}, 8)
-    info = RankInfo(
-        pdserve_version="t", protocol_version=1, vllm_version="t", model="m",
-        dtype="float32", tp_size=1, tp_rank=0, block_size=16, num_blocks=8,
-        layers=kv.layer_infos(), transports=["tcp"],
-    )  # fmt: skip
     leases = LeaseTable(30)
     leases.grant("req", [1, 2], "token")
-    kv_server = KVServer(
-        "127.0.0.1", 0, kv, info, leases, {"tcp": get_transport("tcp")}, secret
-    )
+    kv_server = start_tcp_server(kv, leases, secret)
     yield kv_server
     kv_server.close()
 

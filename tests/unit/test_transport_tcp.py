@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from pdserve.connector.kv_client import ProducerRankClient
-from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import RankInfo
 from pdserve.transport import get_transport
+from tests.unit.kv_server_helpers import start_tcp_server
 
 NUM_BLOCKS = 37
 
@@ -42,27 +41,10 @@ def blocks_of(kv: PagedKVCache, layer: int, ids: list[int]) -> torch.Tensor:
     return kv.gather(layer, kv.index(ids))
 
 
-def rank_info(kv: PagedKVCache) -> RankInfo:
-    return RankInfo(
-        pdserve_version="t",
-        protocol_version=1,
-        vllm_version="t",
-        model="m",
-        dtype="float32",
-        tp_size=1,
-        tp_rank=0,
-        block_size=16,
-        num_blocks=NUM_BLOCKS,
-        layers=kv.layer_infos(),
-        transports=["tcp"],
-    )
-
-
 @pytest.fixture
 def serve():
     def start(kv: PagedKVCache, leases: LeaseTable) -> ProducerRankClient:
-        transports = {"tcp": get_transport("tcp")}
-        server = KVServer("127.0.0.1", 0, kv, rank_info(kv), leases, transports)
+        server = start_tcp_server(kv, leases)
         servers.append(server)
         client = ProducerRankClient("127.0.0.1", server.port, timeout=5)
         clients.append(client)
