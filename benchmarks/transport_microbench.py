@@ -5,8 +5,11 @@ KV cache shaped like Qwen2-7B's (28 layers, 4 KV heads, head dim 128, bf16,
 block 16) in a large block pool. The consumer reads 512-, 2048- and
 8192-token prompts' blocks, scattered at random in the producer's pool, into
 scattered blocks of its own, through pdserve's real side channel and each
-transport. Bytes are checked, and the GPU0->GPU1 peer copy peak is measured
-in the same run for reference.
+transport, both engines pumped as their engine threads would. Every byte of
+every layer and block position is compared with the producer's (through an
+IPC mapping of its cache), and the GPU0->GPU1 peer copy peak is measured in
+the same run for reference. Reported: the whole read (request, answer, copy)
+and, for ipc, the copy kernel alone.
 
     python benchmarks/transport_microbench.py [--transports tcp,ipc,nccl]
 """
@@ -18,21 +21,25 @@ import json
 import random
 import statistics
 import sys
+import threading
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-from pdserve.connector.kv_client import ProducerRankClient
+from pdserve.connector.kv_client import BlockingClient, Load, ProducerLink
 from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
+from pdserve.connector.metadata import LoadSpec
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import RankInfo
+from pdserve.lease import Lease, lease_token
+from pdserve.protocol import RankInfo, TransportHello, prompt_hash
 from pdserve.transport import device_uuid, get_transport, host_identity
+from pdserve.transport.ipc import import_tensor, local_index_of
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 28, 4, 128, 16
 PROMPTS = (512, 2048, 8192)
-TOKEN = "bench-token"
+KEY = b"bench-node-key".ljust(32, b"-")
 
 
 def make_kv(device: torch.device, num_blocks: int, fill: bool) -> PagedKVCache:
@@ -50,29 +57,22 @@ def make_kv(device: torch.device, num_blocks: int, fill: bool) -> PagedKVCache:
 
 def rank_info(kv: PagedKVCache) -> RankInfo:
     return RankInfo(
-        pdserve_version="bench",
-        protocol_version=1,
-        vllm_version="none",
-        model="qwen2-7b-shape",
-        dtype="bfloat16",
-        tp_size=1,
-        tp_rank=0,
-        block_size=BLOCK,
-        num_blocks=kv.num_blocks,
-        layers=kv.layer_infos(),
-        transports=["tcp", "ipc", "nccl"],
-        device="cuda",
-        device_uuid=device_uuid(kv.device),
-        host_id=host_identity(),
-    )
+        pdserve_version="bench", protocol_version=3, vllm_version="none",
+        model="qwen2-7b-shape", dtype="bfloat16", tp_size=1, tp_rank=0,
+        block_size=BLOCK, num_blocks=kv.num_blocks, layers=kv.layer_infos(),
+        transports=["tcp", "ipc", "nccl"], device="cuda",
+        device_uuid=device_uuid(kv.device), host_id=host_identity(), epoch="bench",
+    )  # fmt: skip
 
 
-def fingerprint(kv: PagedKVCache, block_ids: list[int]) -> list[int]:
-    index = kv.index(block_ids)
-    return [
-        int(kv.gather(layer, index).view(torch.int16).to(torch.int64).sum())
-        for layer in (0, LAYERS // 2, LAYERS - 1)
-    ]
+def lease_for(tokens: int, ids: list[int], port: int) -> Lease:
+    digest = prompt_hash(list(range(tokens)))
+    request_id = f"prompt-{tokens}"
+    return Lease(
+        request_id=request_id, token=lease_token(KEY, request_id, digest),
+        epoch="bench", block_ids=ids, prompt_hash=digest, num_prompt_tokens=tokens,
+        kv_ports=[port],
+    )  # fmt: skip
 
 
 def producer(to_consumer, from_consumer, num_blocks: int) -> None:
@@ -81,16 +81,22 @@ def producer(to_consumer, from_consumer, num_blocks: int) -> None:
     kv = make_kv(device, num_blocks, fill=True)
     leases = LeaseTable(lease_seconds=3600)
     transports = {name: get_transport(name) for name in ("tcp", "ipc", "nccl")}
-    server = KVServer("127.0.0.1", 0, kv, rank_info(kv), leases, transports)
+    server = KVServer(
+        "127.0.0.1", 0, kv, rank_info(kv), leases, transports, node_key=KEY
+    )
     rng = random.Random(0)
     plan = {}
     for tokens in PROMPTS:
         ids = rng.sample(range(num_blocks), tokens // BLOCK)
-        leases.grant(f"prompt-{tokens}", ids, TOKEN)
-        plan[tokens] = (ids, fingerprint(kv, ids))
+        lease = lease_for(tokens, ids, server.port)
+        leases.grant(lease.request_id, ids, lease.prompt_hash)
+        plan[tokens] = lease
     torch.cuda.synchronize()
     to_consumer.put((server.port, plan))
-    from_consumer.get()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (from_consumer.get(), stop.set())).start()
+    while not stop.is_set():  # the producer engine's steps, back to back
+        server.step()
     server.close()
 
 
@@ -108,47 +114,92 @@ def peer_copy_gbps(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     return nbytes * repeats / (time.perf_counter() - start) / 1e9
 
 
+def read_once(link: ProducerLink, load: Load) -> Load:
+    link.submit(load)
+    while True:
+        finished = link.pump()
+        if finished:
+            return finished[0]
+
+
+def check_bytes(kv: PagedKVCache, remote: list[torch.Tensor], src, dst) -> None:
+    """Every byte of every layer and block position equals the producer's."""
+    src_index = torch.tensor(src, device=remote[0].device)
+    dst_index = kv.index(dst)
+    for layer, (mine, theirs) in enumerate(zip(kv.layers, remote, strict=True)):
+        dim = kv.block_dims[layer]
+        got = mine.index_select(dim, dst_index)
+        want = theirs.index_select(dim, src_index).to(kv.device)
+        if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
+            raise AssertionError(f"layer {layer}: blocks differ")
+
+
 def consumer(from_producer, to_producer, results, names, repeats, num_blocks) -> None:
     device = torch.device("cuda", 1)
     torch.cuda.set_device(device)
     kv = make_kv(device, num_blocks, fill=False)
     port, plan = from_producer.get()
-    client = ProducerRankClient("127.0.0.1", port, timeout=120)
+    client = BlockingClient("127.0.0.1", port, timeout=120)
     remote = client.rank_info()
+    # An independent mapping of the producer's cache, only to check bytes.
+    welcome = client.hello(TransportHello("ipc", "check"))
+    index = local_index_of(welcome.payload["device_uuid"])
+    producer_layers = [import_tensor(e, index) for e in welcome.payload["layers"]]
     rows = [{"transport": "peer copy (1 GiB, GPU0->GPU1)", "gbps": peer_copy_gbps()}]
     rng = random.Random(1)
     for name in names:
         transport = get_transport(name)
         session = transport.open_session(client, kv, remote)
-        for tokens, (remote_ids, expected) in plan.items():
-            local_ids = rng.sample(range(num_blocks), len(remote_ids))
-            times = []
+        link = ProducerLink("127.0.0.1", port, kv, timeout=120)
+        for tokens, lease in plan.items():
+            local_ids = rng.sample(range(1, num_blocks), len(lease.block_ids))
+            spec = LoadSpec(lease.request_id, lease, lease.block_ids, local_ids)
+            times, copy_times = [], []
             for attempt in range(repeats + 2):
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                nbytes = client.read(
-                    transport, kv, f"prompt-{tokens}", TOKEN, remote_ids, local_ids,
-                    session,
-                )  # fmt: skip
+                done = read_once(
+                    link, Load(spec, transport, session, time.monotonic() + 120)
+                )
                 torch.cuda.synchronize(device)
+                if done.error:
+                    raise AssertionError(f"{name}: {done.error}")
                 if attempt >= 2:  # the first reads set up communicators
                     times.append(time.perf_counter() - start)
-            assert fingerprint(kv, local_ids) == expected, f"{name} corrupted blocks"
-            for layer in kv.layers:
-                layer.index_fill_(1, kv.index(local_ids), 0)
+                if name == "ipc" and attempt >= 2:
+                    copy_times.append(time_copy(transport, session, kv, spec))
+            check_bytes(kv, producer_layers, lease.block_ids, local_ids)
+            for layer, dim in zip(kv.layers, kv.block_dims, strict=True):
+                layer.index_fill_(dim, kv.index(local_ids), 0)
             seconds = statistics.median(times)
-            rows.append(
-                {
-                    "transport": name,
-                    "tokens": tokens,
-                    "blocks": len(remote_ids),
-                    "mbytes": nbytes / 1e6,
-                    "ms": seconds * 1e3,
-                    "gbps": nbytes / seconds / 1e9,
-                }
-            )
+            row = {
+                "transport": name,
+                "tokens": tokens,
+                "blocks": len(lease.block_ids),
+                "mbytes": done.nbytes / 1e6,
+                "ms": seconds * 1e3,
+                "gbps": done.nbytes / seconds / 1e9,
+            }
+            if copy_times:
+                row["copy_ms"] = statistics.median(copy_times) * 1e3
+                row["copy_gbps"] = done.nbytes / statistics.median(copy_times) / 1e9
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        link.close()
     results.put(rows)
     to_producer.put("done")
+
+
+def time_copy(transport, session: str, kv: PagedKVCache, spec: LoadSpec) -> float:
+    """The one-launch copy alone, as the ipc read issues it."""
+    copier = transport._sessions[session].copier
+    src = torch.tensor(spec.remote_block_ids, device=kv.device)
+    dst = torch.tensor(spec.local_block_ids, device=kv.device)
+    torch.cuda.synchronize(kv.device)
+    start = time.perf_counter()
+    copier.copy(src, dst)
+    torch.cuda.synchronize(kv.device)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -174,7 +225,7 @@ def main() -> None:
                 args.repeats,
                 args.pool_blocks,
             ),
-        ),
+        ),  # fmt: skip
     ]
     for proc in procs:
         proc.start()
@@ -195,12 +246,16 @@ def main() -> None:
     out.write(f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}\n")
     out.write(f"peer copy peak: {peak:.1f} GB/s\n\n")
     out.write(
-        f"{'transport':<10}{'tokens':>7}{'MB':>9}{'ms':>9}{'GB/s':>9}{'of peak':>9}\n"
+        f"{'transport':<10}{'tokens':>7}{'MB':>9}{'ms':>9}{'GB/s':>9}{'of peak':>9}"
+        f"{'copy ms':>9}{'copy/peak':>10}\n"
     )
     for row in rows[1:]:
+        copy = row.get("copy_gbps")
         out.write(
             f"{row['transport']:<10}{row['tokens']:>7}{row['mbytes']:>9.1f}"
-            f"{row['ms']:>9.2f}{row['gbps']:>9.1f}{row['gbps'] / peak:>9.0%}\n"
+            f"{row['ms']:>9.2f}{row['gbps']:>9.1f}{row['gbps'] / peak:>9.0%}"
+            + (f"{row['copy_ms']:>9.2f}{copy / peak:>10.0%}" if copy else "")
+            + "\n"
         )
     if args.json:
         with open(args.json, "w") as f:

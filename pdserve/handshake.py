@@ -102,11 +102,21 @@ def wait_for_rank_info(client: Any, timeout: float) -> RankInfo:
             time.sleep(RETRY_SECONDS)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib would resend the headers (the API key) to wherever it is sent.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def fetch_producer_metadata(
     producer_url: str, timeout: float, headers: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """GET the producer's metadata, retrying while it starts up."""
+    """GET the producer's metadata, retrying while it starts up.
+
+    ``headers`` may hold the API key: sent to ``producer_url`` only (no
+    redirects followed), never logged."""
     url = producer_url.rstrip("/") + METADATA_PATH
+    opener = urllib.request.build_opener(_NoRedirect)
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     logged = False
@@ -114,14 +124,18 @@ def fetch_producer_metadata(
         try:
             request = urllib.request.Request(url, headers=headers or {})
             remaining = max(deadline - time.monotonic(), 0.1)
-            with urllib.request.urlopen(
-                request, timeout=min(10, remaining)
-            ) as response:
+            with opener.open(request, timeout=min(10, remaining)) as response:
                 return json.load(response)
         except urllib.error.HTTPError as exc:
-            if 400 <= exc.code < 500:
+            if 300 <= exc.code < 500:
+                hint = (
+                    " (give both nodes the same --api-key / VLLM_API_KEY)"
+                    if exc.code in (401, 403)
+                    else ""
+                )
                 raise IncompatibleProducer(
-                    f"producer {producer_url} refused the handshake: HTTP {exc.code}"
+                    f"producer {producer_url} refused the handshake: "
+                    f"HTTP {exc.code}{hint}"
                 ) from exc
             last_error = exc
             time.sleep(RETRY_SECONDS)

@@ -22,6 +22,45 @@ REMOTE_PREFILL_SECONDS = Histogram(
 )
 LEASES_RELEASED = Counter(
     "pdserve:leases_released_by_frontend",
-    "Producer leases released by the HTTP layer: request rejected or client gone.",
+    "Leases the HTTP layer handed to its engine to release: request rejected "
+    "or client gone.",
     ["reason"],
+)
+CLIENT_KV_PARAMS_STRIPPED = Counter(
+    "pdserve:client_kv_params_stripped",
+    "Client requests whose kv_transfer_params the consumer removed: only the "
+    "HTTP layer's own lease may reach the engine.",
+)
+
+# The producer's share of a remote prefill's time to first token, split.
+_TTFT_BUCKETS = [
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+]
+TTFT_PRODUCER_CALL = Histogram(
+    "pdserve:ttft_producer_call_seconds",
+    "TTFT phase: the consumer's call to the producer, less the producer engine's "
+    "queue and prefill (both HTTP layers, network).",
+    buckets=_TTFT_BUCKETS,
+)
+TTFT_PRODUCER_QUEUE = Histogram(
+    "pdserve:ttft_producer_queue_seconds",
+    "TTFT phase: the prefill waiting in the producer engine's queue.",
+    buckets=_TTFT_BUCKETS,
+)
+TTFT_PRODUCER_PREFILL = Histogram(
+    "pdserve:ttft_producer_prefill_seconds",
+    "TTFT phase: the producer engine's prefill, first step to lease.",
+    buckets=_TTFT_BUCKETS,
 )

@@ -3,6 +3,10 @@
 Every message is one frame: a 4-byte big-endian length, then a msgpack body.
 Block payloads follow a ``ReadReply`` as raw bytes, outside any frame, so they
 can be received straight into tensor memory.
+
+Both ends are non-blocking and driven from the engine's own thread
+(``FrameBuffer`` parses frames as bytes arrive); the blocking helpers at the
+end serve startup handshakes and tests.
 """
 
 from __future__ import annotations
@@ -11,14 +15,25 @@ import hashlib
 import hmac
 import socket
 import struct
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 # Control messages are small; anything larger is a hostile or broken peer.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# Before a peer has proven the KV secret it may send only this much a frame.
+MAX_UNAUTHENTICATED_FRAME_BYTES = 4096
 _LENGTH = struct.Struct(">I")
+
+# A read names at most this many blocks (a lease holds at most as many).
+MAX_READ_BLOCKS = 1 << 20
+_Short = Annotated[str, msgspec.Meta(max_length=256)]
+_BlockIds = Annotated[
+    list[Annotated[int, msgspec.Meta(ge=0, lt=1 << 40)]],
+    msgspec.Meta(max_length=MAX_READ_BLOCKS),
+]
 
 
 class ProtocolError(ConnectionError):
@@ -53,6 +68,8 @@ class RankInfo(msgspec.Struct, tag=True):
     device: str = "cpu"
     device_uuid: str = ""
     host_id: str = ""
+    # The producer instance (see Lease.epoch); empty on a consumer.
+    epoch: str = ""
 
 
 class ServerHello(msgspec.Struct, tag=True):
@@ -66,7 +83,7 @@ class ServerHello(msgspec.Struct, tag=True):
 class AuthProof(msgspec.Struct, tag=True):
     """HMAC-SHA256 of the server's nonce, keyed with the shared KV secret."""
 
-    mac: bytes
+    mac: Annotated[bytes, msgspec.Meta(max_length=64)]
 
 
 class GetRankInfo(msgspec.Struct, tag=True):
@@ -74,21 +91,25 @@ class GetRankInfo(msgspec.Struct, tag=True):
 
 
 class ReadBlocks(msgspec.Struct, tag=True):
-    """Ask for the KV of ``block_ids``, which must belong to the lease."""
+    """Ask for the KV of ``block_ids``, which must belong to the lease.
 
-    request_id: str
-    token: str
-    block_ids: list[int]
+    ``prompt_hash`` is computed by the consumer from its own prompt tokens;
+    the lease token binds it, so KV of other tokens is never served."""
+
+    request_id: _Short
+    token: _Short
+    prompt_hash: _Short
+    block_ids: _BlockIds
     # How the bytes move; a GPU-direct transport names its session.
-    transport: str = "tcp"
-    session: str = ""
+    transport: _Short = "tcp"
+    session: _Short = ""
 
 
 class TransportHello(msgspec.Struct, tag=True):
     """Consumer: set up a GPU-direct transport session with this rank."""
 
-    transport: str
-    session: str
+    transport: _Short
+    session: _Short
     payload: dict[str, Any] = {}
 
 
@@ -103,13 +124,18 @@ class ReadReply(msgspec.Struct, tag=True):
     error: str = ""
     # Bytes that follow the frame, per layer, in ``RankInfo.layers`` order.
     layer_nbytes: list[int] = []
+    # Transports whose consumer copies by itself (ipc): how long, from the
+    # consumer's sending of the read, the producer keeps the blocks for it.
+    hold_seconds: float = 0.0
 
 
 class Release(msgspec.Struct, tag=True):
-    """The consumer is done with (or gives up) the lease of ``request_id``."""
+    """The consumer is done with (or gives up) the lease of ``request_id``.
+    No reply: the producer only frees what the token opens."""
 
-    request_id: str
-    token: str
+    request_id: _Short
+    token: _Short
+    prompt_hash: _Short
 
 
 class Ack(msgspec.Struct, tag=True):
@@ -139,43 +165,98 @@ def encode_frame(message: Message) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> Message:
+def decode_body(body: bytes | memoryview) -> Message:
     try:
         return _decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"undecodable message: {exc}") from exc
 
 
+class FrameBuffer:
+    """Bytes received so far on a non-blocking connection, cut into frames."""
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self.max_frame = max_frame
+        self._data = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._data += data
+
+    def next_message(self) -> Message | None:
+        """The next complete frame's message, or None until it has arrived."""
+        if len(self._data) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(self._data)
+        if length > self.max_frame:
+            raise ProtocolError(f"frame of {length} bytes exceeds {self.max_frame}")
+        end = _LENGTH.size + length
+        if len(self._data) < end:
+            return None
+        body = bytes(self._data[_LENGTH.size : end])
+        del self._data[:end]
+        return decode_body(body)
+
+    def take_raw(self, view: memoryview) -> int:
+        """Move already received bytes into ``view``; returns how many."""
+        n = min(len(view), len(self._data))
+        view[:n] = self._data[:n]
+        del self._data[:n]
+        return n
+
+
+# ---- blocking helpers: startup handshakes and tests ----
+
+
 def send_message(sock: socket.socket, message: Message) -> None:
     sock.sendall(encode_frame(message))
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock``; the socket's timeout bounds every wait."""
+def recv_exact(
+    sock: socket.socket, view: memoryview, deadline: float | None = None
+) -> None:
+    """Fill ``view`` from ``sock``. With ``deadline`` (time.monotonic) the
+    whole receive is bounded, not only each wait for more bytes."""
     received = 0
     total = len(view)
     while received < total:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("peer too slow")
+            sock.settimeout(remaining)
         n = sock.recv_into(view[received:], total - received)
         if n == 0:
             raise ConnectionError("peer closed the connection")
         received += n
 
 
-def recv_message(sock: socket.socket) -> Message:
+def recv_message(
+    sock: socket.socket,
+    max_bytes: int = MAX_FRAME_BYTES,
+    deadline: float | None = None,
+) -> Message:
     header = bytearray(_LENGTH.size)
-    recv_exact(sock, memoryview(header))
+    recv_exact(sock, memoryview(header), deadline)
     (length,) = _LENGTH.unpack(header)
-    if length > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    if length > max_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds {max_bytes}")
     body = bytearray(length)
-    recv_exact(sock, memoryview(body))
+    recv_exact(sock, memoryview(body), deadline)
     return decode_body(bytes(body))
 
 
 def prompt_hash(token_ids: Sequence[int]) -> str:
     """Fingerprint of the prompt tokens whose KV a lease holds."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    try:
+        digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    except struct.error:
+        # Not a tokenizer's ids (out of int64): a fingerprint no real
+        # prompt has, rather than an exception.
+        digest.update(b"invalid:" + repr(list(token_ids)).encode())
     return digest.hexdigest()
 
 

@@ -5,6 +5,7 @@ the connector halves (which receive them through vLLM's
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Literal
 
 import msgspec
@@ -29,6 +30,9 @@ class Settings(msgspec.Struct, kw_only=True):
     kv_host: str = "0.0.0.0"
     kv_ports: list[int] = []
     lease_seconds: float = 30.0
+    # Producer: this instance's id (epoch); a restarted producer has a new one.
+    # Made once where Settings are made; every engine process reads the same.
+    instance_id: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
     # Consumer: the producer, and how long to wait for it.
     producer_url: str | None = None
     producer_kv_host: str | None = None
@@ -36,7 +40,6 @@ class Settings(msgspec.Struct, kw_only=True):
     connect_timeout: float = 120.0
     prefill_timeout: float = 60.0
     transfer_timeout: float = 30.0
-    api_keys: list[str] = []
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -19,6 +19,7 @@ from pdserve.connector.metadata import PDServeMetadata
 from pdserve.connector.scheduler import PDServeScheduler
 from pdserve.connector.stats import PDServePromMetrics, PDServeStats
 from pdserve.connector.worker import PDServeWorker
+from pdserve.lease import node_key
 from pdserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,7 +57,10 @@ class PDServeConnector(KVConnectorBase_V1):
         self._worker: PDServeWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = PDServeScheduler(
-                settings, vllm_config.cache_config.block_size
+                settings,
+                vllm_config.cache_config.block_size,
+                vllm_config.parallel_config.tensor_parallel_size,
+                node_key(),
             )
         else:
             self._worker = PDServeWorker(
@@ -130,6 +134,9 @@ class PDServeConnector(KVConnectorBase_V1):
         self, scheduler_output: SchedulerOutput
     ) -> KVConnectorMetadata:
         return self.scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self.scheduler.update_connector_output(connector_output)
 
     def request_finished(
         self, request: Request, block_ids: list[int]

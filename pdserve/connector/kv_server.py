@@ -1,27 +1,43 @@
 """Producer rank's side-channel server: rank info, block reads, releases.
 
-One thread per consumer connection; a malformed or hostile frame closes that
-connection only. Every connection is greeted first; with a shared KV secret
-the peer must prove it (HMAC of a fresh nonce) before anything is served.
-Reads are served only for blocks of a live lease whose per-request token the
-reader presents.
+Driven from the engine's own thread: the worker calls ``step`` every engine
+step (its ``get_finished``), which accepts, reads, answers and moves bytes
+without ever blocking. vLLM's CPU workers spin between steps and keep the
+GIL from other threads of their process for minutes, so serving reads from a
+thread of our own could starve; the engine keeps stepping while any lease is
+held, so every read is served within a step or two. While the engine is
+idle (nothing leased: handshakes, reads of unknown leases) a small thread
+takes over the same pump.
+
+Hostile peers cost little: connections are capped, a peer that has not
+proven the KV secret may send only tiny frames and must finish the exchange
+within one deadline, reads are checked (token MAC, prompt hash, block ids)
+before anything is pinned, and a malformed frame closes that connection only.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-import select
+import selectors
 import socket
 import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
-from pdserve.connector.leases import LeaseTable
+from pdserve.channel import Channel
+from pdserve.connector.leases import LeaseTable, ReadRefused, Verdict
 from pdserve.kv_cache import PagedKVCache
+from pdserve.lease import token_valid
 from pdserve.log import init_logger
 from pdserve.protocol import (
+    MAX_FRAME_BYTES,
+    MAX_UNAUTHENTICATED_FRAME_BYTES,
     Ack,
     AuthProof,
     GetRankInfo,
+    Message,
     ProtocolError,
     RankInfo,
     ReadBlocks,
@@ -31,22 +47,54 @@ from pdserve.protocol import (
     TransportHello,
     TransportWelcome,
     auth_mac,
-    recv_message,
-    send_message,
+    encode_frame,
 )
-from pdserve.threads import start_thread
 from pdserve.transport import KVTransport
+from pdserve.transport.base import Outgoing
 
 logger = init_logger(__name__)
 
+MAX_CONNECTIONS = 256
+# Requests one connection may have waiting for their answers.
+MAX_QUEUED_PER_CONNECTION = 1024
 IDLE_CONNECTION_SECONDS = 300.0
-# An unauthenticated peer holds a server thread at most this long.
+# An unauthenticated peer holds a connection at most this long in all.
 AUTH_SECONDS = 10.0
 NONCE_BYTES = 32
+# A read that overtook its lease's grant waits this many engine steps (the
+# grant comes with the next one), and never longer than this.
+GRANT_WAIT_STEPS = 4
+GRANT_WAIT_SECONDS = 10.0
+# Without an engine step for this long the idle thread pumps instead.
+ENGINE_IDLE_SECONDS = 0.05
+IDLE_POLL_SECONDS = 0.005
 
 
 class AuthRefused(ConnectionError):
     """The peer did not prove knowledge of the KV secret."""
+
+
+@dataclass
+class _Read:
+    """A read waiting for its turn on its connection (answers keep order)."""
+
+    message: ReadBlocks
+    arrived_step: int
+    arrived_at: float
+
+
+@dataclass
+class _Conn:
+    fd: int
+    channel: Channel
+    peer: object
+    nonce: bytes | None  # set while the peer still owes its proof
+    deadline: float
+    last_active: float
+    # Answers in the order their requests came: bytes, or reads.
+    queue: deque[bytes | _Read] = field(default_factory=deque)
+    # The read whose payload is being queued on the channel.
+    streaming: tuple[str, Outgoing] | None = None
 
 
 class KVServer:
@@ -58,128 +106,153 @@ class KVServer:
         info: RankInfo,
         leases: LeaseTable,
         transports: dict[str, KVTransport],
+        node_key: bytes,
         secret: bytes | None = None,
     ) -> None:
         self.kv = kv
         self.info = info
         self.leases = leases
         self.transports = transports
+        self._node_key = node_key
         self._secret = secret
         self._bytes_sent = 0
-        self._stopped = threading.Event()
-        self._conns: set[socket.socket] = set()
-        # Requests being handled right now; both counters are read by the
-        # worker's main thread while server threads update them.
-        self._busy = 0
-        self._counters_lock = threading.Lock()
-        self._listener = socket.create_server((host, port), reuse_port=False)
-        self._listener.settimeout(0.5)
+        self._refused = 0
+        self._conns: dict[int, _Conn] = {}
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._listener = socket.create_server((host, port))
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
         self.port = self._listener.getsockname()[1]
-        start_thread(self._accept_loop, f"pdserve-kv-server-{self.port}")
+        self._last_step = 0.0
+        self._stopped = threading.Event()
+        threading.Thread(
+            target=self._idle_loop, name=f"pdserve-kv-idle-{self.port}", daemon=True
+        ).start()
+
+    # ---- who drives it ----
+
+    def step(self) -> None:
+        """Called on the engine's thread every step."""
+        self._last_step = time.monotonic()
+        self.leases.tick()
+        self.pump()
+
+    def _idle_loop(self) -> None:
+        while not self._stopped.wait(IDLE_POLL_SECONDS):
+            if time.monotonic() - self._last_step >= ENGINE_IDLE_SECONDS:
+                self.pump(IDLE_POLL_SECONDS)
+
+    def pump(self, timeout: float = 0.0) -> None:
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._read_from(key.data)
+            self._progress()
 
     def close(self) -> None:
-        self._stopped.set()
-        self._listener.close()
-        for conn in list(self._conns):
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:
+            self._stopped.set()
+            for conn in list(self._conns.values()):
+                self._drop(conn)
+            self._selector.close()
+            self._listener.close()
 
-    def _accept_loop(self) -> None:
-        while not self._stopped.is_set():
+    # ---- connections ----
+
+    def _accept(self) -> None:
+        while True:
             try:
-                conn, peer = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            self._conns.add(conn)
-            start_thread(self._serve, "pdserve-kv-conn", conn, peer)
+            except OSError as exc:  # out of fds: refuse this one, keep serving
+                logger.warning("pdserve KV server: accept failed: %s", exc)
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                logger.warning("Refusing KV connection from %s: too many", peer)
+                sock.close()
+                continue
+            self._open(sock, peer)
 
-    def _serve(self, conn: socket.socket, peer: tuple) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            try:
-                self._greet(conn)
-                conn.settimeout(IDLE_CONNECTION_SECONDS)
-                while not self._stopped.is_set():
-                    message = recv_message(conn)
-                    self._add_busy(1)
-                    try:
-                        self._handle(conn, message)
-                    finally:
-                        self._add_busy(-1)
-            except AuthRefused as exc:
-                logger.warning("Refusing KV connection from %s: %s", peer, exc)
-            except ProtocolError as exc:
-                logger.warning("Closing KV connection from %s: %s", peer, exc)
-            except (ConnectionError, TimeoutError, OSError):
-                pass
-            finally:
-                self._conns.discard(conn)
+    def _open(self, sock: socket.socket, peer: object) -> None:
+        now = time.monotonic()
+        channel = Channel(sock, MAX_UNAUTHENTICATED_FRAME_BYTES)
+        nonce = secrets.token_bytes(NONCE_BYTES) if self._secret else None
+        conn = _Conn(channel.fileno(), channel, peer, nonce, now + AUTH_SECONDS, now)
+        channel.send(ServerHello(auth=nonce is not None, nonce=nonce or b""))
+        if nonce is None:
+            channel.frames.max_frame = MAX_FRAME_BYTES
+        self._conns[conn.fd] = conn
+        self._selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _greet(self, conn: socket.socket) -> None:
-        """Send the greeting; with a secret, require the peer's proof of it."""
-        conn.settimeout(AUTH_SECONDS)
-        if self._secret is None:
-            send_message(conn, ServerHello(auth=False))
+    def _drop(self, conn: _Conn) -> None:
+        if self._conns.get(conn.fd) is not conn:
             return
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        send_message(conn, ServerHello(auth=True, nonce=nonce))
+        del self._conns[conn.fd]
+        self._selector.unregister(conn.channel.sock)
+        if conn.streaming is not None:
+            request_id, outgoing = conn.streaming
+            outgoing.abort()
+            self.leases.close_read(request_id)
+        conn.channel.close()
+
+    def _read_from(self, conn: _Conn) -> None:
         try:
-            proof = recv_message(conn)
-        except (ProtocolError, TimeoutError) as exc:
-            raise AuthRefused(f"no KV secret proof ({exc or 'timed out'})") from None
-        if not isinstance(proof, AuthProof):
-            send_message(conn, Ack(ok=False, error="KV secret required"))
-            raise AuthRefused(f"no KV secret proof (sent {type(proof).__name__})")
-        if not hmac.compare_digest(proof.mac, auth_mac(self._secret, nonce)):
-            send_message(conn, Ack(ok=False, error="KV secret rejected"))
-            raise AuthRefused("wrong KV secret")
-        send_message(conn, Ack(ok=True))
+            conn.channel.pump_in()
+            while (message := conn.channel.next_message()) is not None:
+                conn.last_active = time.monotonic()
+                self._handle(conn, message)
+        except AuthRefused as exc:
+            logger.warning("Refusing KV connection from %s: %s", conn.peer, exc)
+            self._drop(conn)
+        except ProtocolError as exc:
+            logger.warning("Closing KV connection from %s: %s", conn.peer, exc)
+            self._drop(conn)
+        except OSError:  # ConnectionError included: the peer went away
+            self._drop(conn)
 
-    def _add_busy(self, delta: int) -> None:
-        with self._counters_lock:
-            self._busy += delta
+    # ---- requests ----
 
-    def _add_bytes_sent(self, nbytes: int) -> None:
-        with self._counters_lock:
-            self._bytes_sent += nbytes
-
-    def take_bytes_sent(self) -> int:
-        """Bytes served since the last call."""
-        with self._counters_lock:
-            nbytes, self._bytes_sent = self._bytes_sent, 0
-            return nbytes
-
-    def is_busy(self) -> bool:
-        """Whether a request is being served or waits to be read."""
-        return self._busy > 0 or self.has_pending_input()
-
-    def has_pending_input(self) -> bool:
-        """Whether a connection or request waits for a server thread."""
-        sockets = [self._listener, *self._conns]
-        try:
-            return bool(select.select(sockets, [], [], 0)[0])
-        except (OSError, ValueError):
-            return True  # a socket closed under us: let the threads run
-
-    def _handle(self, conn: socket.socket, message: object) -> None:
-        if isinstance(message, GetRankInfo):
-            send_message(conn, self.info)
-        elif isinstance(message, ReadBlocks):
-            self._read(conn, message)
-        elif isinstance(message, TransportHello):
-            send_message(conn, self._welcome(message))
+    def _handle(self, conn: _Conn, message: Message) -> None:
+        if conn.nonce is not None:
+            return self._authenticate(conn, message)
+        if len(conn.queue) >= MAX_QUEUED_PER_CONNECTION:
+            raise ProtocolError("too many requests waiting on one connection")
+        if isinstance(message, ReadBlocks):
+            conn.queue.append(_Read(message, self.leases.step, time.monotonic()))
         elif isinstance(message, Release):
-            try:
-                released = self.leases.release(message.request_id, message.token)
-                send_message(conn, Ack(ok=released))
-            except PermissionError as exc:
-                send_message(conn, Ack(ok=False, error=str(exc)))
+            self._release(message)
+        elif isinstance(message, GetRankInfo):
+            conn.queue.append(_encoded(self.info))
+        elif isinstance(message, TransportHello):
+            conn.queue.append(_encoded(self._welcome(message)))
         else:
             raise ProtocolError(f"unexpected message {type(message).__name__}")
+
+    def _authenticate(self, conn: _Conn, message: Message) -> None:
+        assert self._secret is not None and conn.nonce is not None
+        if not isinstance(message, AuthProof):
+            conn.channel.send(Ack(ok=False, error="KV secret required"))
+            conn.channel.pump_out()
+            raise AuthRefused(f"no KV secret proof (sent {type(message).__name__})")
+        if not hmac.compare_digest(message.mac, auth_mac(self._secret, conn.nonce)):
+            conn.channel.send(Ack(ok=False, error="KV secret rejected"))
+            conn.channel.pump_out()
+            raise AuthRefused("wrong KV secret")
+        conn.nonce = None
+        conn.channel.frames.max_frame = MAX_FRAME_BYTES
+        conn.channel.send(Ack(ok=True))
+
+    def _release(self, message: Release) -> None:
+        if token_valid(
+            self._node_key, message.request_id, message.prompt_hash, message.token
+        ):
+            self.leases.release(message.request_id, message.prompt_hash)
 
     def _welcome(self, hello: TransportHello) -> TransportWelcome:
         transport = self.transports.get(hello.transport)
@@ -191,39 +264,115 @@ class KVServer:
             logger.warning("%s session setup failed: %s", hello.transport, exc)
             return TransportWelcome(ok=False, error=str(exc))
 
-    def _read(self, conn: socket.socket, read: ReadBlocks) -> None:
-        try:
-            # A consumer reads right after the producer answers, but the grant
-            # reaches this worker with its next engine step, which a busy or
-            # starved machine can delay: wait for it as long as the lease
-            # would live. Waiting is not work the worker should wait for.
-            self._add_busy(-1)
+    # ---- answers, in order, as far as they can go now ----
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        for conn in list(self._conns.values()):
             try:
-                lease = self.leases.wait_for(
-                    read.request_id, read.token, self.leases.lease_seconds
+                self._answer(conn)
+                conn.channel.pump_out()
+            except OSError:
+                self._drop(conn)
+                continue
+            if conn.nonce is not None and now > conn.deadline:
+                logger.warning(
+                    "Closing KV connection from %s: no proof in time", conn.peer
                 )
-            finally:
-                self._add_busy(1)
-        except (LookupError, PermissionError) as exc:
-            send_message(conn, ReadReply(ok=False, error=str(exc)))
-            return
-        if not set(read.block_ids) <= set(lease.block_ids):
-            send_message(
-                conn, ReadReply(ok=False, error="blocks outside the request's lease")
+                self._drop(conn)
+            elif now - conn.last_active > IDLE_CONNECTION_SECONDS and not conn.queue:
+                self._drop(conn)
+
+    def _answer(self, conn: _Conn) -> None:
+        while True:
+            if conn.streaming is not None:
+                request_id, outgoing = conn.streaming
+                if not outgoing.advance():
+                    return
+                conn.streaming = None
+                self.leases.close_read(request_id)
+            if not conn.queue:
+                return
+            head = conn.queue[0]
+            if isinstance(head, bytes):
+                conn.channel.send_raw(head)
+            elif not self._start_read(conn, head):
+                return  # its grant has not arrived yet
+            conn.queue.popleft()
+
+    def _start_read(self, conn: _Conn, read: _Read) -> bool:
+        """Start answering ``read``; False while it waits for its grant."""
+        message = read.message
+        try:
+            transport = self._check(message)
+            if (
+                self.leases.open_read(
+                    message.request_id, message.prompt_hash, message.block_ids
+                )
+                is Verdict.NOT_YET_GRANTED
+            ):
+                if not self._grant_overdue(read):
+                    return False
+                raise ReadRefused(f"no lease for request {message.request_id}")
+        except ReadRefused as exc:
+            logger.debug("pdserve: refusing read of %s: %s", message.request_id, exc)
+            self._refused += 1
+            conn.channel.send(ReadReply(ok=False, error=str(exc)))
+            return True
+        try:
+            outgoing = transport.serve(
+                conn.channel, self.kv, list(message.block_ids), message.session
             )
-            return
+        except Exception as exc:
+            self.leases.close_read(message.request_id)
+            logger.warning("pdserve: serving %s failed: %s", message.request_id, exc)
+            conn.channel.send(ReadReply(ok=False, error=f"{transport.name}: {exc}"))
+            return True
+        logger.debug(
+            "pdserve: serving %d blocks of %s over %s",
+            len(message.block_ids),
+            message.request_id,
+            transport.name,
+        )
+        self._bytes_sent += self.kv.bytes_per_block() * len(message.block_ids)
+        if hold := transport.hold_seconds():
+            self.leases.hold(message.request_id, hold)
+        if not outgoing.advance():
+            conn.streaming = (message.request_id, outgoing)
+        else:
+            self.leases.close_read(message.request_id)
+        return True
+
+    def _check(self, read: ReadBlocks) -> KVTransport:
+        if not token_valid(
+            self._node_key, read.request_id, read.prompt_hash, read.token
+        ):
+            raise ReadRefused(f"unknown lease {read.request_id!r}")
         transport = self.transports.get(read.transport)
         if transport is None:
-            send_message(
-                conn, ReadReply(ok=False, error=f"{read.transport} not served")
-            )
-            return
-        # Counted before any byte leaves: the consumer's release (another
-        # thread) must never be accounted before the bytes it released.
-        nbytes = self.kv.bytes_per_block() * len(read.block_ids)
-        self._add_bytes_sent(nbytes)
-        try:
-            transport.send_blocks(conn, self.kv, read.block_ids, read.session)
-        except BaseException:
-            self._add_bytes_sent(-nbytes)
-            raise
+            raise ReadRefused(f"{read.transport} not served")
+        return transport
+
+    def _grant_overdue(self, read: _Read) -> bool:
+        return (
+            self.leases.step - read.arrived_step > GRANT_WAIT_STEPS
+            or time.monotonic() - read.arrived_at > GRANT_WAIT_SECONDS
+        )
+
+    # ---- for the worker's stats ----
+
+    def take_counters(self) -> tuple[int, int]:
+        """Bytes served and reads refused since the last call."""
+        with self._lock:
+            sent, refused = self._bytes_sent, self._refused
+            self._bytes_sent = self._refused = 0
+            return sent, refused
+
+    def is_idle(self) -> bool:
+        """No request waits for an answer and no payload is in flight."""
+        with self._lock:
+            return not any(c.queue or c.streaming for c in self._conns.values())
+
+
+def _encoded(message: Message) -> bytes:
+    return encode_frame(message)

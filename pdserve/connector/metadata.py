@@ -6,15 +6,7 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-
-@dataclass
-class LeaseRef:
-    """A producer lease, enough to read or release it on every rank."""
-
-    request_id: str
-    token: str
-    host: str
-    ports: list[int]
+from pdserve.lease import Lease
 
 
 @dataclass
@@ -22,9 +14,12 @@ class LoadSpec:
     """Consumer: copy ``remote_block_ids`` of the lease into ``local_block_ids``."""
 
     request_id: str
-    lease: LeaseRef
+    lease: Lease
     remote_block_ids: list[int]
     local_block_ids: list[int]
+    # When the scheduler allocated the blocks (time.time()): the transfer
+    # phases of the TTFT split start here.
+    scheduled_at: float = 0.0
 
 
 @dataclass
@@ -33,11 +28,15 @@ class LeaseGrant:
 
     request_id: str
     block_ids: list[int]
-    token: str
+    prompt_hash: str
 
 
 @dataclass
 class PDServeMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
-    releases: list[LeaseRef] = field(default_factory=list)
+    # Consumer: leases it will not read (request ended, KV refused).
+    releases: list[Lease] = field(default_factory=list)
     grants: list[LeaseGrant] = field(default_factory=list)
+    # Consumer: loads vLLM waits for that cannot start (request id, its
+    # blocks): reported failed so the prompt is recomputed.
+    failed_loads: list[tuple[str, list[int]]] = field(default_factory=list)

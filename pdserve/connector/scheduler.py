@@ -1,21 +1,28 @@
 """Scheduler half of the connector (runs in vLLM's engine-core process).
 
 Producer: when a prefill-only request finishes, keep its blocks and hand out
-a lease (block ids, token, prompt fingerprint) in the response.
-Consumer: for a request carrying such a lease, check the fingerprint against
-the request's own prompt tokens, then let vLLM allocate blocks and have the
-workers pull the KV into them.
+a lease in the response. Consumer: for a request carrying a lease its own
+HTTP layer signed, check it against the request's own prompt tokens, let
+vLLM allocate blocks and have the workers pull the KV into them.
+
+Request fields are untrusted: each entry point parses them once into a
+``Lease`` and treats anything else as "prefill locally". No exception
+escapes into vLLM's scheduler (it would take the engine down).
 """
 
 from __future__ import annotations
 
-import secrets
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vllm.v1.request import RequestStatus
 
-from pdserve.connector.metadata import LeaseGrant, LeaseRef, LoadSpec, PDServeMetadata
+from pdserve.connector.metadata import LeaseGrant, LoadSpec, PDServeMetadata
+from pdserve.connector.phases import PhaseClock
 from pdserve.connector.stats import PDServeStats
+from pdserve.lease import DO_REMOTE_PREFILL, Lease, lease_token, request_wants_lease
 from pdserve.log import init_logger
 from pdserve.protocol import prompt_hash
 from pdserve.settings import Settings
@@ -26,123 +33,192 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
-
-# Keys of kv_transfer_params, the only thing that travels through the HTTP
-# answers between the two nodes.
-DO_REMOTE_DECODE = "do_remote_decode"
-DO_REMOTE_PREFILL = "do_remote_prefill"
+T = TypeVar("T")
 
 
-def lease_params(
-    request_id: str,
-    token: str,
-    block_ids: list[int],
-    prompt: list[int],
-    ports: list[int],
-) -> dict[str, Any]:
-    return {
-        DO_REMOTE_PREFILL: True,
-        "remote_request_id": request_id,
-        "remote_block_ids": block_ids,
-        "lease_token": token,
-        "prompt_hash": prompt_hash(prompt),
-        "num_prompt_tokens": len(prompt),
-        "kv_ports": ports,
-    }
+def never_raises(default: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Last line of defence: a bug or an input nobody foresaw must cost a
+    local prefill, not vLLM's engine."""
+
+    def wrap(method: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(method)
+        def guarded(self: PDServeScheduler, *args: Any) -> T:
+            try:
+                return method(self, *args)
+            except Exception:
+                logger.exception("pdserve: %s failed; falling back", method.__name__)
+                self._stats.add("kv_connector_errors")
+                return default
+
+        return guarded
+
+    return wrap
 
 
-def lease_from_params(params: dict[str, Any], host: str) -> LeaseRef:
-    return LeaseRef(
-        request_id=params["remote_request_id"],
-        token=params["lease_token"],
-        host=host,
-        ports=list(params["kv_ports"]),
-    )
+@dataclass
+class _Pending:
+    """Consumer: a request whose lease was accepted and not yet loaded."""
+
+    lease: Lease
+    num_local_tokens: int = 0
 
 
 class PDServeScheduler:
-    def __init__(self, settings: Settings, block_size: int) -> None:
+    def __init__(
+        self, settings: Settings, block_size: int, tp_size: int, node_key: bytes
+    ) -> None:
         self.settings = settings
         self.block_size = block_size
-        self._local_hits: dict[str, int] = {}
+        self.tp_size = tp_size
+        self._key = node_key
+        self._pending: dict[str, _Pending] = {}
         self._meta = PDServeMetadata()
         self._stats = PDServeStats()
+        self._clock = PhaseClock(self._stats)
 
     # ---- consumer ----
 
+    @never_raises(default=(0, False))
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        params = request.kv_transfer_params
-        if not params or not params.get(DO_REMOTE_PREFILL):
+        if self.settings.role != "consumer":
             return 0, False
-        prompt = list(request.prompt_token_ids or [])
-        if params.get("prompt_hash") != prompt_hash(prompt):
+        pending = self._accepted(request)
+        if pending is None:
+            return 0, False
+        external = len(request.prompt_token_ids or ()) - num_computed_tokens
+        if external <= 0:
+            # Nothing to load: vLLM must never wait for an empty pull.
+            self._give_back(self._pending.pop(request.request_id).lease)
+            return 0, False
+        pending.num_local_tokens = num_computed_tokens
+        return external, True
+
+    def _accepted(self, request: Request) -> _Pending | None:
+        """The request's lease if it is one to load from (decided once)."""
+        pending = self._pending.get(request.request_id)
+        if pending is not None:
+            return pending
+        params = request.kv_transfer_params
+        if not isinstance(params, dict) or not params.get(DO_REMOTE_PREFILL):
+            return None
+        params[DO_REMOTE_PREFILL] = False  # decided now, whatever follows
+        lease = self._signed_lease(params)
+        if lease is None:
+            return None
+        prompt = list(request.prompt_token_ids or ())
+        if lease.prompt_hash != prompt_hash(prompt):
             logger.warning(
                 "Request %s: producer KV was computed for other prompt tokens; "
                 "prefilling locally",
                 request.request_id,
             )
             self._stats.add("kv_prompt_mismatches")
-            self._give_back(params)
-            return 0, False
-        self._local_hits[request.request_id] = num_computed_tokens
-        return len(prompt) - num_computed_tokens, True
+            self._give_back(lease)
+            return None
+        if reason := self._inconsistent(lease, prompt):
+            logger.warning("Request %s: lease refused (%s)", request.request_id, reason)
+            self._stats.add("kv_leases_refused")
+            self._give_back(lease)
+            return None
+        pending = self._pending[request.request_id] = _Pending(lease)
+        return pending
+
+    def _signed_lease(self, params: dict) -> Lease | None:
+        """The lease this consumer's HTTP layer signed, or None (counted)."""
+        lease = Lease.from_params(params)
+        if lease is None or not lease.verified(self._key):
+            logger.warning(
+                "pdserve: ignoring kv_transfer_params this node did not issue"
+            )
+            self._stats.add("kv_leases_refused")
+            return None
+        return lease
+
+    def _inconsistent(self, lease: Lease, prompt: list[int]) -> str | None:
+        if lease.num_prompt_tokens != len(prompt):
+            return "prompt length differs"
+        if len(lease.block_ids) != -(-len(prompt) // self.block_size):
+            return "block count does not fit the prompt"
+        if len(lease.kv_ports) != self.tp_size:
+            return "one KV port per tensor parallel rank expected"
+        return None
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        params = request.kv_transfer_params
-        if not params or not params.get(DO_REMOTE_PREFILL):
+        pending = self._pending.pop(request.request_id, None)
+        if pending is None:
             return
-        num_local = self._local_hits.pop(request.request_id, 0)
         if num_external_tokens == 0:
-            self._give_back(params)
-            return
-        params[DO_REMOTE_PREFILL] = False
-        num_prompt_blocks = -(-len(request.prompt_token_ids) // self.block_size)
-        first = num_local // self.block_size
-        local_ids = list(blocks.get_block_ids()[0][first:num_prompt_blocks])
-        remote_ids = list(params["remote_block_ids"][first:num_prompt_blocks])
+            return self._give_back(pending.lease)
+        try:
+            self._schedule_pull(request, blocks, pending)
+        except Exception:
+            # vLLM now waits for this pull: report it failed (the prompt is
+            # recomputed) rather than leave the request waiting forever.
+            logger.exception(
+                "pdserve: scheduling the pull of %s failed", request.request_id
+            )
+            self._stats.add("kv_connector_errors")
+            self._fail_pull(request.request_id, blocks, pending.lease)
+
+    def _schedule_pull(
+        self, request: Request, blocks: KVCacheBlocks, pending: _Pending
+    ) -> None:
+        block_ids = list(blocks.get_block_ids()[0])
+        num_prompt_blocks = -(-len(request.prompt_token_ids or ()) // self.block_size)
+        first = pending.num_local_tokens // self.block_size
+        local_ids = block_ids[first:num_prompt_blocks]
+        remote_ids = list(pending.lease.block_ids[first:num_prompt_blocks])
+        if not local_ids or len(local_ids) != len(remote_ids):
+            logger.warning(
+                "Request %s: blocks do not match the lease", request.request_id
+            )
+            return self._fail_pull(request.request_id, blocks, pending.lease)
+        scheduled_at = self._clock.pull_scheduled(request.arrival_time)
         self._meta.loads.append(
             LoadSpec(
-                request_id=request.request_id,
-                lease=lease_from_params(params, self._producer_host),
-                remote_block_ids=remote_ids,
-                local_block_ids=local_ids,
+                request.request_id, pending.lease, remote_ids, local_ids, scheduled_at
             )
         )
 
-    @property
-    def _producer_host(self) -> str:
-        assert self.settings.producer_kv_host is not None
-        return self.settings.producer_kv_host
+    def _fail_pull(self, request_id: str, blocks: KVCacheBlocks, lease: Lease) -> None:
+        self._meta.failed_loads.append((request_id, list(blocks.get_block_ids()[0])))
+        self._give_back(lease)
 
-    def _give_back(self, params: dict[str, Any]) -> None:
+    def _give_back(self, lease: Lease) -> None:
         """Release a lease this consumer will not read."""
-        params[DO_REMOTE_PREFILL] = False
-        self._meta.releases.append(lease_from_params(params, self._producer_host))
+        self._meta.releases.append(lease)
 
     # ---- both ----
 
     def build_connector_meta(
         self, scheduler_output: SchedulerOutput
     ) -> PDServeMetadata:
+        self._step_clock(scheduler_output)
         meta, self._meta = self._meta, PDServeMetadata()
         return meta
 
+    @never_raises(default=None)
+    def _step_clock(self, scheduler_output: SchedulerOutput) -> None:
+        self._clock.step(scheduler_output)
+
+    @never_raises(default=None)
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._clock.pulls_done(getattr(connector_output, "finished_recving", None))
+
+    @never_raises(default=(False, None))
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params
-        if not params:
+        self._clock.forget(request.request_id)
+        if self.settings.role == "consumer":
+            self._consumer_finished(request, params)
             return False, None
-        if params.get(DO_REMOTE_PREFILL):
-            # Consumer request that ended before its KV was pulled.
-            self._local_hits.pop(request.request_id, None)
-            self._give_back(params)
-            return False, None
-        if not params.get(DO_REMOTE_DECODE) or self.settings.role != "producer":
+        if not request_wants_lease(params) or not block_ids:
             return False, None
         if (
             request.status
@@ -150,14 +226,39 @@ class PDServeScheduler:
                 RequestStatus.FINISHED_LENGTH_CAPPED,
                 RequestStatus.FINISHED_STOPPED,
             )
-            or not block_ids
+            or request.prompt_token_ids is None
         ):
             return False, None
-        token = secrets.token_urlsafe(24)
-        self._meta.grants.append(LeaseGrant(request.request_id, list(block_ids), token))
-        prompt = list(request.prompt_token_ids or [])
-        return True, lease_params(
-            request.request_id, token, list(block_ids), prompt, self.settings.kv_ports
+        return True, self._issue(request, list(block_ids)).to_params()
+
+    def _consumer_finished(self, request: Request, params: object) -> None:
+        """A request that ends before its pull: its lease goes back. So does
+        one vLLM submits only to hand it back (a request it rejected)."""
+        pending = self._pending.pop(request.request_id, None)
+        if pending is not None:
+            return self._give_back(pending.lease)
+        if isinstance(params, dict) and params.get(DO_REMOTE_PREFILL):
+            params[DO_REMOTE_PREFILL] = False
+            if (lease := self._signed_lease(params)) is not None:
+                self._give_back(lease)
+
+    def _issue(self, request: Request, block_ids: list[int]) -> Lease:
+        prompt = list(request.prompt_token_ids or ())
+        digest = prompt_hash(prompt)
+        queue, prefill = self._clock.producer_phases(
+            request.request_id, request.arrival_time
+        )
+        self._meta.grants.append(LeaseGrant(request.request_id, block_ids, digest))
+        return Lease(
+            request_id=request.request_id,
+            token=lease_token(self._key, request.request_id, digest),
+            epoch=self.settings.instance_id,
+            block_ids=block_ids,
+            prompt_hash=digest,
+            num_prompt_tokens=len(prompt),
+            kv_ports=list(self.settings.kv_ports),
+            producer_queue_seconds=queue,
+            producer_prefill_seconds=prefill,
         )
 
     def take_stats(self) -> PDServeStats | None:

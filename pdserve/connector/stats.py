@@ -21,7 +21,26 @@ COUNTERS = {
     "kv_leases_expired": "Producer leases that ended by timeout, not release.",
     "kv_leases_released": "Producer leases that consumers released (read or given up).",
     "kv_transport_fallbacks": "KV transports that failed at handshake (next tried).",
+    "kv_leases_refused": "Leases not loaded: not signed by this node, or malformed.",
+    "kv_reads_refused": "Reads refused: unknown or ended lease, bad block ids.",
+    "kv_connector_errors": "Unexpected connector errors (prompt prefilled locally).",
 }
+
+
+# Seconds per request; the ttft_* ones split a remote prefill's time to first
+# token on the consumer (the producer's share is measured by the HTTP layer).
+HISTOGRAMS = {
+    "kv_transfer_seconds": "Time to pull one request's KV from the producer.",
+    "ttft_consumer_queue_seconds": "TTFT phase: consumer engine arrival to the "
+    "pull scheduled (its blocks allocated).",
+    "ttft_transfer_wait_seconds": "TTFT phase: pull scheduled to the producer's "
+    "answer (worker pickup, read round trip).",
+    "ttft_transfer_copy_seconds": "TTFT phase: producer's answer to the KV in "
+    "the consumer's blocks.",
+    "ttft_first_token_seconds": "TTFT phase: KV in place to the consumer's "
+    "first-token step done.",
+}
+BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
 
 
 @dataclass
@@ -31,29 +50,30 @@ class PDServeStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {name: 0 for name in COUNTERS} | {"kv_transfer_seconds": []}
+        self.data = {name: 0 for name in COUNTERS} | {name: [] for name in HISTOGRAMS}
 
     def add(self, name: str, value: int = 1) -> None:
         self.data[name] += value
 
+    def observe(self, name: str, seconds: float) -> None:
+        self.data[name].append(seconds)
+
     def aggregate(self, other: KVConnectorStats) -> PDServeStats:
         for name in COUNTERS:
             self.data[name] += other.data.get(name, 0)
-        self.data["kv_transfer_seconds"] += other.data.get("kv_transfer_seconds", [])
+        for name in HISTOGRAMS:
+            self.data[name] += other.data.get(name, [])
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        seconds = self.data["kv_transfer_seconds"]
         reduced: dict[str, int | float] = {n: self.data[n] for n in COUNTERS}
-        reduced["kv_transfer_seconds_avg"] = (
-            sum(seconds) / len(seconds) if seconds else 0
-        )
+        for name in HISTOGRAMS:
+            values = self.data[name]
+            reduced[name + "_avg"] = sum(values) / len(values) if values else 0
         return reduced
 
     def is_empty(self) -> bool:
-        return not self.data["kv_transfer_seconds"] and not any(
-            self.data[name] for name in COUNTERS
-        )
+        return not any(self.data[name] for name in (*COUNTERS, *HISTOGRAMS))
 
     def take(self) -> PDServeStats | None:
         """Hand over what was collected since the last call, or None."""
@@ -82,19 +102,23 @@ class PDServePromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in COUNTERS.items()
         }
-        self.transfer_seconds = create_metric_per_engine(
-            self._histogram_cls(
-                name="pdserve:kv_transfer_seconds",
-                documentation="Time to pull one request's KV from the producer.",
-                buckets=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
-                labelnames=labelnames,
-            ),
-            per_engine_labelvalues,
-        )
+        self.histograms = {
+            name: create_metric_per_engine(
+                self._histogram_cls(
+                    name=f"pdserve:{name}",
+                    documentation=doc,
+                    buckets=BUCKETS,
+                    labelnames=labelnames,
+                ),
+                per_engine_labelvalues,
+            )
+            for name, doc in HISTOGRAMS.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, counter in self.counters.items():
             if value := transfer_stats_data.get(name, 0):
                 counter[engine_idx].inc(value)
-        for seconds in transfer_stats_data.get("kv_transfer_seconds", []):
-            self.transfer_seconds[engine_idx].observe(seconds)
+        for name, histogram in self.histograms.items():
+            for seconds in transfer_stats_data.get(name, []):
+                histogram[engine_idx].observe(seconds)

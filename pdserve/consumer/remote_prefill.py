@@ -3,6 +3,9 @@
 The producer receives the user's own request body with ``max_tokens=1`` and
 ``do_remote_decode``, so it tokenizes exactly as the consumer will; the lease
 it returns carries a fingerprint of those tokens, checked in the engine.
+The lease is parsed here once, signed with this node's key (the engine acts
+only on signed leases) and, if the engine will never see it, handed to the
+engine to release: the HTTP layer never talks to the KV side channel.
 """
 
 from __future__ import annotations
@@ -10,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
+import uuid
 from typing import Any
 
 import aiohttp
 
 from pdserve import metrics
-from pdserve.connector.kv_client import ProducerRankClient
-from pdserve.handshake import KVAuthError
+from pdserve.lease import DO_REMOTE_DECODE, Lease, node_key
 from pdserve.log import init_logger
-from pdserve.settings import Settings, kv_secret
+from pdserve.settings import Settings
 
 logger = init_logger(__name__)
 
@@ -29,8 +32,6 @@ def local_reason(path: str, payload: Any) -> str | None:
     """Why this request must be prefilled locally, or None if it can go remote."""
     if not isinstance(payload, dict):
         return "malformed"
-    if "kv_transfer_params" in payload:
-        return "client_kv_params"
     if payload.get("n", 1) != 1 or payload.get("best_of") not in (None, 1):
         return "multiple_choices"
     if payload.get("prompt_logprobs") is not None or (
@@ -50,7 +51,7 @@ def prefill_body(path: str, payload: dict[str, Any]) -> dict[str, Any]:
     if path.endswith("/chat/completions"):
         body["max_completion_tokens"] = 1
     body.pop("stream_options", None)
-    body["kv_transfer_params"] = {"do_remote_decode": True}
+    body["kv_transfer_params"] = {DO_REMOTE_DECODE: True}
     return body
 
 
@@ -61,7 +62,13 @@ class RemotePrefill:
         self.url = settings.producer_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self.health = ProducerHealth(self.url)
-        self._secret = kv_secret()
+        # Read once: a consumer started without pdserve's entrypoint has no
+        # key and must fail at startup, not on its first request.
+        self._key = node_key()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     def _client_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -71,8 +78,8 @@ class RemotePrefill:
 
     async def request_lease(
         self, path: str, payload: dict[str, Any], headers: dict[str, str]
-    ) -> dict[str, Any] | None:
-        """The producer's kv_transfer_params, or None to prefill locally."""
+    ) -> Lease | None:
+        """The producer's lease signed by this node, or None to prefill locally."""
         if self.health.down:
             return self._fallback("producer_down")
         forwarded = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
@@ -93,11 +100,17 @@ class RemotePrefill:
             self.health.mark_down(self._client_session())
             return self._fallback("producer_unreachable")
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-        if not params or not params.get("do_remote_prefill"):
+        lease = Lease.from_params(params)
+        if lease is None:
             return self._fallback("producer_gave_no_kv")
         metrics.REMOTE_PREFILLS.inc()
-        metrics.REMOTE_PREFILL_SECONDS.observe(time.perf_counter() - start)
-        return params
+        seconds = time.perf_counter() - start
+        metrics.REMOTE_PREFILL_SECONDS.observe(seconds)
+        engine = lease.producer_queue_seconds + lease.producer_prefill_seconds
+        metrics.TTFT_PRODUCER_CALL.observe(max(0.0, seconds - engine))
+        metrics.TTFT_PRODUCER_QUEUE.observe(lease.producer_queue_seconds)
+        metrics.TTFT_PRODUCER_PREFILL.observe(lease.producer_prefill_seconds)
+        return lease.signed(self._key)
 
     @staticmethod
     def _fallback(reason: str) -> None:
@@ -105,27 +118,27 @@ class RemotePrefill:
         metrics.LOCAL_PREFILLS.labels(reason=reason).inc()
         return None
 
-    async def release(self, params: dict[str, Any], reason: str) -> None:
-        """Free a lease the engine will not read (request rejected, client gone)."""
-        host = self.settings.producer_kv_host
-        assert host is not None
-        metrics.LEASES_RELEASED.labels(reason=reason).inc()
 
-        def release_all() -> None:
-            for port in params["kv_ports"]:
-                client = ProducerRankClient(
-                    host, port, self.settings.transfer_timeout, self._secret
-                )
-                try:
-                    client.release(params["remote_request_id"], params["lease_token"])
-                except (OSError, KVAuthError) as exc:
-                    logger.warning(
-                        "Releasing lease on %s:%d failed: %s", host, port, exc
-                    )
-                finally:
-                    client.close()
+async def release_lease(engine_client: Any, lease: Lease, reason: str) -> None:
+    """Hand a lease the engine will not otherwise see (request rejected,
+    client gone) to the engine, whose connector releases it on the producer.
 
-        await asyncio.to_thread(release_all)
+    vLLM submits it as a request aborted on arrival, so the connector's
+    request_finished runs; releasing a lease twice is harmless there."""
+    notify = getattr(engine_client, "notify_kv_transfer_request_rejected", None)
+    if notify is None:
+        logger.warning(
+            "This vLLM cannot hand back a lease (%s); it expires on the producer",
+            reason,
+        )
+        return
+    request_id = f"pdserve-release-{uuid.uuid4().hex}"
+    try:
+        await notify(request_id, lease.to_params())
+    except Exception as exc:  # engine dead or shutting down: the lease expires
+        logger.warning("Handing back a lease (%s) failed: %r", reason, exc)
+        return
+    metrics.LEASES_RELEASED.labels(reason=reason).inc()
 
 
 class ProducerHealth:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 
 import pdserve
-from pdserve.connector.kv_client import ProducerRankClient
 from pdserve.entrypoints.cli_args import (
+    _api_keys,
     build_parser,
     make_settings,
     parse,
@@ -25,6 +26,7 @@ from pdserve.handshake import (
     check_producer_metadata,
     fetch_producer_metadata,
 )
+from pdserve.lease import NODE_KEY_ENV_VAR, new_node_key
 from pdserve.log import init_logger
 from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, Settings, kv_secret
 
@@ -57,14 +59,15 @@ def print_help() -> None:
     run_vllm_serve(["--help"])
 
 
-def handshake(settings: Settings) -> None:
-    """Consumer: learn the producer's KV ports; refuse a mismatched producer."""
+def handshake(settings: Settings, api_key: str | None = None) -> None:
+    """Consumer: learn the producer's KV ports; refuse a mismatched producer.
+
+    ``api_key``: this node's own key, which the producer must accept too
+    (its metadata is behind ``--api-key`` like every other route)."""
     import vllm
 
     assert settings.producer_url is not None
-    headers = (
-        {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
-    )
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     theirs = fetch_producer_metadata(
         settings.producer_url, settings.connect_timeout, headers
     )
@@ -94,9 +97,13 @@ def handshake(settings: Settings) -> None:
 def try_kv_secret(settings: Settings, secret: bytes) -> None:
     """Prove the secret on the producer's first KV port before any engine
     starts: different secrets fail in seconds, not after a model load."""
+    # The one use of the side channel outside the engine (the main process,
+    # before vLLM starts); imported here so the HTTP layer never loads it.
+    from pdserve.connector.kv_client import BlockingClient
+
     assert settings.producer_kv_host is not None
     port = settings.producer_kv_ports[0]
-    client = ProducerRankClient(
+    client = BlockingClient(
         settings.producer_kv_host, port, settings.transfer_timeout, secret
     )
     try:
@@ -104,14 +111,21 @@ def try_kv_secret(settings: Settings, secret: bytes) -> None:
     except OSError as exc:
         # Unreachable from here: each rank's own handshake retries and decides.
         logger.info("KV port %d not checked yet: %s", port, exc)
-    finally:
-        client.close()
 
 
 def export_kv_secret(args: argparse.Namespace) -> None:
     """--kv-secret wins over the environment; engine processes inherit it."""
     if args.kv_secret:
         os.environ[KV_SECRET_ENV_VAR] = args.kv_secret
+
+
+def prepare_node(settings: Settings) -> None:
+    """Per-start identity, set before vLLM starts so its processes inherit it:
+    the lease key that never leaves this node, and a producer's instance id
+    (the epoch of its leases: a restarted producer issues new ones)."""
+    os.environ[NODE_KEY_ENV_VAR] = new_node_key()
+    if settings.role == "producer":
+        settings.instance_id = secrets.token_hex(8)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,9 +135,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = make_settings(args, rest)
     export_kv_secret(args)
+    prepare_node(settings)
     if settings.role == "consumer":
+        # The key stays a local: it never enters Settings (logged by vLLM,
+        # copied into every engine process).
+        api_key = next(iter(_api_keys(rest)), None)
         try:
-            handshake(settings)
+            handshake(settings, api_key)
         except (IncompatibleProducer, TimeoutError) as exc:
             logger.error("pdserve consumer cannot start: %s", exc)
             sys.exit(f"pdserve: {exc}")

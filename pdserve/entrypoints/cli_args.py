@@ -122,19 +122,21 @@ def free_ports(host: str, count: int) -> list[int]:
 
 
 def _api_keys(rest: list[str]) -> list[str]:
-    """The keys vLLM will accept: every value after --api-key, else the env."""
-    keys: list[str] = []
+    """The keys vLLM will accept, as its parser reads them: the values of the
+    last --api-key (a repeated flag replaces, it does not add), else the env.
+
+    Only for the consumer's startup handshake: keys never enter Settings."""
+    keys: list[str] | None = None
     for i, arg in enumerate(rest):
         if arg.startswith("--api-key="):
-            keys.append(arg.split("=", 1)[1])
+            keys = [arg.split("=", 1)[1]]
         elif arg == "--api-key":
+            keys = []
             for value in rest[i + 1 :]:
                 if value.startswith("-"):
                     break
                 keys.append(value)
-    if not keys and os.environ.get("VLLM_API_KEY"):
-        keys.append(os.environ["VLLM_API_KEY"])
-    return keys
+    return [k for k in (keys or [os.environ.get("VLLM_API_KEY")]) if k]
 
 
 def normalize_flag(arg: str) -> str:
@@ -181,7 +183,6 @@ def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
         connect_timeout=args.producer_connect_timeout,
         prefill_timeout=args.prefill_timeout,
         transfer_timeout=args.kv_transfer_timeout,
-        api_keys=_api_keys(rest),
     )
     if args.kv_role == "producer":
         settings.kv_ports = (

@@ -15,7 +15,9 @@ from typing import Any
 Send = Callable[[dict], Awaitable[None]]
 
 
-def to_completion_request(payload: dict[str, Any]) -> dict[str, Any]:
+def to_completion_request(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise ValueError("the request must be a JSON object")
     request = dict(payload)
     if not isinstance(request.get("prompt"), str):
         raise ValueError("'prompt' must be a string")

@@ -1,17 +1,19 @@
 """ASGI middleware that vLLM's OpenAI server loads through ``--middleware``.
 
 On both nodes it serves ``GET /pdserve/metadata`` (the startup handshake) and
-the legacy ``POST /generate``. On the consumer it puts the producer in front
-of every completion: the producer prefills and leases the KV, the request
-then goes to vLLM's own handlers carrying the lease in ``kv_transfer_params``.
-A lease the engine will not read (request rejected, client gone) is released
-here at once instead of waiting for it to expire on the producer.
+the legacy ``POST /generate``, behind vLLM's ``--api-key``. On the consumer
+it removes every client-supplied ``kv_transfer_params`` from every request
+body, and puts the producer in front of every completion: the producer
+prefills and leases the KV, the request then goes to vLLM's own handlers
+carrying the lease, signed by this node, in ``kv_transfer_params``. A lease
+the engine will not read (request rejected, client gone) is handed to the
+engine to release at once instead of waiting for it to expire on the
+producer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -19,7 +21,10 @@ from typing import Any, TypeVar
 import vllm
 
 import pdserve
-from pdserve.consumer.remote_prefill import RemotePrefill, local_reason
+from pdserve.consumer import client_body
+from pdserve.consumer.client_body import Body, BodyTooDeep
+from pdserve.consumer.remote_prefill import RemotePrefill, local_reason, release_lease
+from pdserve.entrypoints.auth import UNAUTHORIZED, authorized
 from pdserve.entrypoints.legacy_generate import (
     BufferedReply,
     StreamingReply,
@@ -27,10 +32,18 @@ from pdserve.entrypoints.legacy_generate import (
     to_completion_request,
 )
 from pdserve.handshake import METADATA_PATH
+from pdserve.lease import Lease
 from pdserve.metrics import LOCAL_PREFILLS
 from pdserve.settings import Settings, kv_secret
 
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+LEGACY_PATH = "/generate"
+OWN_ROUTES = ((METADATA_PATH, "GET"), (LEGACY_PATH, "POST"))
+# Methods whose body vLLM may read: the consumer inspects them all.
+BODY_METHODS = ("POST", "PUT", "PATCH")
+# Headers that describe the client's body, not the one forwarded.
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
+JSON_TYPE = (b"content-type", b"application/json")
 T = TypeVar("T")
 
 
@@ -42,6 +55,8 @@ def node_metadata(settings: Settings) -> dict[str, Any]:
         "tensor_parallel_size": settings.tensor_parallel_size,
         "max_model_len": settings.max_model_len,
         "kv_ports": settings.kv_ports,
+        # A restarted producer has a new id (the epoch its leases carry).
+        "instance_id": settings.instance_id,
         "transport": settings.transport,
         # Whether the KV ports require the shared secret (never the secret).
         "kv_auth": kv_secret() is not None,
@@ -62,12 +77,29 @@ async def read_body(receive: Any) -> bytes:
             return b"".join(chunks)
 
 
-def with_body(scope: dict, receive: Any, body: bytes, path: str | None = None):
-    """A scope and receive that replay ``body``, then pass disconnects through."""
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
+def route_of(scope: dict) -> str:
+    """The request's path without the server's root path, as vLLM matches it."""
+    return scope["path"].removeprefix(scope.get("root_path", ""))
+
+
+def with_body(
+    scope: dict,
+    receive: Any,
+    body: Body,
+    route: str | None = None,
+):
+    """A scope and receive that replay ``body``, then pass disconnects through.
+
+    A body pdserve wrote itself is JSON whatever the client declared."""
+    drop = (*BODY_HEADERS, b"content-type") if body.rewritten else BODY_HEADERS
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+    headers.append((b"content-length", str(len(body.data)).encode()))
+    if body.rewritten:
+        headers.append(JSON_TYPE)
     new_scope = dict(scope, headers=headers)
-    if path is not None:
+    if route is not None:
+        # Keep whatever root path prefix the server put in front of the route.
+        path = scope["path"].removesuffix(route_of(scope)) + route
         new_scope.update(path=path, raw_path=path.encode())
     replayed = False
 
@@ -75,7 +107,7 @@ def with_body(scope: dict, receive: Any, body: bytes, path: str | None = None):
         nonlocal replayed
         if not replayed:
             replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body.data, "more_body": False}
         return await receive()
 
     return new_scope, replay
@@ -139,71 +171,100 @@ class PDServeMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, method = scope["path"], scope["method"]
-        if path == METADATA_PATH and method == "GET":
+        route, method = route_of(scope), scope["method"]
+        if self._guarded(route, method) and not authorized(scope):
+            return await send_json(send, 401, UNAUTHORIZED)
+        if (route, method) == (METADATA_PATH, "GET"):
             return await send_json(send, 200, self.metadata)
-        if method == "POST" and path in (*COMPLETION_PATHS, "/generate"):
-            if not self._authorized(scope):
-                return await send_json(send, 401, {"error": "Unauthorized"})
-            try:
-                body = await read_body(receive)
-            except ConnectionAbortedError:
-                return
-            if path == "/generate":
-                return await self._legacy_generate(scope, receive, send, body)
-            return await self._completion(scope, receive, send, body)
-        return await self.app(scope, receive, send)
+        if (route, method) == (LEGACY_PATH, "POST") or self._inspects(method):
+            return await self._with_body(scope, receive, send, route)
+        # The producer serves its own requests (from this consumer) as is.
+        await self.app(scope, receive, send)
 
-    def _authorized(self, scope: dict) -> bool:
-        # vLLM checks --api-key in an inner middleware; check it here too so
-        # unauthenticated requests never reach the producer.
-        if not self.settings.api_keys:
+    def _guarded(self, route: str, method: str) -> bool:
+        """Routes whose key is checked here: vLLM's own check runs later, too
+        late for requests sent on to the producer, and does not cover
+        pdserve's routes."""
+        if (route, method) in OWN_ROUTES:
             return True
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"").decode()
-        return any(
-            hmac.compare_digest(given, f"Bearer {key}")
-            for key in self.settings.api_keys
+        return self._remote(route, method)
+
+    def _remote(self, route: str, method: str) -> bool:
+        return (
+            self.prefill is not None and method == "POST" and route in COMPLETION_PATHS
         )
+
+    def _inspects(self, method: str) -> bool:
+        """The consumer reads every body vLLM may read, for kv_transfer_params."""
+        return self.prefill is not None and method in BODY_METHODS
+
+    async def _with_body(
+        self, scope: dict, receive: Any, send: Any, route: str
+    ) -> None:
+        try:
+            body = await self._client_body(receive, route)
+        except ConnectionAbortedError:
+            return
+        except BodyTooDeep as exc:
+            return await send_json(send, 400, {"error": f"invalid request: {exc}"})
+        if (route, scope["method"]) == (LEGACY_PATH, "POST"):
+            return await self._legacy_generate(scope, receive, send, body)
+        if self._remote(route, scope["method"]):
+            return await self._completion(scope, receive, send, body, route)
+        await self._forward(scope, receive, send, body)
+
+    async def _client_body(self, receive: Any, route: str) -> Body:
+        """The request body; on the consumer without kv_transfer_params."""
+        data = await read_body(receive)
+        if self.prefill is None:
+            return Body(data)
+        return client_body.from_client(data, route)
 
     async def _completion(
-        self, scope: dict, receive: Any, send: Any, body: bytes, path: str | None = None
+        self, scope: dict, receive: Any, send: Any, body: Body, route: str
     ) -> None:
-        path = path or scope["path"]
-        if self.prefill is None:
-            return await self._forward(scope, receive, send, body, path)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if (reason := local_reason(path, payload)) is not None:
+        payload = body.payload if body.is_json else None
+        if (reason := local_reason(route, payload)) is not None:
             LOCAL_PREFILLS.labels(reason=reason).inc()
-            return await self._forward(scope, receive, send, body, path)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+            return await self._forward(scope, receive, send, body, route)
+        assert self.prefill is not None
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1")
+            for k, v in scope["headers"]
+        }
         client = ClientWatch(receive)
-        lease = await client.during(self.prefill.request_lease(path, payload, headers))
-        if lease is not None and client.left_early:
-            # Gone while the producer prefilled: do not start the request.
-            return await self.prefill.release(lease, "client_disconnected")
-        if lease is not None:
-            body = json.dumps(dict(payload, kv_transfer_params=lease)).encode()
-        status = await self._forward(
-            scope, client.receive, client.wrap_send(send), body, path
-        )
+        lease = await client.during(self.prefill.request_lease(route, payload, headers))
         if lease is None:
-            return
+            return await self._forward(scope, client.receive, send, body, route)
+        if client.left_early:
+            # Gone while the producer prefilled: do not start the request.
+            return await self._release(scope, lease, "client_disconnected")
+        leased = Body.of(dict(payload, kv_transfer_params=lease.to_params()))
+        status = await self._forward(
+            scope, client.receive, client.wrap_send(send), leased, route
+        )
         if client.left_early:
             # vLLM aborted the request, maybe before its engine saw the lease;
             # if the engine did, it releases too, and the second is a no-op.
-            await self.prefill.release(lease, "client_disconnected")
+            await self._release(scope, lease, "client_disconnected")
         elif status >= 400:
-            await self.prefill.release(lease, "rejected")
+            await self._release(scope, lease, "rejected")
+
+    @staticmethod
+    async def _release(scope: dict, lease: Lease, reason: str) -> None:
+        state = getattr(scope.get("app"), "state", None)
+        await release_lease(getattr(state, "engine_client", None), lease, reason)
 
     async def _forward(
-        self, scope: dict, receive: Any, send: Any, body: bytes, path: str
+        self,
+        scope: dict,
+        receive: Any,
+        send: Any,
+        body: Body,
+        route: str | None = None,
     ) -> int:
         """Run vLLM's handler on ``body``; returns the response status."""
-        new_scope, replay = with_body(scope, receive, body, path)
+        new_scope, replay = with_body(scope, receive, body, route)
         status = 500
 
         async def record(message: dict) -> None:
@@ -216,18 +277,19 @@ class PDServeMiddleware:
         return status
 
     async def _legacy_generate(
-        self, scope: dict, receive: Any, send: Any, body: bytes
+        self, scope: dict, receive: Any, send: Any, body: Body
     ) -> None:
+        # Parsed whatever the content type: vLLM's retired server did too.
         try:
-            request = to_completion_request(json.loads(body))
-        except (ValueError, TypeError, AttributeError) as exc:
+            payload = body.payload if body.is_json else json.loads(body.data)
+            request = to_completion_request(payload)
+            translated = Body.of(request)
+        except (ValueError, RecursionError) as exc:
             return await send_json(send, 400, {"error": f"invalid request: {exc}"})
-        prompt = request["prompt"]
         reply = StreamingReply if request["stream"] else BufferedReply
-        await self._completion(
-            scope,
-            receive,
-            reply(prompt, send),
-            json.dumps(request).encode(),
-            path="/v1/completions",
-        )
+        target = COMPLETION_PATHS[0]
+        reply_send = reply(request["prompt"], send)
+        if self.prefill is None:
+            await self._forward(scope, receive, reply_send, translated, target)
+            return
+        await self._completion(scope, receive, reply_send, translated, target)

@@ -3,27 +3,64 @@
 Control traffic (rank info, read requests, releases) always travels on the
 TCP side channel; a transport decides how the block bytes move and may set
 up a session first (IPC handles, a NCCL pair). One file per transport.
+
+Transfers are driven from the engine's own thread: ``serve`` and ``receive``
+only start one, and the side channel calls ``advance`` / ``poll`` every
+engine step until it is done. Nothing may block for longer than a copy that
+is already running.
 """
 
 from __future__ import annotations
 
 import secrets
-import socket
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import ReadReply, TransportHello, TransportWelcome, recv_message
+from pdserve.protocol import TransportHello, TransportWelcome
 
 if TYPE_CHECKING:
+    from pdserve.channel import Channel
     from pdserve.protocol import RankInfo
 
 
 class TransportUnavailable(RuntimeError):
     """This transport cannot connect these two ranks; use another."""
+
+
+class Outgoing(ABC):
+    """Producer: one read being served. Its lease stays pinned until
+    ``advance`` says the blocks' bytes are no longer needed."""
+
+    @abstractmethod
+    def advance(self) -> bool:
+        """Do what can be done now; True once the blocks may be reused."""
+
+    def abort(self) -> None:
+        """The connection or session failed: stop, never touch the blocks again."""
+        return None
+
+
+class Incoming(ABC):
+    """Consumer: one read being received into its local blocks."""
+
+    def raw_view(self) -> memoryview | None:
+        """Where the next payload bytes on the side channel go, or None."""
+        return None
+
+    def on_raw(self, nbytes: int) -> None:
+        """``nbytes`` arrived in the last ``raw_view``."""
+        return None
+
+    @abstractmethod
+    def poll(self) -> bool:
+        """True once every block is in place (device work included)."""
+
+    def abort(self) -> None:
+        """Give up; the local blocks will be recomputed."""
+        return None
 
 
 class KVTransport(ABC):
@@ -36,10 +73,18 @@ class KVTransport(ABC):
         return TransportWelcome(ok=True)
 
     @abstractmethod
-    def send_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
-    ) -> None:
-        """Answer a read with a ReadReply and move the blocks."""
+    def serve(
+        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+    ) -> Outgoing:
+        """Queue the ReadReply (and any payload) for a checked, pinned read."""
+
+    def hold_seconds(self) -> float:
+        """How long the consumer may take to copy by itself (0: it does not)."""
+        return 0.0
+
+    def close_session(self, session: str) -> None:
+        """Forget a session (its consumer went away or said hello again)."""
+        return None
 
     # ---- consumer ----
 
@@ -48,59 +93,27 @@ class KVTransport(ABC):
         a TransportHello); returns the session id. Raises TransportUnavailable."""
         return ""
 
-    def exclusive(self, session: str) -> AbstractContextManager:
-        """Held around a whole read; transports that must not interleave reads
-        on one session lock here."""
-        return nullcontext()
-
-    def recv_blocks(
-        self,
-        conn: socket.socket,
-        kv: PagedKVCache,
-        remote_block_ids: list[int],
-        local_block_ids: list[int],
-        session: str,
-    ) -> int:
-        """Take the answer to a read into ``local_block_ids``; returns bytes.
-
-        Raises on any error."""
-        sizes = expect_reply(conn, kv, len(local_block_ids))
-        if local_block_ids:
-            self.copy_in(conn, kv, remote_block_ids, local_block_ids, session, sizes)
-        return sum(sizes)
-
     @abstractmethod
-    def copy_in(
+    def receive(
         self,
-        conn: socket.socket,
         kv: PagedKVCache,
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
-        sizes: list[int],
-    ) -> None:
-        """Move the blocks the producer announced (``sizes`` bytes per layer)
-        into ``local_block_ids``."""
+    ) -> Incoming:
+        """Start taking the blocks the producer announced as it accepted."""
+
+    def healthy(self, session: str) -> bool:
+        """False once the session broke (the consumer falls back to tcp)."""
+        return True
+
+    def drop_sessions(self) -> None:
+        """The producer changed (restart): forget every session and mapping."""
+        return None
 
 
 def layer_sizes(kv: PagedKVCache, num_blocks: int) -> list[int]:
     return [kv.block_nbytes(i) * num_blocks for i in range(len(kv.layers))]
-
-
-def expect_reply(conn: socket.socket, kv: PagedKVCache, num_blocks: int) -> list[int]:
-    """Read the producer's ReadReply and check the sizes it announces."""
-    reply = recv_message(conn)
-    if not isinstance(reply, ReadReply):
-        raise ConnectionError(f"expected ReadReply, got {type(reply).__name__}")
-    if not reply.ok:
-        raise ConnectionError(f"producer refused the read: {reply.error}")
-    expected = layer_sizes(kv, num_blocks)
-    if reply.layer_nbytes != expected:
-        raise ConnectionError(
-            f"producer announced {reply.layer_nbytes} bytes per layer, "
-            f"expected {expected}"
-        )
-    return expected
 
 
 def flat_views(kv: PagedKVCache, flat: torch.Tensor, num: int) -> list[torch.Tensor]:

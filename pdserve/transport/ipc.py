@@ -1,32 +1,35 @@
 """Same-host GPU transport: the consumer maps the producer's KV tensors once
-(CUDA IPC, which HIP provides on ROCm too) and copies blocks device to device:
-per layer one gather on the producer's GPU, one peer copy, one scatter."""
+(CUDA IPC, which HIP provides on ROCm too) and copies blocks straight from
+the producer's memory into its own, one kernel launch for all layers
+(block_copy.py): no staging buffer, nothing allocated on the producer's GPU.
+
+The producer answers a read at once and keeps the lease's blocks until the
+consumer releases them or the hold it promised runs out; the consumer starts
+its copy only well inside that hold.
+"""
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 from typing import Any
 
 import torch
 
+from pdserve.channel import Channel
 from pdserve.kv_cache import PagedKVCache, dtype_name
-from pdserve.protocol import (
-    RankInfo,
-    ReadReply,
-    TransportHello,
-    TransportWelcome,
-    send_message,
-)
+from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
 from pdserve.transport import device_uuid
 from pdserve.transport.base import (
+    Incoming,
     KVTransport,
+    Outgoing,
     TransportUnavailable,
-    flat_views,
     greet,
     layer_sizes,
 )
+from pdserve.transport.block_copy import BlockCopier, block_layout, staging_layouts
+
+# How long a producer keeps blocks for a consumer that copies by itself.
+HOLD_SECONDS = 30.0
 
 
 def local_index_of(uuid: str) -> int | None:
@@ -84,15 +87,88 @@ def import_tensor(exported: dict[str, Any], device_index: int) -> torch.Tensor:
     )
 
 
+class _Answered(Outgoing):
+    def advance(self) -> bool:
+        return True
+
+
+class _Session:
+    """The producer's KV mapped into this process, and how to copy from it."""
+
+    def __init__(self, remote: list[torch.Tensor], kv: PagedKVCache) -> None:
+        self.remote = remote  # keeps the mapping alive
+        self.copier = BlockCopier(
+            [block_layout(t, d) for t, d in zip(remote, kv.block_dims, strict=True)],
+            [block_layout(t, d) for t, d in zip(kv.layers, kv.block_dims, strict=True)],
+            anchor=kv.layers[0],
+        )
+        self.stream = torch.cuda.Stream(device=kv.device)
+        self._probe(kv)
+
+    def _probe(self, kv: PagedKVCache) -> None:
+        """Copy one block both with torch (which also enables peer access)
+        and with the kernel; refuse the session unless the bytes agree."""
+        block = torch.tensor([0], dtype=torch.int64, device=kv.device)
+        expected = torch.cat(
+            [
+                _raw_bytes(t)[o : o + lay.segment_bytes]
+                for t, lay in zip(self.remote, self.copier.src_layouts, strict=True)
+                for o in lay.segment_offsets
+            ]
+        ).to(kv.device)
+        scratch = torch.zeros_like(expected)
+        probe = BlockCopier(
+            self.copier.src_layouts,
+            staging_layouts(
+                scratch.data_ptr(),
+                [(self.copier.num_segments, self.copier.segment_bytes)]
+                * len(self.remote),
+                1,
+            ),
+            anchor=kv.layers[0],
+        )
+        probe.copy(block, block, self.stream)
+        self.stream.synchronize()
+        if not torch.equal(scratch, expected):
+            raise TransportUnavailable("copy from the producer's GPU read wrong bytes")
+
+
+def _raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's memory as bytes, in physical order, from its first element."""
+    flat = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+    flat.set_(tensor.untyped_storage())
+    return flat[tensor.storage_offset() * tensor.element_size() :]
+
+
+class _Copying(Incoming):
+    def __init__(
+        self,
+        session: _Session,
+        kv: PagedKVCache,
+        remote_block_ids: list[int],
+        local_block_ids: list[int],
+    ) -> None:
+        stream = session.stream
+        # The destination blocks are fresh from vLLM's allocator: order the
+        # copy after whatever the engine enqueued before.
+        stream.wait_stream(torch.cuda.current_stream(kv.device))
+        with torch.cuda.device(kv.device), torch.cuda.stream(stream):
+            src = torch.tensor(remote_block_ids, dtype=torch.int64, device=kv.device)
+            dst = torch.tensor(local_block_ids, dtype=torch.int64, device=kv.device)
+            session.copier.copy(src, dst, stream)
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+
+    def poll(self) -> bool:
+        return self.done.query()
+
+
 class IpcTransport(KVTransport):
     name = "ipc"
 
     def __init__(self) -> None:
         self._exported: list[dict[str, Any]] | None = None
-        self._remote: dict[str, list[torch.Tensor]] = {}
-        # Per (producer device, our device, thread): gather, copy, scatter.
-        self._streams: dict[tuple[int, int, int], tuple[torch.cuda.Stream, ...]] = {}
-        self._lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
 
     # ---- producer ----
 
@@ -104,12 +180,15 @@ class IpcTransport(KVTransport):
         payload = {"device_uuid": device_uuid(kv.device), "layers": self._exported}
         return TransportWelcome(ok=True, payload=payload)
 
-    def send_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
-    ) -> None:
-        # The consumer copies by itself; the lease keeps the blocks until then.
+    def serve(
+        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+    ) -> Outgoing:
         sizes = layer_sizes(kv, len(block_ids))
-        send_message(conn, ReadReply(ok=True, layer_nbytes=sizes))
+        channel.send(ReadReply(ok=True, layer_nbytes=sizes, hold_seconds=HOLD_SECONDS))
+        return _Answered()
+
+    def hold_seconds(self) -> float:
+        return HOLD_SECONDS
 
     # ---- consumer ----
 
@@ -122,80 +201,21 @@ class IpcTransport(KVTransport):
             )
         try:
             layers = [import_tensor(e, index) for e in welcome.payload["layers"]]
-        except RuntimeError as exc:
+            self._sessions[session] = _Session(layers, kv)
+        except (RuntimeError, ValueError, ImportError) as exc:
             raise TransportUnavailable(f"mapping producer KV failed: {exc}") from exc
-        self._remote[session] = layers
         return session
 
-    def _streams_for(self, remote: torch.device, local: torch.device):
-        key = (remote.index or 0, local.index or 0, threading.get_ident())
-        with self._lock:
-            if key not in self._streams:
-                self._streams[key] = (
-                    torch.cuda.Stream(device=remote),
-                    torch.cuda.Stream(device=local),
-                    torch.cuda.Stream(device=local),
-                )
-            return self._streams[key]
-
-    def copy_in(
+    def receive(
         self,
-        conn: socket.socket,
         kv: PagedKVCache,
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
-        sizes: list[int],
-    ) -> None:
-        remote = self._remote[session]
-        num = len(local_block_ids)
-        gather_stream, copy_stream, scatter_stream = self._streams_for(
-            remote[0].device, kv.device
-        )
-        # Layers go in chunks through three stages on three streams, so the
-        # gather on the producer's GPU, the peer copy and the scatter on ours
-        # overlap; the peer copy is one large copy per chunk.
-        with torch.cuda.stream(gather_stream):
-            remote_index = torch.tensor(remote_block_ids, device=remote[0].device)
-            remote_flat = torch.empty(
-                sum(sizes), dtype=torch.uint8, device=remote[0].device
-            )
-        with torch.cuda.stream(scatter_stream):
-            local_index = kv.index(local_block_ids)
-            local_flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
-        remote_views = flat_views(kv, remote_flat, num)
-        local_views = flat_views(kv, local_flat, num)
-        for layers, (start, end) in chunks(sizes):
-            with torch.cuda.stream(gather_stream):
-                for i in layers:
-                    torch.index_select(
-                        remote[i], kv.block_dims[i], remote_index, out=remote_views[i]
-                    )
-                gathered = torch.cuda.Event()
-                gathered.record(gather_stream)
-            with torch.cuda.stream(copy_stream):
-                copy_stream.wait_event(gathered)
-                local_flat[start:end].copy_(remote_flat[start:end], non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(copy_stream)
-            with torch.cuda.stream(scatter_stream):
-                scatter_stream.wait_event(copied)
-                for i in layers:
-                    kv.scatter(i, local_index, local_views[i])
-        scatter_stream.synchronize()
+    ) -> Incoming:
+        return _Copying(self._sessions[session], kv, remote_block_ids, local_block_ids)
 
-
-# Layer groups a GPU-direct read is pipelined in (gather / move / scatter).
-PIPELINE_CHUNKS = int(os.environ.get("PDSERVE_PIPELINE_CHUNKS", "4"))
-
-
-def chunks(sizes: list[int], count: int = PIPELINE_CHUNKS):
-    """Layer groups of a pipelined transfer with their byte range in the
-    flat buffer: [(layers, (start, end)), ...]."""
-    per_chunk = -(-len(sizes) // count)
-    offset = 0
-    for first in range(0, len(sizes), per_chunk):
-        layers = range(first, min(first + per_chunk, len(sizes)))
-        size = sum(sizes[i] for i in layers)
-        yield layers, (offset, offset + size)
-        offset += size
+    def drop_sessions(self) -> None:
+        for session in self._sessions.values():
+            session.stream.synchronize()  # no copy may read an unmapped range
+        self._sessions.clear()

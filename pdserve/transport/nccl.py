@@ -2,55 +2,258 @@
 dedicated two-party process group per producer/consumer rank pair, set up
 through a TCPStore the producer rank hosts. Never touches the default group.
 
-A read is one send of all requested blocks, gathered into one buffer; one
-read per pair is in flight at a time, so sends and receives always match.
+A read moves in chunks through one fixed staging buffer on each side
+(allocated once per session, bounded): the producer gathers a chunk's blocks
+of every layer in one launch and sends it; the consumer receives it and
+scatters it in one launch, only after the receive has completed, so a failed
+transfer never writes into its blocks. Reads of a session follow one another
+(sends and receives always pair up). Nothing waits on the host: completion is
+polled every engine step, and a transfer past its deadline aborts the pair's
+communicator (never the process: the group is built without NCCL's
+process-killing error handling) and the session is dropped.
 """
 
 from __future__ import annotations
 
-import socket
+import os
 import threading
+import time
+from collections import deque
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import torch
 
+from pdserve.channel import Channel
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import (
-    RankInfo,
-    ReadReply,
-    TransportHello,
-    TransportWelcome,
-    send_message,
-)
+from pdserve.log import init_logger
+from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
 from pdserve.transport.base import (
+    Incoming,
     KVTransport,
+    Outgoing,
     TransportUnavailable,
-    flat_views,
     greet,
     layer_sizes,
     require_gpus,
 )
+from pdserve.transport.block_copy import BlockCopier, block_layout, staging_layouts
+
+logger = init_logger(__name__)
 
 PRODUCER, CONSUMER = 0, 1
-TIMEOUT = timedelta(seconds=30)
+STORE_TIMEOUT = timedelta(seconds=30)
+# Our own deadlines decide; NCCL's watchdog must never act first.
+GROUP_TIMEOUT = timedelta(hours=24)
+TRANSFER_SECONDS = float(os.environ.get("PDSERVE_NCCL_TRANSFER_SECONDS", "30"))
+STAGING_BYTES = int(os.environ.get("PDSERVE_NCCL_STAGING_BYTES", str(64 << 20)))
+MAX_SESSIONS = 64
+_env_lock = threading.Lock()
 
 
-def pair_group(store: Any, rank: int) -> Any:
+@contextmanager
+def _no_error_teardown():
+    """ProcessGroupNCCL reads its error handling mode when built: without
+    this, a timed-out or aborted pair transfer would kill the whole worker."""
+    with _env_lock:
+        saved = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"]
+            else:
+                os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = saved
+
+
+def pair_group(store: Any, rank: int, device: torch.device) -> Any:
     from torch.distributed import ProcessGroupNCCL
 
     options = ProcessGroupNCCL.Options()
-    options._timeout = TIMEOUT
-    return ProcessGroupNCCL(store, rank, 2, options)
+    options._timeout = GROUP_TIMEOUT
+    with _no_error_teardown():
+        group = ProcessGroupNCCL(store, rank, 2, options)
+    return group
+
+
+def abort_group(group: Any) -> None:
+    for name in ("abort", "_abort", "shutdown", "_shutdown"):
+        method = getattr(group, name, None)
+        if method is not None:
+            try:
+                method()
+            except Exception as exc:  # already broken: nothing more to do
+                logger.debug("NCCL pair group %s failed: %s", name, exc)
+            return
 
 
 class _Session:
-    def __init__(self, group: Any, store: Any, device: torch.device) -> None:
+    def __init__(self, group: Any, store: Any, kv: PagedKVCache) -> None:
         self.group = group
         self.store = store  # kept alive: the group rendezvoused through it
-        self.lock = threading.Lock()
-        self.stream = torch.cuda.Stream(device=device)
+        self.kv = kv
+        self.stream = torch.cuda.Stream(device=kv.device)
+        per_block = kv.bytes_per_block()
+        self.chunk_blocks = max(1, STAGING_BYTES // per_block)
+        self.staging = torch.empty(
+            self.chunk_blocks * per_block, dtype=torch.uint8, device=kv.device
+        )
+        self.local = [
+            block_layout(t, d) for t, d in zip(kv.layers, kv.block_dims, strict=True)
+        ]
+        self.broken = False
+        # One transfer at a time, in the order reads were answered: sends
+        # and receives of the pair always match.
+        self.queue: deque[_Chunked] = deque()
+
+    def staged(self, num: int) -> list:
+        shape = [(len(lay.segment_offsets), lay.segment_bytes) for lay in self.local]
+        return staging_layouts(self.staging.data_ptr(), shape, num)
+
+    def copier(self, to_staging: bool, num: int) -> BlockCopier:
+        staged = self.staged(num)
+        src, dst = (self.local, staged) if to_staging else (staged, self.local)
+        return BlockCopier(src, dst, anchor=self.kv.layers[0])
+
+    def staging_view(self, num: int) -> torch.Tensor:
+        return self.staging[: num * self.kv.bytes_per_block()]
+
+    def abort(self, reason: str) -> None:
+        if not self.broken:
+            logger.warning("pdserve: NCCL pair session aborted: %s", reason)
+            self.broken = True
+            abort_group(self.group)
+        self.queue.clear()
+
+
+def _ids(block_ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(block_ids, dtype=torch.int64, device=device)
+
+
+class _Chunked:
+    """A read in chunks of ``session.chunk_blocks`` blocks, one at a time."""
+
+    def __init__(self, session: _Session, block_ids: list[int]) -> None:
+        self.session = session
+        self.block_ids = block_ids  # this side's blocks
+        self.next = 0
+        self.work: Any = None
+        self.deadline = 0.0  # set when its turn comes
+        session.queue.append(self)
+
+    def _my_turn(self) -> bool:
+        if self.session.broken:
+            raise ConnectionError("NCCL pair session is broken")
+        if not self.session.queue or self.session.queue[0] is not self:
+            return False
+        if not self.deadline:
+            self.deadline = time.monotonic() + TRANSFER_SECONDS
+        return True
+
+    def _done(self) -> bool:
+        if self.next < len(self.block_ids):
+            return False
+        self.session.queue.popleft()
+        return True
+
+    def _chunk(self) -> list[int]:
+        return self.block_ids[self.next : self.next + self.session.chunk_blocks]
+
+    def _waiting(self) -> bool:
+        """Whether the current chunk's NCCL work is still running."""
+        if self.work is None:
+            return False
+        if self.session.broken:
+            raise ConnectionError("NCCL pair session is broken")
+        try:
+            done = self.work.is_completed()
+        except Exception as exc:
+            self.session.abort(str(exc))
+            raise ConnectionError(f"NCCL transfer failed: {exc}") from exc
+        if not done and time.monotonic() > self.deadline:
+            self.session.abort("transfer timed out")
+            raise TimeoutError("NCCL transfer timed out")
+        return not done
+
+
+class _Sending(_Chunked, Outgoing):
+    def advance(self) -> bool:
+        try:
+            if not self._my_turn():
+                return False
+            while not self._waiting():
+                if self.work is not None:
+                    self.work = None
+                    self.next += self.session.chunk_blocks
+                if self._done():
+                    return True
+                self._send_chunk()
+            return False
+        except (ConnectionError, TimeoutError):
+            return True  # aborted: nothing will read the blocks any more
+
+    def _send_chunk(self) -> None:
+        session = self.session
+        blocks = self._chunk()
+        device = session.kv.device
+        with torch.cuda.device(device), torch.cuda.stream(session.stream):
+            slots = _ids(range(len(blocks)), device)
+            copier = session.copier(True, len(blocks))
+            copier.copy(_ids(blocks, device), slots, session.stream)
+            view = session.staging_view(len(blocks))
+            self.work = session.group.send([view], CONSUMER, 0)
+
+    def abort(self) -> None:
+        self.session.abort("connection closed mid-transfer")
+
+
+class _Receiving(_Chunked, Incoming):
+    def __init__(self, session: _Session, block_ids: list[int]) -> None:
+        super().__init__(session, block_ids)
+        self.scattered: torch.cuda.Event | None = None
+
+    def poll(self) -> bool:
+        if not self._my_turn():
+            return False
+        if self.scattered is not None:
+            if not self.scattered.query():
+                return False
+            self.scattered = None
+            self.next += self.session.chunk_blocks
+        if self._waiting():
+            return False
+        if self.work is not None:
+            # Received completely: only now may it go into our blocks.
+            self._scatter()
+            self.work = None
+            return False
+        if self._done():
+            return True
+        self._receive_chunk()
+        return False
+
+    def _receive_chunk(self) -> None:
+        session = self.session
+        view = session.staging_view(len(self._chunk()))
+        with torch.cuda.device(session.kv.device), torch.cuda.stream(session.stream):
+            self.work = session.group.recv([view], PRODUCER, 0)
+
+    def _scatter(self) -> None:
+        session = self.session
+        blocks = self._chunk()
+        device = session.kv.device
+        with torch.cuda.device(device), torch.cuda.stream(session.stream):
+            self.work.wait()  # orders the stream after the receive
+            slots = _ids(range(len(blocks)), device)
+            copier = session.copier(False, len(blocks))
+            copier.copy(slots, _ids(blocks, device), session.stream)
+            self.scattered = torch.cuda.Event()
+            self.scattered.record(session.stream)
+
+    def abort(self) -> None:
+        self.session.abort("load abandoned")
 
 
 class NcclTransport(KVTransport):
@@ -67,32 +270,33 @@ class NcclTransport(KVTransport):
             return TransportWelcome(ok=False, error="producer KV is not on a GPU")
         from torch.distributed import TCPStore
 
+        while len(self._sessions) >= MAX_SESSIONS:
+            self.close_session(next(iter(self._sessions)))
         store = TCPStore(
-            self.host, 0, 2, is_master=True, timeout=TIMEOUT, wait_for_workers=False
+            self.host,
+            0,
+            2,
+            is_master=True,
+            timeout=STORE_TIMEOUT,
+            wait_for_workers=False,
         )
-        session = _Session(pair_group(store, PRODUCER), store, kv.device)
-        self._sessions[hello.session] = session
+        group = pair_group(store, PRODUCER, kv.device)
+        self._sessions[hello.session] = _Session(group, store, kv)
         return TransportWelcome(ok=True, payload={"store_port": store.port})
 
-    def send_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
-    ) -> None:
+    def serve(
+        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+    ) -> Outgoing:
         pair = self._sessions.get(session)
-        if pair is None:
-            send_message(conn, ReadReply(ok=False, error="unknown nccl session"))
-            return
-        sizes = layer_sizes(kv, len(block_ids))
-        with pair.lock, torch.cuda.stream(pair.stream):
-            send_message(conn, ReadReply(ok=True, layer_nbytes=sizes))
-            if not block_ids:
-                return
-            flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
-            index = kv.index(block_ids)
-            for layer, view in enumerate(flat_views(kv, flat, len(block_ids))):
-                torch.index_select(
-                    kv.layers[layer], kv.block_dims[layer], index, out=view
-                )
-            pair.group.send([flat], CONSUMER, 0).wait(TIMEOUT)
+        if pair is None or pair.broken:
+            raise RuntimeError("unknown or broken nccl session")
+        channel.send(ReadReply(ok=True, layer_nbytes=layer_sizes(kv, len(block_ids))))
+        return _Sending(pair, list(block_ids))
+
+    def close_session(self, session: str) -> None:
+        pair = self._sessions.pop(session, None)
+        if pair is not None:
+            pair.abort("session closed")
 
     # ---- consumer ----
 
@@ -108,32 +312,29 @@ class NcclTransport(KVTransport):
             welcome.payload["store_port"],
             2,
             is_master=False,
-            timeout=TIMEOUT,
+            timeout=STORE_TIMEOUT,
         )
         self._sessions[session] = _Session(
-            pair_group(store, CONSUMER), store, kv.device
+            pair_group(store, CONSUMER, kv.device), store, kv
         )
         return session
 
-    @contextmanager
-    def exclusive(self, session: str):
-        with self._sessions[session].lock:
-            yield
-
-    def copy_in(
+    def receive(
         self,
-        conn: socket.socket,
         kv: PagedKVCache,
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
-        sizes: list[int],
-    ) -> None:
+    ) -> Incoming:
         pair = self._sessions[session]
-        with torch.cuda.stream(pair.stream):
-            flat = torch.empty(sum(sizes), dtype=torch.uint8, device=kv.device)
-            index = kv.index(local_block_ids)
-            pair.group.recv([flat], PRODUCER, 0).wait(TIMEOUT)
-            for i, view in enumerate(flat_views(kv, flat, len(local_block_ids))):
-                kv.scatter(i, index, view)
-        pair.stream.synchronize()
+        if pair.broken:
+            raise ConnectionError("nccl session is broken")
+        return _Receiving(pair, list(local_block_ids))
+
+    def healthy(self, session: str) -> bool:
+        pair = self._sessions.get(session)
+        return pair is not None and not pair.broken
+
+    def drop_sessions(self) -> None:
+        for session in list(self._sessions):
+            self.close_session(session)

@@ -1,48 +1,109 @@
-"""KV blocks as raw bytes on the side-channel socket: works on any device."""
+"""KV blocks as raw bytes on the side-channel socket: works on any device.
+
+The producer gathers one layer at a time, only when the socket has taken most
+of the previous one, so a read costs at most about a layer of host memory;
+the consumer scatters each layer as soon as its bytes are in.
+"""
 
 from __future__ import annotations
 
-import socket
-
 import torch
 
+from pdserve.channel import Channel
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import ReadReply, recv_exact, send_message
-from pdserve.transport.base import KVTransport, layer_sizes
+from pdserve.protocol import ReadReply
+from pdserve.transport.base import Incoming, KVTransport, Outgoing, layer_sizes
+
+# Gather the next layer once fewer bytes than this wait in the socket queue.
+LOW_WATER_BYTES = 4 << 20
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
 
 
+class _Sending(Outgoing):
+    def __init__(self, channel: Channel, kv: PagedKVCache, block_ids: list[int]):
+        self.channel = channel
+        self.kv = kv
+        self.index = kv.index(block_ids)
+        self.next_layer = 0
+        channel.send(ReadReply(ok=True, layer_nbytes=layer_sizes(kv, len(block_ids))))
+        if not block_ids:
+            self.next_layer = len(kv.layers)
+
+    def advance(self) -> bool:
+        while (
+            self.next_layer < len(self.kv.layers)
+            and self.channel.pending_out < LOW_WATER_BYTES
+        ):
+            # Host staging is inherent to TCP; GPU transports avoid it.
+            blocks = self.kv.gather(self.next_layer, self.index).cpu()
+            self.channel.send_raw(_byte_view(blocks))
+            self.next_layer += 1
+        return self.next_layer == len(self.kv.layers)
+
+
+class _Receiving(Incoming):
+    def __init__(self, kv: PagedKVCache, local_block_ids: list[int]) -> None:
+        self.kv = kv
+        self.num = len(local_block_ids)
+        self.index = kv.index(local_block_ids)
+        self.layer = 0
+        self.filled = 0
+        self.buffer: torch.Tensor | None = None
+        self._scattered_on_device = False
+        if self.num == 0:
+            self.layer = len(kv.layers)
+
+    def _current(self) -> torch.Tensor:
+        if self.buffer is None:
+            shape = self.kv.gathered_shape(self.layer, self.num)
+            self.buffer = torch.empty(shape, dtype=self.kv.layers[self.layer].dtype)
+        return self.buffer
+
+    def raw_view(self) -> memoryview | None:
+        if self.layer == len(self.kv.layers):
+            return None
+        return _byte_view(self._current())[self.filled :]
+
+    def on_raw(self, nbytes: int) -> None:
+        self.filled += nbytes
+        buffer = self._current()
+        if self.filled < buffer.numel() * buffer.element_size():
+            return
+        device = self.kv.device
+        self.kv.scatter(self.layer, self.index, buffer.to(device, non_blocking=False))
+        self._scattered_on_device = device.type != "cpu"
+        self.layer += 1
+        self.filled = 0
+        self.buffer = None
+
+    def poll(self) -> bool:
+        if self.layer < len(self.kv.layers):
+            return False
+        if self._scattered_on_device:
+            # The scatter ran on this thread's current stream; the engine's
+            # next step may run on another, so the load is done only when
+            # the scatter is.
+            torch.cuda.current_stream(self.kv.device).synchronize()
+            self._scattered_on_device = False
+        return True
+
+
 class TcpTransport(KVTransport):
     name = "tcp"
 
-    def send_blocks(
-        self, conn: socket.socket, kv: PagedKVCache, block_ids: list[int], session: str
-    ) -> None:
-        sizes = layer_sizes(kv, len(block_ids))
-        send_message(conn, ReadReply(ok=True, layer_nbytes=sizes))
-        if not block_ids:
-            return
-        index = kv.index(block_ids)
-        for layer in range(len(kv.layers)):
-            # Host staging is inherent to TCP; GPU transports avoid it.
-            blocks = kv.gather(layer, index).cpu()
-            conn.sendall(_byte_view(blocks))
+    def serve(
+        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+    ) -> Outgoing:
+        return _Sending(channel, kv, block_ids)
 
-    def copy_in(
+    def receive(
         self,
-        conn: socket.socket,
         kv: PagedKVCache,
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
-        sizes: list[int],
-    ) -> None:
-        index = kv.index(local_block_ids)
-        for layer, tensor in enumerate(kv.layers):
-            shape = kv.gathered_shape(layer, len(local_block_ids))
-            buffer = torch.empty(shape, dtype=tensor.dtype)
-            recv_exact(conn, _byte_view(buffer))
-            kv.scatter(layer, index, buffer.to(tensor.device))
+    ) -> Incoming:
+        return _Receiving(kv, local_block_ids)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.local_cluster import ServerProcess, cpu_env
+from pdserve.local_cluster import ServerProcess, cpu_env, split_cores
 from pdserve.settings import KV_SECRET_ENV_VAR
 from pdserve.tiny_model import ensure_tiny_model
 
@@ -19,6 +19,20 @@ PRODUCER_MAX_LEN = 2048
 # The session's nodes authenticate their KV side channel: the producer gets
 # the secret from the environment, consumers from --kv-secret.
 KV_SECRET = "e2e-kv-secret-4f1c"
+# Each node on its own cores, as on separate machines: vLLM's CPU workers
+# spin between steps, and a producer spinning (it steps while it holds
+# leases) on the cores of a consumer's OpenMP team stalls that consumer's
+# steps for as long as the leases last. Baselines run on the consumer's
+# cores (never timed, and only while the consumer is idle).
+PRODUCER_CORES, CONSUMER_CORES = split_cores()
+
+
+def producer_env(**extra: str) -> dict[str, str]:
+    return cpu_env(cores=PRODUCER_CORES) | extra
+
+
+def consumer_env(**extra: str) -> dict[str, str]:
+    return cpu_env(cores=CONSUMER_CORES) | extra
 
 
 def engine_args(model: str, max_len: int) -> list[str]:
@@ -59,7 +73,7 @@ def cluster(tiny_model, log_dir):
         ["--model", tiny_model, "--kv-role", "producer"]
         + engine_args(tiny_model, PRODUCER_MAX_LEN),
         log_dir,
-        env=cpu_env() | {KV_SECRET_ENV_VAR: KV_SECRET},
+        env=producer_env(**{KV_SECRET_ENV_VAR: KV_SECRET}),
     )
     consumer = ServerProcess.pdserve(
         "consumer",
@@ -67,9 +81,13 @@ def cluster(tiny_model, log_dir):
         + ["--producer-url", producer.url]
         + engine_args(tiny_model, CONSUMER_MAX_LEN),
         log_dir,
+        env=consumer_env(),
     )
     baseline = ServerProcess.plain_vllm(
-        "baseline", [tiny_model, *engine_args(tiny_model, CONSUMER_MAX_LEN)], log_dir
+        "baseline",
+        [tiny_model, *engine_args(tiny_model, CONSUMER_MAX_LEN)],
+        log_dir,
+        env=consumer_env(),
     )
     servers = [producer, consumer, baseline]
     try:

@@ -94,3 +94,39 @@ def wait_idle(url: str, timeout: float = 20) -> tuple[float, float, float]:
         time.sleep(0.25)
         state = idle_state(url)
     return state
+
+
+def pd_counters(url: str) -> dict[str, float]:
+    """What proves PD happened on a consumer: requests prefilled remotely or
+    locally, pulls that completed or failed."""
+    return {
+        "remote": metric(url, "pdserve:remote_prefills_total"),
+        "local": metric(url, "pdserve:local_prefills_total"),
+        "loads": metric(url, "pdserve:kv_loads_total"),
+        "failures": metric(url, "pdserve:kv_load_failures_total"),
+    }
+
+
+class RemotePath:
+    """``with RemotePath(url, n) : ...`` asserts that the requests made in the
+    block were all prefilled remotely and pulled (``loads`` per request: the
+    TP size), none locally, none failed."""
+
+    def __init__(self, url: str, requests: int, loads_per_request: int = 1) -> None:
+        self.url = url
+        self.expected = {
+            "remote": requests,
+            "local": 0,
+            "loads": requests * loads_per_request,
+            "failures": 0,
+        }
+
+    def __enter__(self) -> RemotePath:
+        self.before = pd_counters(self.url)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            after = pd_counters(self.url)
+            moved = {k: v - self.before[k] for k, v in after.items()}
+            assert moved == self.expected, f"not all prefilled remotely: {moved}"

@@ -8,7 +8,7 @@ import json
 import requests
 
 from tests.e2e.conftest import random_prompt
-from tests.e2e.helpers import TIMEOUT, chat_text, metric, post, stream
+from tests.e2e.helpers import TIMEOUT, RemotePath, chat_text, post, stream
 
 PROMPT = "The weather today is sunny and the network"
 
@@ -29,29 +29,24 @@ def text_body(max_tokens: int = 10) -> dict:
 
 
 def test_chat_equals_baseline(cluster):
-    remote_before = metric(cluster.consumer.url, "pdserve:remote_prefills_total")
-    assert chat_text(cluster.consumer.url, chat_body()) == chat_text(
-        cluster.baseline.url, chat_body()
-    )
-    assert metric(cluster.consumer.url, "pdserve:remote_prefills_total") == (
-        remote_before + 1
-    )
+    expected = chat_text(cluster.baseline.url, chat_body())
+    with RemotePath(cluster.consumer.url, 1):
+        assert chat_text(cluster.consumer.url, chat_body()) == expected
 
 
 def test_streaming_chat_equals_baseline(cluster):
     expected = chat_text(cluster.baseline.url, chat_body(12))
-    assert stream(cluster.consumer.url, "/v1/chat/completions", chat_body(12)) == (
-        expected
-    )
+    with RemotePath(cluster.consumer.url, 1):
+        got = stream(cluster.consumer.url, "/v1/chat/completions", chat_body(12))
+    assert got == expected
 
 
 def test_streaming_completion_equals_baseline(cluster):
     body = text_body(12)
     expected = post(cluster.baseline.url, "/v1/completions", body).json()
-    assert (
-        stream(cluster.consumer.url, "/v1/completions", body)
-        == (expected["choices"][0]["text"])
-    )
+    with RemotePath(cluster.consumer.url, 1):
+        got = stream(cluster.consumer.url, "/v1/completions", body)
+    assert got == expected["choices"][0]["text"]
 
 
 def test_models_health_metrics(cluster):
@@ -69,26 +64,48 @@ def baseline_text(cluster, max_tokens: int = 10) -> str:
 
 
 def test_legacy_generate(cluster):
-    response = post(
-        cluster.consumer.url,
-        "/generate",
-        {"prompt": PROMPT, "max_tokens": 10, "temperature": 0},
-    )
+    expected = {"text": [PROMPT + baseline_text(cluster)]}
+    with RemotePath(cluster.consumer.url, 1):
+        response = post(
+            cluster.consumer.url,
+            "/generate",
+            {"prompt": PROMPT, "max_tokens": 10, "temperature": 0},
+        )
     assert response.status_code == 200
-    assert response.json() == {"text": [PROMPT + baseline_text(cluster)]}
+    assert response.json() == expected
+
+
+def test_legacy_curl_without_json_content_type(cluster):
+    """`curl -d '{"prompt": ...}' .../generate` sends a form content type;
+    vLLM's retired api_server answered it, and so does the consumer."""
+    expected = {"text": [PROMPT + baseline_text(cluster)]}
+    data = json.dumps({"prompt": PROMPT, "max_tokens": 10, "temperature": 0})
+    with RemotePath(cluster.consumer.url, 1):
+        response = requests.post(
+            cluster.consumer.url + "/generate",
+            data=data.encode(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            timeout=TIMEOUT,
+        )
+    assert response.status_code == 200, response.text
+    assert response.json() == expected
 
 
 def test_legacy_generate_streaming(cluster):
-    with requests.post(
-        cluster.consumer.url + "/generate",
-        json={"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stream": True},
-        stream=True,
-        timeout=TIMEOUT,
-    ) as response:
+    expected = PROMPT + baseline_text(cluster)
+    with (
+        RemotePath(cluster.consumer.url, 1),
+        requests.post(
+            cluster.consumer.url + "/generate",
+            json={"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stream": True},
+            stream=True,
+            timeout=TIMEOUT,
+        ) as response,
+    ):
         assert response.status_code == 200
         lines = [json.loads(line) for line in response.iter_lines() if line]
     texts = [line["text"][0] for line in lines]
-    assert texts[-1] == PROMPT + baseline_text(cluster)
+    assert texts[-1] == expected
     assert all(text.startswith(PROMPT) for text in texts)
     assert len(texts) >= 2  # it streamed, not one final answer
     assert [len(t) for t in texts] == sorted(len(t) for t in texts)

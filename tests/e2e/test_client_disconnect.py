@@ -10,6 +10,7 @@ import threading
 import time
 from urllib.parse import urlparse
 
+import psutil
 import requests
 
 from benchmarks.load_with_aborts import completion_body
@@ -97,28 +98,20 @@ def test_leave_mid_stream(cluster):
 
 
 def test_leave_while_the_producer_prefills(cluster):
-    """The producer is saturated, so the lease comes long after the client
-    left: the consumer releases it on arrival and never starts the request."""
+    """The producer's engine is paused, so the lease comes only after the
+    client left: the consumer hands it to its engine to release on arrival
+    and never starts the request."""
     before = expired(cluster)
     released = released_by_frontend(cluster.consumer.url)
     consumer_prompts = metric(cluster.consumer.url, "vllm:prompt_tokens_total")
-    busy = [
-        threading.Thread(
-            target=requests.post,
-            args=(cluster.producer.url + "/v1/completions",),
-            kwargs={"json": dict(stream_body([5 + i] * 8, 300), stream=False)},
-        )
-        for i in range(32)  # the producer's --max-num-seqs
-    ]
-    for thread in busy:
-        thread.start()
-    deadline = time.monotonic() + 60
-    while metric(cluster.producer.url, "vllm:num_requests_running") < 32:
-        assert time.monotonic() < deadline, "producer never got busy"
-        time.sleep(0.1)
-    send_and_leave(cluster.consumer.url, stream_body(random_prompt(64, 7100)), 0.5)
-    for thread in busy:
-        thread.join(TIMEOUT)
+    engine = psutil.Process(cluster.producer.process.pid).children(recursive=True)
+    for process in engine:
+        process.suspend()
+    try:
+        send_and_leave(cluster.consumer.url, stream_body(random_prompt(64, 7100)), 0.5)
+    finally:
+        for process in engine:
+            process.resume()
     deadline = time.monotonic() + FREED_WITHIN_SECONDS
     while released_by_frontend(cluster.consumer.url) == released:
         assert time.monotonic() < deadline, "lease not released by the consumer"

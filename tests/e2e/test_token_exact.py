@@ -8,7 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.e2e.conftest import BLOCK_SIZE, CONSUMER_MAX_LEN, random_prompt
-from tests.e2e.helpers import completion_tokens, greedy, metric, post, stream
+from tests.e2e.helpers import (
+    RemotePath,
+    completion_tokens,
+    greedy,
+    metric,
+    post,
+    stream,
+)
 
 MAX_TOKENS = 8
 LENGTHS = [
@@ -35,7 +42,8 @@ def test_greedy_tokens_equal_baseline(cluster, length):
     bytes_before = metric(consumer, "pdserve:kv_bytes_received_total")
 
     expected = completion_tokens(cluster.baseline.url, body)
-    got = completion_tokens(consumer, body)
+    with RemotePath(consumer, 1):
+        got = completion_tokens(consumer, body)
 
     assert got == expected
     assert len(got) == MAX_TOKENS
@@ -71,13 +79,12 @@ def test_shared_prefix_moves_only_new_blocks(cluster):
     first = greedy(prefix + random_prompt(5, seed=1002), MAX_TOKENS)
     second = greedy(prefix + random_prompt(BLOCK_SIZE + 7, seed=1003), MAX_TOKENS)
     consumer = cluster.consumer.url
-    assert completion_tokens(consumer, first) == completion_tokens(
-        cluster.baseline.url, first
-    )
+    expected = [completion_tokens(cluster.baseline.url, b) for b in (first, second)]
+    with RemotePath(consumer, 1):
+        assert completion_tokens(consumer, first) == expected[0]
     blocks_before = metric(consumer, "pdserve:kv_blocks_received_total")
-    assert completion_tokens(consumer, second) == completion_tokens(
-        cluster.baseline.url, second
-    )
+    with RemotePath(consumer, 1):
+        assert completion_tokens(consumer, second) == expected[1]
     moved = metric(consumer, "pdserve:kv_blocks_received_total") - blocks_before
     total_blocks = -(-len(second["prompt"]) // BLOCK_SIZE)
     assert moved == total_blocks - 4
@@ -108,7 +115,7 @@ def answer_text(url: str, path: str, body: dict, stream_it: bool) -> str:
 
 def test_sixteen_concurrent_mixed_requests(cluster):
     requests_ = [mixed_request(i) for i in range(16)]
-    with ThreadPoolExecutor(16) as pool:
+    with RemotePath(cluster.consumer.url, 16), ThreadPoolExecutor(16) as pool:
         got = list(pool.map(lambda r: answer_text(cluster.consumer.url, *r), requests_))
     expected = [
         answer_text(cluster.baseline.url, path, body, False)

@@ -12,6 +12,7 @@ from pdserve.entrypoints.cli_args import (
     CONNECTOR_CLASS,
     CONNECTOR_MODULE,
     MIDDLEWARE,
+    _api_keys,
     make_settings,
     parse,
     vllm_serve_args,
@@ -216,7 +217,6 @@ def test_settings_round_trip_through_kv_transfer_config():
     assert decoded.connect_timeout == 11.0
     assert decoded.producer_url == "http://p:8100"
     assert decoded.producer_kv_host == "p"
-    assert decoded.api_keys == ["secret"]
     assert decoded.kv_ports == []
 
 
@@ -283,18 +283,36 @@ def test_dtype_defaults_to_auto():
         ([], []),
         (["--api-key", "k1"], ["k1"]),
         (["--api-key=k1"], ["k1"]),
-        (["--api-key", "k1", "--seed", "0", "--api-key=k2"], ["k1", "k2"]),
+        (["--api_key=k1"], ["k1"]),
+        (["--api-key", "k1", "k2", "--seed", "0"], ["k1", "k2"]),
+        # As vLLM's parser: a repeated flag replaces the earlier values.
+        (["--api-key", "k1", "--seed", "0", "--api-key=k2"], ["k2"]),
         (["--api-key"], []),
     ],
 )
-def test_api_keys_collected_from_rest(extra, keys):
-    args, rest = parse([*PRODUCER, *extra])
-    assert make_settings(args, rest).api_keys == keys
+def test_api_keys_as_vllm_reads_them(monkeypatch, extra, keys):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    _, rest = parse([*PRODUCER, *extra])
+    assert _api_keys(rest) == keys
 
 
-def test_api_key_with_several_values():
-    args, rest = parse([*PRODUCER, "--api-key", "k1", "k2"])
-    assert make_settings(args, rest).api_keys == ["k1", "k2"]
+def test_api_key_flag_wins_over_env(monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "env-key")
+    assert _api_keys(parse(PRODUCER)[1]) == ["env-key"]
+    assert _api_keys(parse([*PRODUCER, "--api-key", "k1"])[1]) == ["k1"]
+
+
+@pytest.mark.parametrize("argv", [PRODUCER, CONSUMER])
+def test_api_key_stays_out_of_settings_and_kv_config(monkeypatch, argv):
+    monkeypatch.setenv("VLLM_API_KEY", "env-key-7f3a")
+    settings, serve = launch([*argv, "--api-key", "flag-key-91c2"])
+    for text in (settings.to_json(), json.dumps(kv_transfer_config(serve))):
+        assert "flag-key-91c2" not in text and "env-key-7f3a" not in text
+    assert "api_key" not in settings.to_json()
+    # vLLM gets the key only as the user's own flag, once.
+    assert serve.count("flag-key-91c2") == 1
+    assert serve[serve.index("flag-key-91c2") - 1] == "--api-key"
+    assert not [a for a in serve if "env-key-7f3a" in a]
 
 
 def test_underscore_spelling_of_tensor_parallel_size():

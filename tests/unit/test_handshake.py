@@ -182,6 +182,7 @@ def producer_metadata(**overrides) -> dict:
         dtype="bfloat16",
         tensor_parallel_size=2,
         kv_ports=[9000, 9001],
+        instance_id="0123456789abcdef",
     )
     # Through JSON, as the consumer receives it.
     metadata = json.loads(json.dumps(node_metadata(settings)))

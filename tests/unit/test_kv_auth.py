@@ -7,19 +7,23 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 
 import pytest
-import torch
 
-from pdserve.connector.kv_client import ProducerRankClient
-from pdserve.connector.kv_server import NONCE_BYTES, KVServer
+from pdserve.connector.kv_client import BlockingClient
+from pdserve.connector.kv_server import (
+    AUTH_SECONDS,
+    NONCE_BYTES,
+    KVServer,
+)
 from pdserve.connector.leases import LeaseTable
 from pdserve.entrypoints.api_server import export_kv_secret
 from pdserve.entrypoints.cli_args import parse
 from pdserve.entrypoints.middleware import node_metadata
 from pdserve.handshake import KVAuthError, check_kv_auth, wait_for_rank_info
-from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import (
+    MAX_UNAUTHENTICATED_FRAME_BYTES,
     Ack,
     AuthProof,
     GetRankInfo,
@@ -30,63 +34,70 @@ from pdserve.protocol import (
     send_message,
 )
 from pdserve.settings import KV_SECRET_ENV_VAR, Settings, kv_secret
-from pdserve.transport import get_transport
-from tests.unit.kv_server_helpers import start_tcp_server
+from tests.unit.side_channel import (
+    blocks_equal,
+    empty_like,
+    link_to,
+    load_of,
+    make_lease,
+    paged_kv,
+    pump,
+    start_server,
+)
 
 SECRET = b"correct horse battery staple"
-NUM_BLOCKS = 8
 
 
-def paged_kv(seed: int | None) -> PagedKVCache:
-    shape = (2, NUM_BLOCKS, 16, 2, 8)
-    if seed is None:
-        tensor = torch.zeros(shape)
-    else:
-        tensor = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    return PagedKVCache({"layer": tensor}, NUM_BLOCKS)
-
-
-def start_server(secret: bytes | None) -> KVServer:
+def serve(secret: bytes | None) -> KVServer:
     leases = LeaseTable(30)
-    leases.grant("req", [1, 2], "token")
-    return start_tcp_server(paged_kv(seed=0), leases, secret)
+    server = start_server(paged_kv(), leases, secret)
+    lease = make_lease("req", [1, 2], server.port)
+    leases.grant("req", lease.block_ids, lease.prompt_hash)
+    return server
 
 
 @pytest.fixture
 def server():
-    kv_server = start_server(SECRET)
+    kv_server = serve(SECRET)
     yield kv_server
     kv_server.close()
 
 
 @pytest.fixture
 def open_server():
-    kv_server = start_server(None)
+    kv_server = serve(None)
     yield kv_server
     kv_server.close()
 
 
-def client(port: int, secret: bytes | None) -> ProducerRankClient:
-    return ProducerRankClient("127.0.0.1", port, timeout=5, secret=secret)
+def client(port: int, secret: bytes | None) -> BlockingClient:
+    return BlockingClient("127.0.0.1", port, timeout=5, secret=secret)
 
 
 def serves_right_secret(port: int) -> bool:
-    rank = client(port, SECRET)
-    try:
-        return rank.rank_info().model == "m"
-    finally:
-        rank.close()
+    return client(port, SECRET).rank_info().model == "m"
 
 
 def test_right_secret_reads_and_releases(server):
-    rank = client(server.port, SECRET)
-    mine = paged_kv(seed=None)
-    nbytes = rank.read(get_transport("tcp"), mine, "req", "token", [1, 2], [5, 6])
-    assert nbytes == 2 * server.kv.bytes_per_block()
-    theirs = server.kv.gather(0, server.kv.index([1, 2]))
-    assert torch.equal(mine.gather(0, mine.index([5, 6])), theirs)
-    assert rank.release("req", "token") is True
-    rank.close()
+    mine = empty_like(server.kv)
+    link = link_to(server, mine, secret=SECRET)
+    lease = make_lease("req", [1, 2], server.port)
+    link.submit(load_of(lease, [5, 6]))
+    (load,) = pump(link, server, lambda f: len(f) == 1)
+    assert load.error is None
+    assert load.nbytes == 2 * server.kv.bytes_per_block()
+    assert blocks_equal(server.kv, [1, 2], mine, [5, 6])
+    pump(link, server, lambda _: server.leases.take_released() == 1)
+    link.close()
+
+
+def test_link_with_wrong_secret_fails_its_loads(server):
+    link = link_to(server, empty_like(server.kv), connect=False, secret=b"wrong")
+    link.submit(load_of(make_lease("req", [1, 2], server.port), [5, 6]))
+    (load,) = pump(link, server, lambda f: len(f) == 1)
+    assert "KV secret rejected" in load.error
+    assert serves_right_secret(server.port)
+    link.close()
 
 
 def test_client_without_secret_refused(server):
@@ -146,6 +157,40 @@ def test_replayed_proof_refused(server):
         send_message(conn, recorded)
         assert recv_message(conn) == Ack(ok=False, error="KV secret rejected")
         assert closed(conn)
+
+
+def test_unauthenticated_peer_may_send_only_tiny_frames(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+        hello(conn)
+        length = MAX_UNAUTHENTICATED_FRAME_BYTES + 1
+        conn.sendall(length.to_bytes(4, "big") + b"y" * 100)  # over the cap
+        assert closed(conn)
+    assert serves_right_secret(server.port)
+
+
+def test_authentication_has_one_deadline(server, monkeypatch):
+    """A peer that trickles bytes never finishes proving: the connection is
+    closed once its one deadline passes, however active it is."""
+    import pdserve.connector.kv_server as kv_server
+
+    monkeypatch.setattr(kv_server, "AUTH_SECONDS", 0.5)
+    restarted = serve(SECRET)
+    try:
+        with socket.create_connection(("127.0.0.1", restarted.port), timeout=5) as c:
+            hello(c)
+            started = time.monotonic()
+            gone = False
+            while time.monotonic() - started < 5 and not gone:
+                try:
+                    c.sendall(b"\x00")  # part of a length prefix, never a frame
+                    time.sleep(0.1)
+                except OSError:
+                    gone = True
+            assert gone or closed(c)
+            assert time.monotonic() - started < 3
+    finally:
+        restarted.close()
+    assert AUTH_SECONDS >= 1  # the module default stays sane
 
 
 def test_refusal_logged_without_the_secret(server, caplog):

@@ -5,17 +5,33 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdserve.connector.kv_client import ProducerRankClient
+from pdserve.connector.kv_client import BlockingClient
+from pdserve.connector.kv_server import MAX_CONNECTIONS
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import MAX_FRAME_BYTES, ServerHello, recv_message
-from tests.unit.kv_server_helpers import start_tcp_server
+from pdserve.protocol import (
+    MAX_FRAME_BYTES,
+    MAX_READ_BLOCKS,
+    Ack,
+    AuthProof,
+    GetRankInfo,
+    ReadBlocks,
+    ReadReply,
+    Release,
+    ServerHello,
+    TransportHello,
+    auth_mac,
+    recv_message,
+    send_message,
+)
+from tests.unit.side_channel import make_lease, start_server
 
 SECRET = b"fuzz-secret"
 
@@ -34,9 +50,10 @@ def server():
 
 def serve(secret: bytes | None):
     kv = PagedKVCache({"layer": torch.zeros(2, 8, 16, 2, 8)}, 8)
-    leases = LeaseTable(30)
-    leases.grant("req", [1, 2], "token")
-    kv_server = start_tcp_server(kv, leases, secret)
+    leases = LeaseTable(3600)  # outlives the module: only a bug ends it
+    kv_server = start_server(kv, leases, secret)
+    lease = make_lease("req", [1, 2], kv_server.port)
+    leases.grant("req", lease.block_ids, lease.prompt_hash)
     yield kv_server
     kv_server.close()
 
@@ -55,11 +72,8 @@ def send_raw(port: int, data: bytes) -> bytes:
 
 
 def still_serves(port: int, secret: bytes | None = None) -> bool:
-    client = ProducerRankClient("127.0.0.1", port, timeout=5, secret=secret)
-    try:
-        return client.rank_info().model == "m" and client.release("x", "y") is False
-    finally:
-        client.close()
+    client = BlockingClient("127.0.0.1", port, timeout=5, secret=secret)
+    return client.rank_info().model == "m"
 
 
 @settings(
@@ -93,3 +107,97 @@ def test_wrong_message_type_closes_connection(server):
 
     assert send_raw(server.port, encode_frame(Ack(ok=True))) == b""
     assert still_serves(server.port)
+
+
+def authenticated(port: int, secret: bytes | None) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+    greeting = recv_message(conn)
+    assert isinstance(greeting, ServerHello)
+    if secret is not None:
+        send_message(conn, AuthProof(auth_mac(secret, greeting.nonce)))
+        assert recv_message(conn) == Ack(ok=True)
+    return conn
+
+
+texts = st.text(max_size=40)  # non-ASCII included
+block_lists = st.one_of(
+    st.lists(st.integers(0, 10), max_size=20),  # duplicates, real blocks
+    st.lists(st.integers(0, (1 << 40) - 1), max_size=50),
+    st.just([1, 2] * 1000),
+)
+messages = st.one_of(
+    st.builds(ReadBlocks, texts, texts, texts, block_lists, texts, texts),
+    st.builds(Release, texts, texts, texts),
+    st.builds(ReadBlocks, st.just("req"), texts, texts, block_lists),
+    st.builds(TransportHello, texts, texts),
+    st.just(GetRankInfo()),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(messages, min_size=1, max_size=8))
+def test_authenticated_garbage_leaves_leases_and_server_intact(any_server, sent):
+    """A peer that proved the secret but sends forged reads, releases and
+    hellos (non-ASCII, duplicate, huge block lists) gets refusals or nothing:
+    the real lease stays, the server keeps serving."""
+    kv_server, secret = any_server
+    with authenticated(kv_server.port, secret) as conn:
+        for message in sent:
+            try:
+                send_message(conn, message)
+            except OSError:
+                break
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(5)
+        try:
+            while conn.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+    assert still_serves(kv_server.port, secret)
+    assert len(kv_server.leases) == 1
+
+
+def test_huge_read_of_a_real_lease_refused():
+    for kv_server in serve(None):
+        with authenticated(kv_server.port, None) as conn:
+            lease = make_lease("req", [1, 2], kv_server.port)
+            read = ReadBlocks(
+                "req", lease.token, lease.prompt_hash, list(range(MAX_READ_BLOCKS))
+            )
+            send_message(conn, read)
+            reply = recv_message(conn)
+        assert isinstance(reply, ReadReply) and not reply.ok
+        assert "more blocks than the lease" in reply.error
+
+
+def test_connection_flood_is_capped_and_recovers(server):
+    flood = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 20):
+            flood.append(socket.create_connection(("127.0.0.1", server.port), 5))
+        # Connections beyond the cap are closed at once, without a greeting.
+        refused = 0
+        for conn in flood[-10:]:
+            conn.settimeout(5)
+            try:
+                if conn.recv(64) == b"":
+                    refused += 1
+            except OSError:
+                refused += 1
+        assert refused == 10
+    finally:
+        for conn in flood:
+            conn.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if still_serves(server.port):
+                return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail("server did not recover after the flood")

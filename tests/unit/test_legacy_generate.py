@@ -15,6 +15,8 @@ from pdserve.entrypoints.legacy_generate import (
     StreamingReply,
     to_completion_request,
 )
+from pdserve.entrypoints.middleware import PDServeMiddleware
+from tests.unit.http_fakes import CONSUMER, PRODUCER, FakeVLLM, call, run, use_node
 
 PROMPT = "Once upon"
 
@@ -233,7 +235,77 @@ def test_to_completion_request_needs_string_prompt(payload):
         to_completion_request(payload)
 
 
+@pytest.mark.parametrize("payload", [[["prompt", "hi"]], "hi", None, 3])
+def test_to_completion_request_needs_an_object(payload):
+    with pytest.raises(ValueError, match="JSON object"):
+        to_completion_request(payload)
+
+
 @pytest.mark.parametrize("reply_cls", [BufferedReply, StreamingReply])
 def test_non_json_error_body_passes_through(reply_cls):
     recorder = drive(reply_cls, 500, [b"Internal Server Error"])
     assert recorder.start["status"] == 500
+
+
+# --- through the middleware --------------------------------------------------
+
+FORM = [(b"content-type", b"application/x-www-form-urlencoded")]
+
+
+@pytest.fixture(params=["producer", "consumer"])
+def node(request, monkeypatch):
+    use_node(monkeypatch, PRODUCER if request.param == "producer" else CONSUMER)
+    app = FakeVLLM(answer=json.loads(completion({0: " there"})))
+    return PDServeMiddleware(app), app
+
+
+@pytest.mark.parametrize("headers", [FORM, [], [(b"content-type", b"text/plain")]])
+def test_curl_style_generate_reaches_vllm_as_json(node, headers):
+    # curl -d '{"prompt": "hi", "max_tokens": 5}' http://host/generate
+    mw, app = node
+    body = b'{"prompt": "hi", "max_tokens": 5, "n": 2}'
+    answer = run(call(mw, "POST", "/generate", body, headers))
+    assert answer.status == 200
+    assert answer.json() == {"text": ["hi there"]}
+    [seen] = app.seen
+    assert seen.path == "/v1/completions"
+    assert seen.headers[b"content-type"] == b"application/json"
+    assert seen.count(b"content-type") == seen.count(b"content-length") == 1
+    assert seen.json() == {"prompt": "hi", "max_tokens": 5, "n": 2, "stream": False}
+
+
+@pytest.mark.parametrize(
+    "body", [b"prompt=hi", b"[]", b'["prompt", "hi"]', b'[["prompt", "hi"]]']
+)
+def test_generate_needs_a_json_object(node, body):
+    mw, app = node
+    answer = run(call(mw, "POST", "/generate", body, FORM))
+    assert answer.status == 400
+    assert app.seen == []
+
+
+def test_consumer_generate_drops_client_kv_params(monkeypatch):
+    use_node(monkeypatch, CONSUMER)
+    app = FakeVLLM(answer=json.loads(completion({0: "!"})))
+    body = {"prompt": "hi", "n": 2, "kv_transfer_params": {"do_remote_prefill": True}}
+    run(call(PDServeMiddleware(app), "POST", "/generate", json.dumps(body).encode()))
+    assert "kv_transfer_params" not in app.seen[0].json()
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+def test_only_post_is_the_legacy_api(monkeypatch, method):
+    use_node(monkeypatch, CONSUMER)
+    app = FakeVLLM(status=405)
+    body = b'{"prompt": "hi"}'
+    answer = run(call(PDServeMiddleware(app), method, "/generate", body))
+    assert answer.status == 405
+    assert (app.seen[0].path, app.seen[0].body) == ("/generate", body)
+
+
+def test_generate_under_a_root_path(node):
+    # vllm serve --root-path /api: routes match below it, and so does ours.
+    mw, app = node
+    body = b'{"prompt": "hi", "n": 2}'
+    answer = run(call(mw, "POST", "/api/generate", body, FORM, root_path="/api"))
+    assert answer.status == 200
+    assert app.seen[0].path == "/api/v1/completions"

@@ -1,6 +1,6 @@
-"""The consumer's HTTP layer releases a lease nobody will read as soon as it
-knows: the client left while the producer prefilled (the request never
-starts), or left before any of the answer reached it."""
+"""The consumer's HTTP layer hands a lease nobody will read to its engine to
+release as soon as it knows: the client left while the producer prefilled
+(the request never starts), or left before any of the answer reached it."""
 
 from __future__ import annotations
 
@@ -9,28 +9,47 @@ import json
 
 import pytest
 
+from pdserve import metrics
 from pdserve.entrypoints.middleware import PDServeMiddleware
-from pdserve.settings import ENV_VAR, Settings
+from tests.unit.http_fakes import CONSUMER, FakeEngine, app_state, make_lease, use_node
 
-LEASE = {"do_remote_prefill": True, "remote_request_id": "r1", "lease_token": "t"}
 BODY = json.dumps({"prompt": "Hello", "max_tokens": 4, "stream": True}).encode()
 
 
 class FakePrefill:
-    """The producer: answers with LEASE once ``answer`` is set."""
+    """The producer: answers with a signed lease once ``answer`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes) -> None:
         self.answer = asyncio.Event()
         self.asked = asyncio.Event()
-        self.released: list[tuple[str, str]] = []
+        self.lease = make_lease().signed(key)
+        self.engine = FakeEngine()
+        self._counts = {reason: count(reason) for reason in REASONS}
 
     async def request_lease(self, path, payload, headers):
         self.asked.set()
         await self.answer.wait()
-        return dict(LEASE)
+        return self.lease
 
-    async def release(self, params, reason: str) -> None:
-        self.released.append((params["remote_request_id"], reason))
+    @property
+    def released(self) -> list[tuple[str, str]]:
+        """(producer request id, reason) of each lease handed to the engine."""
+        leases = self.engine.leases()
+        assert all(lease == self.lease for lease in leases)
+        reasons = [
+            reason
+            for reason in REASONS
+            for _ in range(int(count(reason) - self._counts[reason]))
+        ]
+        assert len(reasons) == len(leases)
+        return [(lease.request_id, r) for lease, r in zip(leases, reasons, strict=True)]
+
+
+REASONS = ("client_disconnected", "rejected")
+
+
+def count(reason: str) -> float:
+    return metrics.LEASES_RELEASED.labels(reason=reason)._value.get()
 
 
 class Client:
@@ -67,30 +86,25 @@ class FakeVLLM:
 
 @pytest.fixture
 def middleware(monkeypatch):
-    settings = Settings(
-        role="consumer",
-        model="m",
-        producer_url="http://producer:1",
-        producer_kv_host="producer",
-    )
-    monkeypatch.setenv(ENV_VAR, settings.to_json())
+    key = use_node(monkeypatch, CONSUMER)
 
     def build(script) -> tuple[PDServeMiddleware, FakeVLLM, FakePrefill]:
         app = FakeVLLM(script)
         mw = PDServeMiddleware(app)
-        mw.prefill = FakePrefill()
+        mw.prefill = FakePrefill(key)
         return mw, app, mw.prefill
 
     return build
 
 
-def scope() -> dict:
+def scope(prefill: FakePrefill) -> dict:
     return {
         "type": "http",
         "method": "POST",
         "path": "/v1/completions",
         "raw_path": b"/v1/completions",
         "headers": [(b"content-type", b"application/json")],
+        "app": app_state(engine=prefill.engine),
     }
 
 
@@ -123,7 +137,7 @@ def test_client_gone_during_prefill_releases_and_skips_vllm(middleware):
     async def scenario():
         mw, app, prefill = middleware(streaming([b"data: x\n\n"], False))
         client = Client()
-        task = asyncio.create_task(mw(scope(), client.receive, client.send))
+        task = asyncio.create_task(mw(scope(prefill), client.receive, client.send))
         await prefill.asked.wait()
         client.gone.set()
         await asyncio.sleep(0.05)  # the disconnect arrives before the answer
@@ -132,7 +146,7 @@ def test_client_gone_during_prefill_releases_and_skips_vllm(middleware):
         return app, prefill, client
 
     app, prefill, client = run(scenario())
-    assert prefill.released == [("r1", "client_disconnected")]
+    assert prefill.released == [("cmpl-r1-0", "client_disconnected")]
     assert app.bodies == []
     assert client.received == []
 
@@ -142,13 +156,13 @@ def test_client_staying_gets_the_lease_forwarded(middleware):
         mw, app, prefill = middleware(streaming([b"data: x\n\n"], False))
         client = Client()
         prefill.answer.set()
-        await mw(scope(), client.receive, client.send)
+        await mw(scope(prefill), client.receive, client.send)
         client.gone.set()
         return app, prefill, client
 
     app, prefill, client = run(scenario())
     assert prefill.released == []
-    assert app.bodies[0]["kv_transfer_params"] == LEASE
+    assert app.bodies[0]["kv_transfer_params"] == prefill.lease.to_params()
     assert [m.get("body") for m in client.received[1:]] == [b"data: x\n\n", b""]
 
 
@@ -159,7 +173,7 @@ def test_client_gone_before_any_answer_releases(middleware):
         mw, app, prefill = middleware(streaming([], wait_for_client=True))
         client = Client()
         prefill.answer.set()
-        task = asyncio.create_task(mw(scope(), client.receive, client.send))
+        task = asyncio.create_task(mw(scope(prefill), client.receive, client.send))
         await asyncio.sleep(0.05)
         client.gone.set()
         await task
@@ -167,7 +181,7 @@ def test_client_gone_before_any_answer_releases(middleware):
 
     app, prefill = run(scenario())
     assert len(app.bodies) == 1
-    assert prefill.released == [("r1", "client_disconnected")]
+    assert prefill.released == [("cmpl-r1-0", "client_disconnected")]
 
 
 def test_client_gone_after_tokens_leaves_release_to_the_engine(middleware):
@@ -176,7 +190,7 @@ def test_client_gone_after_tokens_leaves_release_to_the_engine(middleware):
         mw, app, prefill = middleware(streaming([b"data: x\n\n"], True))
         client = Client()
         prefill.answer.set()
-        task = asyncio.create_task(mw(scope(), client.receive, client.send))
+        task = asyncio.create_task(mw(scope(prefill), client.receive, client.send))
         await asyncio.sleep(0.05)
         client.gone.set()
         await task
@@ -200,7 +214,7 @@ def test_disconnect_after_a_complete_answer_releases_nothing(middleware):
             if message["type"] == "http.response.body" and not message["more_body"]:
                 client.gone.set()
 
-        await mw(scope(), client.receive, send_then_leave)
+        await mw(scope(prefill), client.receive, send_then_leave)
         return prefill
 
     assert run(scenario()).released == []
@@ -211,7 +225,7 @@ def test_rejected_request_releases(middleware):
         mw, app, prefill = middleware(rejected)
         client = Client()
         prefill.answer.set()
-        await mw(scope(), client.receive, client.send)
+        await mw(scope(prefill), client.receive, client.send)
         return prefill
 
-    assert run(scenario()).released == [("r1", "rejected")]
+    assert run(scenario()).released == [("cmpl-r1-0", "rejected")]

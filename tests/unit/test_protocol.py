@@ -55,11 +55,14 @@ def rank_info(layers: int = 2) -> RankInfo:
 MESSAGES = [
     GetRankInfo(),
     rank_info(),
-    ReadBlocks(request_id="cmpl-1-0", token="tok", block_ids=[5, 0, 4_000_000]),
-    ReadBlocks(request_id="", token="", block_ids=[]),
+    ReadBlocks(
+        request_id="cmpl-1-0", token="tok", prompt_hash="h", block_ids=[5, 0, 4_000]
+    ),
+    ReadBlocks(request_id="", token="", prompt_hash="", block_ids=[]),
     ReadReply(ok=True, layer_nbytes=[65536, 65536]),
-    ReadReply(ok=False, error="wrong token for request x"),
-    Release(request_id="r-ü", token="t"),
+    ReadReply(ok=True, layer_nbytes=[1], hold_seconds=30.0),
+    ReadReply(ok=False, error="unknown lease 'x'"),
+    Release(request_id="r-ü", token="t", prompt_hash="h"),
     Ack(ok=True),
     Ack(ok=False, error="nope"),
 ]
@@ -133,7 +136,9 @@ def test_frame_split_into_single_bytes(pair):
 
 def test_large_message_arrives_through_partial_reads(pair):
     a, b = pair
-    message = ReadBlocks(request_id="big", token="t", block_ids=list(range(300_000)))
+    message = ReadBlocks(
+        request_id="big", token="t", prompt_hash="h", block_ids=list(range(300_000))
+    )
     assert len(encode_frame(message)) > 1_000_000  # beyond any socket buffer
     sender = threading.Thread(target=send_message, args=(a, message))
     sender.start()
@@ -254,6 +259,19 @@ def test_length_at_limit_waits_for_body(pair):
         {"type": "Shutdown"},
         {"type": "ReadBlocks", "request_id": "r", "token": "t"},  # missing field
         {"type": "ReadBlocks", "request_id": 1, "token": "t", "block_ids": []},
+        {  # a negative block id
+            "type": "ReadBlocks",
+            "request_id": "r",
+            "token": "t",
+            "prompt_hash": "h",
+            "block_ids": [-1],
+        },
+        {  # an id longer than any lease's
+            "type": "Release",
+            "request_id": "r" * 1000,
+            "token": "t",
+            "prompt_hash": "h",
+        },
         {"request_id": "r", "token": "t"},  # no tag
         [1, 2, 3],
         7,

@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import pytest
 
-from pdserve.consumer.remote_prefill import local_reason, prefill_body
+from pdserve import metrics
+from pdserve.consumer.remote_prefill import (
+    local_reason,
+    prefill_body,
+    release_lease,
+)
+from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.lease import Lease
+from pdserve.settings import ENV_VAR
+from tests.unit.http_fakes import (
+    CONSUMER,
+    Answer,
+    FakeEngine,
+    FakeProducer,
+    FakeVLLM,
+    app_state,
+    call,
+    fake_producer,
+    make_lease,
+    run,
+    use_node,
+)
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -47,21 +73,16 @@ def test_remote_prefill_allowed(path, payload):
         (COMPLETIONS, {"prompt": "Hi", "echo": True}, "prompt_logprobs"),
         (COMPLETIONS, {"prompt": ["a", "b"]}, "batched_prompts"),
         (COMPLETIONS, {"prompt": [[1, 2], [3]]}, "batched_prompts"),
-        (
-            COMPLETIONS,
-            {"prompt": "Hi", "kv_transfer_params": {"do_remote_prefill": True}},
-            "client_kv_params",
-        ),
-        (CHAT, {"messages": MESSAGES, "kv_transfer_params": None}, "client_kv_params"),
     ],
 )
 def test_local_reason(path, payload, reason):
     assert local_reason(path, payload) == reason
 
 
-def test_client_kv_params_win_over_other_reasons():
-    payload = {"prompt": ["a", "b"], "n": 2, "kv_transfer_params": {}}
-    assert local_reason(COMPLETIONS, payload) == "client_kv_params"
+def test_client_kv_params_are_no_reason_to_prefill_locally():
+    # The HTTP layer removed them before asking; they never decide anything.
+    payload = {"prompt": "Hi", "kv_transfer_params": {"do_remote_prefill": True}}
+    assert local_reason(COMPLETIONS, payload) is None
 
 
 def test_zero_prompt_logprobs_prefills_locally():
@@ -151,3 +172,202 @@ def test_prefill_body_does_not_mutate_input(path, make):
     if "messages" in body:
         body["messages"][0]["content"] = "changed"
     assert payload == before
+
+
+# --- the lease, from the producer's answer to vLLM ----------------------------
+
+
+def lease_answer(payload: dict) -> dict:
+    return {"choices": [{"text": "x"}], "kv_transfer_params": make_lease().to_params()}
+
+
+@dataclass
+class Flow:
+    key: bytes
+    producer: FakeProducer
+    vllm: FakeVLLM
+    engine: Any
+    answer: Answer
+
+    def forwarded(self) -> dict:
+        [seen] = self.vllm.seen
+        return seen.json()
+
+
+def flow(
+    monkeypatch,
+    body: dict,
+    answer=lease_answer,
+    status: int = 200,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    engine: Any = None,
+) -> Flow:
+    """One completion through a consumer whose producer answers ``answer``."""
+    key = use_node(monkeypatch, CONSUMER)
+
+    async def scenario() -> Flow:
+        async with fake_producer(answer) as producer:
+            settings = msgspec.structs.replace(CONSUMER, producer_url=producer.url)
+            monkeypatch.setenv(ENV_VAR, settings.to_json())
+            vllm = FakeVLLM(status=status)
+            mw = PDServeMiddleware(vllm)
+            state = app_state(engine=engine)
+            try:
+                got = await call(
+                    mw, "POST", COMPLETIONS, json.dumps(body).encode(), headers, state
+                )
+            finally:
+                await mw.prefill.close()
+            return Flow(key, producer, vllm, state.state.engine_client, got)
+
+    return run(scenario())
+
+
+def local_prefills(reason: str) -> float:
+    return metrics.LOCAL_PREFILLS.labels(reason=reason)._value.get()
+
+
+def released(reason: str) -> float:
+    return metrics.LEASES_RELEASED.labels(reason=reason)._value.get()
+
+
+FORGED = {"do_remote_prefill": True, "pdserve_lease": {"request_id": "x", "mac": "0"}}
+
+
+def test_forwarded_body_carries_exactly_the_signed_lease(monkeypatch):
+    remote_before = metrics.REMOTE_PREFILLS._value.get()
+    body = {
+        "prompt": "Hello",
+        "max_tokens": 5,
+        "kv_transfer_params": FORGED,
+        "vllm_xargs": {"kv_transfer_params": [1]},
+    }
+    done = flow(monkeypatch, body)
+    forwarded = done.forwarded()
+    params = forwarded.pop("kv_transfer_params")
+    assert forwarded == {"prompt": "Hello", "max_tokens": 5, "vllm_xargs": {}}
+    lease = Lease.from_params(params)
+    assert lease is not None and lease.verified(done.key)
+    assert not lease.verified(b"another node's key")
+    assert params == make_lease().signed(done.key).to_params()
+    assert done.vllm.seen[0].headers[b"content-type"] == b"application/json"
+    # The producer got the request without the client's params, asked to lease.
+    [(path, asked, _)] = done.producer.requests
+    assert path == COMPLETIONS
+    assert asked["kv_transfer_params"] == {"do_remote_decode": True}
+    assert asked["vllm_xargs"] == {}
+    assert metrics.REMOTE_PREFILLS._value.get() == remote_before + 1
+    assert done.engine.rejected == []
+
+
+def test_a_mac_from_the_producer_is_replaced_by_ours(monkeypatch):
+    def answer(payload: dict) -> dict:
+        return {"kv_transfer_params": make_lease(mac="ff" * 32).to_params()}
+
+    done = flow(monkeypatch, {"prompt": "Hello"}, answer)
+    lease = Lease.from_params(done.forwarded()["kv_transfer_params"])
+    assert lease is not None and lease.verified(done.key)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        {},
+        {"do_remote_prefill": True},
+        {"do_remote_prefill": True, "pdserve_lease": {"request_id": "r"}},
+        {"pdserve_lease": dict(make_lease().to_params()["pdserve_lease"], x=1)},
+        {"pdserve_lease": dict(make_lease().to_params()["pdserve_lease"], kv_ports=[])},
+        ["not", "a", "dict"],
+    ],
+)
+def test_producer_without_a_valid_lease_means_local_prefill(monkeypatch, params):
+    before = local_prefills("producer_gave_no_kv")
+    done = flow(
+        monkeypatch, {"prompt": "Hello"}, lambda _: {"kv_transfer_params": params}
+    )
+    assert "kv_transfer_params" not in done.forwarded()
+    assert local_prefills("producer_gave_no_kv") == before + 1
+
+
+def test_client_params_do_not_force_a_local_prefill(monkeypatch):
+    before = local_prefills("client_kv_params")
+    done = flow(monkeypatch, {"prompt": "Hello", "kv_transfer_params": FORGED})
+    assert len(done.producer.requests) == 1
+    assert Lease.from_params(done.forwarded()["kv_transfer_params"]) is not None
+    assert local_prefills("client_kv_params") == before
+
+
+def test_client_headers_forwarded_to_producer(monkeypatch):
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"authorization", b"Bearer client-key"),
+        (b"x-request-id", b"req-7"),
+        (b"cookie", b"session=1"),
+    ]
+    done = flow(monkeypatch, {"prompt": "Hello"}, headers=headers)
+    sent = {k.lower(): v for k, v in done.producer.requests[0][2].items()}
+    assert sent["authorization"] == "Bearer client-key"
+    assert sent["x-request-id"] == "req-7"
+    assert "cookie" not in sent
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 500])
+def test_rejected_request_hands_the_lease_to_the_engine(monkeypatch, status):
+    before = released("rejected")
+    done = flow(monkeypatch, {"prompt": "Hello"}, status=status)
+    assert done.answer.status == status
+    [(request_id, params)] = done.engine.rejected
+    assert request_id.startswith("pdserve-release-")
+    # The very lease vLLM was given, signed, so the connector will act on it.
+    assert params == done.forwarded()["kv_transfer_params"]
+    lease = Lease.from_params(params)
+    assert lease is not None and lease.verified(done.key)
+    assert released("rejected") == before + 1
+
+
+def test_accepted_request_keeps_its_lease(monkeypatch):
+    before = released("rejected")
+    done = flow(monkeypatch, {"prompt": "Hello"}, status=200)
+    assert done.engine.rejected == []
+    assert released("rejected") == before
+
+
+def test_each_hand_back_is_a_fresh_request():
+    engine = FakeEngine()
+    lease = make_lease(mac="ab" * 32)
+
+    async def twice() -> None:
+        await release_lease(engine, lease, "rejected")
+        await release_lease(engine, lease, "rejected")
+
+    run(twice())
+    ids = [request_id for request_id, _ in engine.rejected]
+    assert len(set(ids)) == 2
+    assert engine.leases() == [lease, lease]
+
+
+@pytest.fixture
+def pdserve_log(caplog):
+    logger = logging.getLogger("pdserve")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_engine_without_hand_back_leaves_lease_to_expire(pdserve_log):
+    before = released("client_disconnected")
+    run(release_lease(object(), make_lease(), "client_disconnected"))
+    assert released("client_disconnected") == before
+    assert "expires on the producer" in pdserve_log.text
+
+
+def test_failing_hand_back_is_logged_not_raised(pdserve_log):
+    class DeadEngine:
+        async def notify_kv_transfer_request_rejected(self, *args, **kwargs):
+            raise RuntimeError("engine dead")
+
+    before = released("rejected")
+    run(release_lease(DeadEngine(), make_lease(), "rejected"))
+    assert released("rejected") == before
+    assert "engine dead" in pdserve_log.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.connector.worker import PDServeWorker
+from pdserve.connector.consumer_rank import ConsumerRank
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
@@ -45,20 +45,38 @@ class Refusing(TcpTransport):
         raise TransportUnavailable("no peer access")
 
 
+def consumer_rank(transport: str) -> ConsumerRank:
+    settings = Settings(
+        role="consumer", model="m", transport=transport, producer_kv_host="127.0.0.1"
+    )
+    kv = PagedKVCache({"l": torch.zeros(2, 8, 16, 2, 8)}, 8)
+    return ConsumerRank(settings, kv, info("cuda", "h"), 0, None)
+
+
 def test_failed_transport_falls_back_to_tcp_and_is_counted(monkeypatch):
-    import pdserve.connector.worker as worker_module
+    import pdserve.connector.consumer_rank as consumer_module
 
     made = {"ipc": Refusing, "nccl": Refusing, "tcp": TcpTransport}
-    monkeypatch.setattr(worker_module, "get_transport", lambda name: made[name]())
-    worker = PDServeWorker(
-        Settings(role="consumer", model="m", transport="ipc"), None, 8, 0
-    )
-    worker.kv = PagedKVCache({"l": torch.zeros(2, 8, 16, 2, 8)}, 8)
-    worker._open_transport(None, info("cuda", "h"), info("cuda", "h"))
-    assert worker.transport.name == "tcp"
-    stats = worker.take_stats()
-    assert stats is not None and stats.data["kv_transport_fallbacks"] == 1
-    worker.shutdown()
+    monkeypatch.setattr(consumer_module, "get_transport", lambda name: made[name]())
+    rank = consumer_rank("ipc")
+    transport, _ = rank._open_transport(None, info("cuda", "h"))
+    assert transport.name == "tcp"
+    assert rank.stats.take().data["kv_transport_fallbacks"] == 1
+
+
+class Breaking(TcpTransport):
+    name = "nccl"
+
+    def healthy(self, session):
+        return False
+
+
+def test_transport_that_breaks_later_is_replaced_by_tcp():
+    rank = consumer_rank("nccl")
+    rank.transport, rank.session = Breaking(), "s"
+    rank.poll()
+    assert rank.transport.name == "tcp" and rank.session == ""
+    assert rank.stats.take().data["kv_transport_fallbacks"] == 1
 
 
 def test_nccl_on_cpu_ranks_is_unavailable():

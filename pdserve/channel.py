@@ -1,0 +1,102 @@
+"""A non-blocking side-channel connection: queued writes, incremental reads.
+
+Both ends of the KV side channel drive their connections from the engine's
+own thread, a little each step, so nothing here ever blocks: ``pump_out``
+writes what the socket takes now, ``pump_in`` reads what has arrived.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+
+from pdserve.protocol import FrameBuffer, Message, encode_frame
+
+RECV_BYTES = 1 << 20
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a socketpair in tests)
+        self.sock = sock
+        self.frames = FrameBuffer(max_frame)
+        self._out: deque[memoryview] = deque()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # ---- writing ----
+
+    def send(self, message: Message) -> None:
+        self._out.append(memoryview(encode_frame(message)))
+
+    def send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data):
+            self._out.append(memoryview(data).cast("B"))
+
+    @property
+    def pending_out(self) -> int:
+        return sum(len(chunk) for chunk in self._out)
+
+    def wants_write(self) -> bool:
+        return bool(self._out)
+
+    def pump_out(self) -> None:
+        """Write as much as the socket takes without blocking."""
+        while self._out:
+            chunk = self._out[0]
+            try:
+                n = self.sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                return
+            if n < len(chunk):
+                self._out[0] = chunk[n:]
+                return
+            self._out.popleft()
+
+    # ---- reading ----
+
+    def pump_in(self) -> None:
+        """Buffer whatever has arrived; raises ConnectionError when the peer
+        closed the connection."""
+        while True:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                raise ConnectionError("peer closed the connection")
+            self.frames.feed(data)
+            if len(data) < RECV_BYTES:
+                return
+
+    def next_message(self) -> Message | None:
+        return self.frames.next_message()
+
+    def read_raw_into(self, view: memoryview) -> int:
+        """Fill ``view`` from buffered, then arriving, bytes; returns how many
+        (possibly fewer than asked). Raises ConnectionError on close."""
+        n = self.frames.take_raw(view)
+        while n < len(view):
+            try:
+                got = self.sock.recv_into(view[n:])
+            except (BlockingIOError, InterruptedError):
+                return n
+            if got == 0:
+                raise ConnectionError("peer closed the connection")
+            n += got
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._out.clear()
+            try:
+                self.sock.close()
+            except OSError:
+                pass

@@ -1,0 +1,227 @@
+"""A consumer TP rank: pulls its shard of each lease from the producer rank
+with the same index, then releases the lease.
+
+It knows the producer instance (epoch) it shook hands with. A lease from
+another instance means the producer restarted: the rank drops every session
+and mapping of the old one, shakes hands again and only then reads.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
+from pdserve.connector.kv_client import BlockingClient, Load, ProducerLink
+from pdserve.connector.metadata import LoadSpec
+from pdserve.connector.stats import PDServeStats
+from pdserve.handshake import IncompatibleProducer, check_compatible, wait_for_rank_info
+from pdserve.kv_cache import PagedKVCache
+from pdserve.lease import Lease
+from pdserve.log import init_logger
+from pdserve.protocol import RankInfo
+from pdserve.settings import Settings
+from pdserve.transport import (
+    KVTransport,
+    TransportUnavailable,
+    candidates,
+    get_transport,
+)
+
+logger = init_logger(__name__)
+
+# After a failed handshake with a new producer instance, loads fail at once
+# (prefilled locally) for this long instead of trying again every step.
+REHANDSHAKE_BACKOFF_SECONDS = 1.0
+
+
+class ConsumerRank:
+    def __init__(
+        self,
+        settings: Settings,
+        kv: PagedKVCache,
+        info: RankInfo,
+        tp_rank: int,
+        secret: bytes | None,
+    ) -> None:
+        assert settings.producer_kv_host is not None
+        self.settings = settings
+        self.kv = kv
+        self.info = info
+        self.tp_rank = tp_rank
+        self._secret = secret
+        # Resolved once: the engine's thread never waits for DNS.
+        self.host = socket.gethostbyname(settings.producer_kv_host)
+        self.remote: RankInfo | None = None
+        self.transport: KVTransport = get_transport("tcp")
+        self.session = ""
+        self._links: dict[int, ProducerLink] = {}
+        self._handshake_failed_at = -REHANDSHAKE_BACKOFF_SECONDS
+        self._done: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self.stats = PDServeStats()
+        self.last_error: str | None = None  # why the latest pull failed
+
+    # ---- handshakes ----
+
+    def connect(self) -> None:
+        """Startup: wait for the producer rank and pair with it."""
+        port = self.settings.producer_kv_ports[self.tp_rank]
+        client = self._client(port)
+        remote = wait_for_rank_info(client, self.settings.connect_timeout)
+        self._pair(client, remote)
+
+    def _rehandshake(self, lease: Lease) -> None:
+        """A lease of another producer instance arrived: pair with it anew."""
+        now = time.monotonic()
+        if now - self._handshake_failed_at < REHANDSHAKE_BACKOFF_SECONDS:
+            raise IncompatibleProducer("producer changed; handshake failed recently")
+        try:
+            client = self._client(lease.kv_ports[self.tp_rank])
+            remote = client.rank_info()
+            if remote.epoch != lease.epoch:
+                raise IncompatibleProducer(
+                    f"lease of producer {lease.epoch}, rank serves {remote.epoch}"
+                )
+            self._pair(client, remote)
+        except (OSError, IncompatibleProducer) as exc:
+            self._handshake_failed_at = now
+            logger.warning("pdserve: pairing with the new producer failed: %s", exc)
+            raise IncompatibleProducer(str(exc)) from exc
+
+    def _pair(self, client: BlockingClient, remote: RankInfo) -> None:
+        check_compatible(local=self.info, remote=remote)
+        if self.remote is not None:
+            logger.info(
+                "pdserve: producer instance changed (%s -> %s); dropping its "
+                "sessions and connections",
+                self.remote.epoch,
+                remote.epoch,
+            )
+        self._drop_producer()
+        self.transport, self.session = self._open_transport(client, remote)
+        self.remote = remote
+        logger.info(
+            "pdserve consumer rank %d paired with producer %s:%d (instance %s) over %s",
+            self.tp_rank,
+            client.host,
+            client.port,
+            remote.epoch,
+            self.transport.name,
+        )
+
+    def _drop_producer(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        self.transport.drop_sessions()
+
+    def _open_transport(
+        self, client: BlockingClient, remote: RankInfo
+    ) -> tuple[KVTransport, str]:
+        """The best transport both ranks can use; tcp if the others fail."""
+        for name in candidates(self.settings.transport, self.info, remote):
+            transport = get_transport(name)
+            try:
+                return transport, transport.open_session(client, self.kv, remote)
+            except (TransportUnavailable, OSError, RuntimeError) as exc:
+                logger.warning(
+                    "pdserve: KV transport %s unavailable (%s); trying the next",
+                    name,
+                    exc,
+                )
+                self.stats.add("kv_transport_fallbacks")
+        raise AssertionError("tcp is always a candidate")
+
+    def _client(self, port: int) -> BlockingClient:
+        return BlockingClient(
+            self.host, port, self.settings.transfer_timeout, self._secret
+        )
+
+    # ---- each engine step ----
+
+    def start(
+        self,
+        loads: list[LoadSpec],
+        releases: list[Lease],
+        failed: list[tuple[str, list[int]]],
+    ) -> None:
+        for request_id, block_ids in failed:
+            self.stats.add("kv_load_failures")
+            self._failed_blocks.update(block_ids)
+            self._done.add(request_id)
+        for spec in loads:
+            self._start_load(spec)
+        for lease in releases:
+            if self.remote is not None and lease.epoch == self.remote.epoch:
+                self._link(lease).release(lease)
+            # A lease of an older instance ended with that instance.
+
+    def _start_load(self, spec: LoadSpec) -> None:
+        assert self.remote is not None
+        if spec.lease.epoch != self.remote.epoch:
+            try:
+                self._rehandshake(spec.lease)
+            except IncompatibleProducer as exc:
+                return self._fail(spec, f"producer changed: {exc}")
+        deadline = time.monotonic() + self.settings.transfer_timeout
+        load = Load(spec, self.transport, self.session, deadline)
+        self._link(spec.lease).submit(load)
+
+    def _link(self, lease: Lease) -> ProducerLink:
+        port = lease.kv_ports[self.tp_rank]
+        link = self._links.get(port)
+        if link is None:
+            link = ProducerLink(
+                self.host, port, self.kv, self.settings.transfer_timeout, self._secret
+            )
+            self._links[port] = link
+        return link
+
+    def poll(self) -> None:
+        for link in self._links.values():
+            for load in link.pump():
+                self._record(load)
+        if any(link.busy() for link in self._links.values()):
+            pace(self.kv.device, CONSUMER_WAIT_SECONDS)
+        if not self.transport.healthy(self.session):
+            logger.warning(
+                "pdserve: KV transport %s failed; using tcp from now on",
+                self.transport.name,
+            )
+            self.stats.add("kv_transport_fallbacks")
+            self.transport.drop_sessions()
+            self.transport, self.session = get_transport("tcp"), ""
+
+    def _record(self, load: Load) -> None:
+        if load.error is not None:
+            return self._fail(load.spec, load.error)
+        self.stats.add("kv_loads")
+        self.stats.add("kv_bytes_received", load.nbytes)
+        self.stats.add("kv_blocks_received", len(load.spec.local_block_ids))
+        self.stats.observe("kv_transfer_seconds", time.monotonic() - load.started)
+        if load.spec.scheduled_at:
+            wait = load.replied_at - load.spec.scheduled_at
+            self.stats.observe("ttft_transfer_wait_seconds", max(0.0, wait))
+        self.stats.observe("ttft_transfer_copy_seconds", load.done_at - load.replied_at)
+        self._done.add(load.spec.request_id)
+
+    def _fail(self, spec: LoadSpec, reason: str) -> None:
+        logger.warning(
+            "pdserve: pulling KV for %s failed (%s); recomputing locally",
+            spec.request_id,
+            reason,
+        )
+        self.stats.add("kv_load_failures")
+        self.last_error = reason
+        self._failed_blocks.update(spec.local_block_ids)
+        self._done.add(spec.request_id)
+
+    def take_done(self) -> tuple[set[str], set[int]]:
+        """Requests whose pulls ended, and the blocks of the failed ones."""
+        done, self._done = self._done, set()
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return done, failed
+
+    def shutdown(self) -> None:
+        self._drop_producer()

@@ -1,0 +1,75 @@
+"""Where a remotely prefilled request's time to first token goes, phase by
+phase, as the scheduler half sees it (worker and HTTP layer add theirs).
+
+All times are wall-clock (``time.time()``, as vLLM stamps ``arrival_time``):
+the scheduler, its workers and its HTTP server share one host.
+
+Producer: queue (arrival → first scheduled) and prefill (first scheduled →
+lease issued) travel back to the consumer inside the lease.
+Consumer: queue (arrival → KV blocks allocated, the pull scheduled), and the
+first token (pull reported done → the step that computes the first token has
+run).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from pdserve.connector.stats import PDServeStats
+
+# Requests tracked at once are bounded by vLLM's running requests; this caps
+# what a bug could leak.
+MAX_TRACKED = 1 << 16
+
+
+class PhaseClock:
+    def __init__(self, stats: PDServeStats) -> None:
+        self.stats = stats
+        self._first_scheduled: dict[str, float] = {}
+        self._loaded: dict[str, float] = {}
+        self._computing: dict[str, float] = {}
+
+    def step(self, scheduler_output: SchedulerOutput) -> None:
+        """Called as each step is scheduled (build_connector_meta)."""
+        now = time.time()
+        # Requests whose first-token step was scheduled last time: it has run.
+        for loaded_at in self._computing.values():
+            self.stats.observe("ttft_first_token_seconds", now - loaded_at)
+        self._computing.clear()
+        scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
+        for request_id in scheduled:
+            if request_id in self._loaded:
+                self._computing[request_id] = self._loaded.pop(request_id)
+            elif len(self._first_scheduled) < MAX_TRACKED:
+                self._first_scheduled.setdefault(request_id, now)
+
+    # ---- producer ----
+
+    def producer_phases(self, request_id: str, arrival: float) -> tuple[float, float]:
+        """(queue, prefill) seconds of a finished prefill."""
+        now = time.time()
+        scheduled = self._first_scheduled.pop(request_id, now)
+        return max(0.0, scheduled - arrival), max(0.0, now - scheduled)
+
+    def forget(self, request_id: str) -> None:
+        self._first_scheduled.pop(request_id, None)
+        self._loaded.pop(request_id, None)
+        self._computing.pop(request_id, None)
+
+    # ---- consumer ----
+
+    def pull_scheduled(self, arrival: float) -> float:
+        """The pull of a request was scheduled now; returns now."""
+        now = time.time()
+        self.stats.observe("ttft_consumer_queue_seconds", max(0.0, now - arrival))
+        return now
+
+    def pulls_done(self, request_ids: set[str] | None) -> None:
+        now = time.time()
+        for request_id in request_ids or ():
+            if len(self._loaded) < MAX_TRACKED:
+                self._loaded[request_id] = now

@@ -1,0 +1,154 @@
+"""A producer rank's KV server and a consumer rank's link over CPU caches,
+both in this process, for side-channel tests. ``pull`` plays both engines:
+every round it pumps the link (consumer step) and the server (producer step).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pdserve.connector.kv_client import LinkState, Load, ProducerLink
+from pdserve.connector.kv_server import KVServer
+from pdserve.connector.leases import LeaseTable
+from pdserve.connector.metadata import LoadSpec
+from pdserve.kv_cache import PagedKVCache
+from pdserve.lease import Lease, lease_token
+from pdserve.protocol import RankInfo, prompt_hash
+from pdserve.transport import get_transport
+
+NODE_KEY = b"k" * 32
+EPOCH = "epoch-1"
+NUM_BLOCKS = 37
+SHAPE = (2, NUM_BLOCKS, 16, 2, 8)
+
+
+def paged_kv(
+    shape: tuple[int, ...] = SHAPE,
+    seed: int | None = 0,
+    layers: int = 3,
+    dtype: torch.dtype = torch.float32,
+    num_blocks: int = NUM_BLOCKS,
+) -> PagedKVCache:
+    gen = torch.Generator().manual_seed(seed or 0)
+    caches = {
+        f"model.layers.{i}.self_attn": (
+            torch.zeros(shape) if seed is None else torch.randn(shape, generator=gen)
+        ).to(dtype)
+        for i in range(layers)
+    }
+    return PagedKVCache(caches, num_blocks)
+
+
+def empty_like(kv: PagedKVCache) -> PagedKVCache:
+    caches = {n: torch.zeros_like(t) for n, t in zip(kv.names, kv.layers, strict=True)}
+    return PagedKVCache(caches, kv.num_blocks)
+
+
+def rank_info_for(kv: PagedKVCache, epoch: str = EPOCH) -> RankInfo:
+    return RankInfo(
+        pdserve_version="t", protocol_version=3, vllm_version="t", model="m",
+        dtype="float32", tp_size=1, tp_rank=0, block_size=16,
+        num_blocks=kv.num_blocks, layers=kv.layer_infos(), transports=["tcp"],
+        epoch=epoch,
+    )  # fmt: skip
+
+
+def start_server(
+    kv: PagedKVCache,
+    leases: LeaseTable | None = None,
+    secret: bytes | None = None,
+    port: int = 0,
+    epoch: str = EPOCH,
+    node_key: bytes = NODE_KEY,
+) -> KVServer:
+    """A server on a local port that moves blocks over tcp."""
+    return KVServer(
+        "127.0.0.1",
+        port,
+        kv,
+        rank_info_for(kv, epoch),
+        leases if leases is not None else LeaseTable(30),
+        {"tcp": get_transport("tcp")},
+        node_key=node_key,
+        secret=secret,
+    )
+
+
+def make_lease(
+    request_id: str,
+    block_ids: list[int],
+    port: int,
+    prompt: list[int] | None = None,
+    node_key: bytes = NODE_KEY,
+    epoch: str = EPOCH,
+) -> Lease:
+    """A lease as the producer at ``port`` would issue it."""
+    prompt = prompt or list(range(len(block_ids) * 16))
+    digest = prompt_hash(prompt)
+    return Lease(
+        request_id=request_id,
+        token=lease_token(node_key, request_id, digest),
+        epoch=epoch,
+        block_ids=list(block_ids),
+        prompt_hash=digest,
+        num_prompt_tokens=len(prompt),
+        kv_ports=[port],
+    )
+
+
+def link_to(
+    server: KVServer, kv: PagedKVCache, connect: bool = True, **kwargs
+) -> ProducerLink:
+    """A consumer link to ``server``, connected and greeted unless told not."""
+    link = ProducerLink("127.0.0.1", server.port, kv, timeout=5, **kwargs)
+    if connect:
+        link.release(make_lease("warm-up", [0], server.port))
+        pump(link, server, lambda _: link.state == LinkState.READY)
+    return link
+
+
+def load_of(
+    lease: Lease,
+    local_block_ids: list[int],
+    remote_block_ids: list[int] | None = None,
+    seconds: float = 5,
+) -> Load:
+    spec = LoadSpec(
+        "consumer-" + lease.request_id,
+        lease,
+        list(lease.block_ids if remote_block_ids is None else remote_block_ids),
+        list(local_block_ids),
+    )
+    return Load(spec, get_transport("tcp"), "", time.monotonic() + seconds)
+
+
+def pump(
+    link: ProducerLink,
+    server: KVServer | None,
+    until,
+    timeout: float = 10,
+    producer_steps: bool = True,
+) -> list[Load]:
+    """Run both engines' steps until ``until(finished)`` holds; the loads
+    that finished meanwhile."""
+    finished: list[Load] = []
+    deadline = time.monotonic() + timeout
+    while not until(finished):
+        assert time.monotonic() < deadline, "side channel made no progress"
+        finished += link.pump()
+        if server is not None and producer_steps:
+            server.step()
+        time.sleep(0.001)
+    return finished
+
+
+def blocks_equal(a: PagedKVCache, a_ids, b: PagedKVCache, b_ids) -> bool:
+    return all(
+        torch.equal(
+            a.gather(layer, a.index(a_ids)).view(torch.uint8),
+            b.gather(layer, b.index(b_ids)).view(torch.uint8),
+        )
+        for layer in range(len(a.layers))
+    )

@@ -1,0 +1,143 @@
+"""What the entrypoint sets up before vLLM starts: a node key for its
+processes, a producer's instance id, and the consumer's handshake with its
+own API key, which goes nowhere else."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+
+import pytest
+import vllm
+
+import pdserve
+from pdserve.entrypoints import api_server
+from pdserve.lease import NODE_KEY_ENV_VAR
+from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, Settings
+
+PRODUCER = ["--kv-role", "producer", "--model", "m", "--kv-port", "9100"]
+CONSUMER = ["--kv-role", "consumer", "--model", "m", "--producer-url", "http://p:1"]
+KEY = "sk-main-5e1d"
+
+
+class Started:
+    """What vLLM would have been started with."""
+
+    def __init__(self) -> None:
+        self.args: list[str] = []
+        self.env: dict[str, str] = {}
+        self.metadata_headers: list[dict[str, str]] = []
+
+    def serve(self, args: list[str]) -> None:
+        self.args = list(args)
+        self.env = dict(os.environ)
+
+    def fetch(self, url: str, timeout: float, headers=None) -> dict:
+        self.metadata_headers.append(dict(headers or {}))
+        return {
+            "role": "producer",
+            "model": "m",
+            "dtype": "auto",
+            "tensor_parallel_size": 1,
+            "kv_ports": [9100],
+            "kv_auth": False,
+            "instance_id": "0123456789abcdef",
+            "protocol_version": pdserve.PROTOCOL_VERSION,
+            "pdserve_version": pdserve.__version__,
+            "vllm_version": vllm.__version__,
+        }
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_json(self.env[ENV_VAR])
+
+    def kv_transfer_config(self) -> str:
+        return self.args[self.args.index("--kv-transfer-config") + 1]
+
+
+@pytest.fixture
+def started(monkeypatch):
+    # Set first so that whatever main() sets is undone after the test.
+    for name in (ENV_VAR, NODE_KEY_ENV_VAR, KV_SECRET_ENV_VAR, "VLLM_API_KEY"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.delenv(KV_SECRET_ENV_VAR)
+    monkeypatch.delenv("VLLM_API_KEY")
+    record = Started()
+    monkeypatch.setattr(api_server, "run_vllm_serve", record.serve)
+    monkeypatch.setattr(api_server, "fetch_producer_metadata", record.fetch)
+    return record
+
+
+def node_key(record: Started) -> str:
+    key = record.env[NODE_KEY_ENV_VAR]
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    return key
+
+
+@pytest.mark.parametrize("argv", [PRODUCER, CONSUMER])
+def test_each_start_has_a_new_node_key(started, argv):
+    api_server.main(argv)
+    first = node_key(started)
+    api_server.main(argv)
+    assert node_key(started) != first
+    # Only in the environment: not in anything vLLM logs or passes around.
+    assert first not in json.dumps(started.args)
+
+
+def test_producer_instance_id_is_new_each_start(started):
+    api_server.main(PRODUCER)
+    first = started.settings.instance_id
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert first in started.kv_transfer_config()
+    api_server.main(PRODUCER)
+    assert started.settings.instance_id != first
+
+
+@pytest.mark.parametrize(
+    ("extra", "env_key", "sent"),
+    [
+        ([], None, {}),
+        (["--api-key", KEY, "other"], None, {"Authorization": f"Bearer {KEY}"}),
+        ([f"--api-key={KEY}"], "env-key", {"Authorization": f"Bearer {KEY}"}),
+        ([], KEY, {"Authorization": f"Bearer {KEY}"}),
+    ],
+)
+def test_handshake_sends_this_nodes_key(started, monkeypatch, extra, env_key, sent):
+    if env_key is not None:
+        monkeypatch.setenv("VLLM_API_KEY", env_key)
+    api_server.main([*CONSUMER, *extra])
+    assert started.metadata_headers == [sent]
+
+
+@pytest.mark.parametrize("argv", [PRODUCER, CONSUMER])
+def test_key_reaches_vllm_only_as_its_own_flag(started, argv):
+    api_server.main([*argv, "--api-key", KEY])
+    assert started.args.count(KEY) == 1
+    assert KEY not in started.kv_transfer_config()
+    # No environment variable of vLLM's processes carries it.
+    assert not [name for name, value in started.env.items() if KEY in value]
+
+
+def test_env_key_is_not_copied_anywhere(started, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", KEY)
+    api_server.main(CONSUMER)
+    assert not [a for a in started.args if KEY in a]
+    holders = [name for name, value in started.env.items() if KEY in value]
+    assert holders == ["VLLM_API_KEY"]
+
+
+def test_kv_secret_check_leaves_an_unreachable_port_to_the_ranks():
+    # Refused connections are not a verdict: each rank retries at its start.
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    settings = Settings(
+        role="consumer",
+        model="m",
+        producer_url="http://127.0.0.1:1",
+        producer_kv_host="127.0.0.1",
+        producer_kv_ports=[port],
+        transfer_timeout=2,
+    )
+    api_server.try_kv_secret(settings, b"secret")

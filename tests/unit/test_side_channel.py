@@ -1,0 +1,336 @@
+"""The KV side channel end to end in one process: a producer rank's server
+and a consumer rank's link, both pumped as their engines would pump them.
+Bytes arrive exactly; reads are checked before anything is pinned; a lease
+never ends while it is being read; nothing waits without a deadline."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pdserve.connector.leases import LeaseTable
+from pdserve.lease import Lease
+from tests.unit.side_channel import (
+    NUM_BLOCKS,
+    blocks_equal,
+    empty_like,
+    link_to,
+    load_of,
+    make_lease,
+    paged_kv,
+    pump,
+    start_server,
+)
+
+LAYOUTS = {
+    "kv_first": (2, NUM_BLOCKS, 16, 2, 8),
+    "blocks_first": (NUM_BLOCKS, 2, 16, 2, 8),
+    "heads_before_tokens": (2, NUM_BLOCKS, 2, 16, 8),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def closing():
+    things = []
+    yield things.append
+    for thing in things:
+        thing.close()
+
+
+def one(finished):
+    return len(finished) >= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_blocks_arrive_byte_exact(closing, layout, dtype):
+    producer = paged_kv(LAYOUTS[layout], dtype=dtype)
+    consumer = empty_like(producer)
+    leases = LeaseTable(30)
+    server = start_server(producer, leases)
+    closing(server)
+    remote_ids, local_ids = [30, 2, 17, 5, 36], [0, 33, 8, 9, 21]
+    lease = make_lease("req-1", remote_ids + [11], server.port)
+    leases.grant("req-1", lease.block_ids, lease.prompt_hash)
+    link = link_to(server, consumer)
+    closing(link)
+    link.submit(load_of(lease, local_ids, remote_ids))
+
+    (load,) = pump(link, server, one)
+
+    assert load.error is None
+    assert load.nbytes == producer.bytes_per_block() * len(remote_ids)
+    assert blocks_equal(producer, remote_ids, consumer, local_ids)
+    untouched = [i for i in range(NUM_BLOCKS) if i not in local_ids]
+    assert blocks_equal(empty_like(producer), untouched, consumer, untouched)
+
+
+def test_read_that_overtakes_its_grant_is_served_when_it_arrives(closing):
+    producer = paged_kv()
+    consumer = empty_like(producer)
+    leases = LeaseTable(30)
+    server = start_server(producer, leases)
+    closing(server)
+    lease = make_lease("late", [4, 5], server.port)
+    link = link_to(server, consumer)
+    closing(link)
+    link.submit(load_of(lease, [1, 2]))
+    # Two producer steps without the grant: the read waits, parked.
+    assert pump(link, server, lambda f: leases.step >= 2) == []
+    leases.grant("late", lease.block_ids, lease.prompt_hash)
+
+    (load,) = pump(link, server, one)
+
+    assert load.error is None
+    assert blocks_equal(producer, [4, 5], consumer, [1, 2])
+
+
+def test_read_whose_grant_never_comes_is_refused_after_a_few_steps(closing):
+    producer = paged_kv()
+    server = start_server(producer)
+    closing(server)
+    link = link_to(server, empty_like(producer))
+    closing(link)
+    link.submit(load_of(make_lease("never", [4], server.port), [1]))
+    steps_before = server.leases.step
+
+    (load,) = pump(link, server, one)
+
+    assert "no lease" in load.error
+    assert server.leases.step - steps_before <= 8
+
+
+def forged(lease: Lease, **changes) -> Lease:
+    import msgspec
+
+    return msgspec.structs.replace(lease, **changes)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(token="0" * 64), "unknown lease"),
+        (dict(request_id="someone-else"), "unknown lease"),
+        (dict(prompt_hash="ab" * 16), "unknown lease"),  # token binds the hash
+    ],
+)
+def test_reads_of_unknown_leases_refused_at_once(closing, change, reason):
+    producer = paged_kv()
+    leases = LeaseTable(30)
+    server = start_server(producer, leases)
+    closing(server)
+    lease = make_lease("req", [4, 5], server.port)
+    leases.grant("req", lease.block_ids, lease.prompt_hash)
+    link = link_to(server, empty_like(producer))
+    closing(link)
+    link.submit(load_of(forged(lease, **change), [1, 2], [4, 5]))
+    steps_before = server.leases.step
+
+    (load,) = pump(link, server, one)
+
+    assert reason in load.error
+    assert server.leases.step - steps_before <= 2  # answered, not parked
+    assert len(leases) == 1  # the real lease is untouched
+
+
+@pytest.mark.parametrize(
+    "remote, local, reason",
+    [
+        ([4, 4], [1, 2], "duplicate"),
+        ([4, 9], [1, 2], "outside"),
+        ([4, 5, 6], [1, 2, 3], "more blocks"),
+    ],
+)
+def test_bad_block_lists_refused(closing, remote, local, reason):
+    producer = paged_kv()
+    leases = LeaseTable(30)
+    server = start_server(producer, leases)
+    closing(server)
+    lease = make_lease("req", [4, 5], server.port)
+    leases.grant("req", lease.block_ids, lease.prompt_hash)
+    link = link_to(server, empty_like(producer))
+    closing(link)
+    link.submit(load_of(lease, local, remote))
+
+    (load,) = pump(link, server, one)
+
+    assert reason in load.error
+    assert server.take_counters()[0] == 0  # no byte served
+
+
+def test_lease_does_not_end_while_it_is_read(closing):
+    """A read slowed on purpose (the consumer stops reading) past the lease's
+    expiry: the blocks are not handed back to vLLM until the read is done,
+    and the bytes that arrive are the lease's."""
+    clock = FakeClock()
+    # 10 layers x 60 blocks x 64 KiB: far more than socket buffers hold.
+    producer = paged_kv((2, 64, 16, 8, 64), layers=10, num_blocks=64)
+    consumer = empty_like(producer)
+    leases = LeaseTable(lease_seconds=10, clock=clock)
+    server = start_server(producer, leases)
+    closing(server)
+    blocks, local = list(range(60)), list(range(63, 3, -1))
+    lease = make_lease("slow", blocks, server.port)
+    leases.grant("slow", blocks, lease.prompt_hash)
+    link = link_to(server, consumer)
+    closing(link)
+    link.submit(load_of(lease, local))
+    link.pump()  # the read goes out; from now on the consumer reads nothing
+    for _ in range(20):
+        server.step()
+        time.sleep(0.005)
+    assert leases._leases["slow"].readers == 1
+    clock.now += 60  # the lease ran out long ago
+    assert leases.pop_finished() == (set(), 0)  # still pinned: not freed
+
+    (load,) = pump(link, server, one)
+
+    assert load.error is None
+    assert blocks_equal(producer, blocks, consumer, local)
+    assert leases.pop_finished() == ({"slow"}, 1)  # freed once the read ended
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bad_reads_do_not_hold_up_a_good_one(closing):
+    """Reads of unknown or ended leases are answered at once, in order, so a
+    good read queued behind many of them is served within a step or two."""
+    producer = paged_kv()
+    consumer = empty_like(producer)
+    leases = LeaseTable(30)
+    server = start_server(producer, leases)
+    closing(server)
+    link = link_to(server, consumer)
+    closing(link)
+    for i in range(50):
+        bad = make_lease(f"bad-{i}", [1], server.port, node_key=b"x" * 32)
+        link.submit(load_of(bad, [1]))
+    good = make_lease("good", [4, 5], server.port)
+    leases.grant("good", good.block_ids, good.prompt_hash)
+    link.submit(load_of(good, [2, 3]))
+    steps_before = leases.step
+
+    finished = pump(link, server, lambda f: len(f) == 51)
+
+    assert [f.error is None for f in finished].count(True) == 1
+    assert leases.step - steps_before <= 5
+    assert blocks_equal(producer, [4, 5], consumer, [2, 3])
+
+
+def test_unanswered_read_fails_at_its_deadline(closing):
+    """A producer that accepts but never answers: the load fails once its one
+    deadline passes (the consumer then prefills locally)."""
+    producer = paged_kv()
+    server = start_server(producer)
+    closing(server)
+    link = link_to(server, empty_like(producer))
+    closing(link)
+    link.submit(load_of(make_lease("r", [1], server.port), [1], seconds=0.5))
+    started = time.monotonic()
+
+    # The producer's engine never steps, and its idle pump is stopped.
+    server._stopped.set()
+    (load,) = pump(link, server, one, producer_steps=False)
+
+    assert "timed out" in load.error
+    assert time.monotonic() - started < 3
+
+
+def test_restarted_producer_is_a_new_producer(closing):
+    """A producer killed and restarted on the same port: leases of the old
+    instance are refused, the consumer rank pairs with the new instance when
+    its first lease arrives and reads from it."""
+    producer = paged_kv()
+    consumer = empty_like(producer)
+    old = start_server(producer, epoch="old", node_key=b"1" * 32)
+    port = old.port
+    rank = consumer_rank(consumer, port)
+    closing(rank)
+    rank.connect()
+    assert rank.remote.epoch == "old"
+    old_lease = make_lease("a", [4], port, node_key=b"1" * 32, epoch="old")
+    old.leases.grant("a", [4], old_lease.prompt_hash)
+    assert run_load(rank, old, old_lease, [1]) is None
+    old.close()
+
+    new = start_server(paged_kv(seed=7), epoch="new", node_key=b"2" * 32, port=port)
+    closing(new)
+    assert "unknown lease" in run_load(rank, new, old_lease, [2])
+    assert rank.remote.epoch == "old"  # a dead instance's lease changes nothing
+
+    new_lease = make_lease("b", [6, 7], port, node_key=b"2" * 32, epoch="new")
+    new.leases.grant("b", [6, 7], new_lease.prompt_hash)
+    assert run_load(rank, new, new_lease, [3, 4]) is None
+    assert rank.remote.epoch == "new"
+    assert blocks_equal(new.kv, [6, 7], consumer, [3, 4])
+
+
+def consumer_rank(kv, port: int):
+    from pdserve.connector.consumer_rank import ConsumerRank
+    from pdserve.settings import Settings
+    from tests.unit.side_channel import rank_info_for
+
+    settings = Settings(
+        role="consumer",
+        model="m",
+        producer_kv_host="127.0.0.1",
+        producer_kv_ports=[port],
+        connect_timeout=5,
+        transfer_timeout=5,
+    )
+    rank = ConsumerRank(settings, kv, rank_info_for(kv, epoch=""), 0, None)
+    rank.close = rank.shutdown
+    return rank
+
+
+def run_load(rank, server, lease: Lease, local: list[int]) -> str | None:
+    """One pull through the consumer rank; its error, or None."""
+    from pdserve.connector.metadata import LoadSpec
+
+    failures_before = rank.stats.data["kv_load_failures"]
+    rank.start(
+        [LoadSpec("c-" + lease.request_id, lease, lease.block_ids, local)], [], []
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        rank.poll()
+        server.step()
+        done, _ = rank.take_done()
+        if done:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    if rank.stats.data["kv_load_failures"] == failures_before:
+        return None
+    return rank.last_error
+
+
+def test_release_goes_out_in_the_step_the_load_finishes(closing):
+    """The consumer's engine may not step again after a request's last pull
+    (nothing else waits): the release must leave in that same step."""
+    producer = paged_kv()
+    leases = LeaseTable(30)
+    server = start_server(producer, leases)
+    closing(server)
+    lease = make_lease("r", [4], server.port)
+    leases.grant("r", [4], lease.prompt_hash)
+    link = link_to(server, empty_like(producer))
+    closing(link)
+    link.submit(load_of(lease, [1]))
+
+    pump(link, server, one)
+    # No more consumer pumps from here: only the producer steps.
+    for _ in range(5):
+        server.step()
+        time.sleep(0.01)
+
+    assert leases.take_released() == 1
