@@ -3,6 +3,8 @@ vLLM's own NixlConnector (our peer).
 
 Setups (each started, measured and stopped in turn):
   plain        one vLLM server on GPU 0 (colocated prefill and decode)
+  aggregated   one plain vLLM replica per GPU behind a round-robin proxy: the
+               same GPU count as a PD pair, each GPU prefilling and decoding
   nixl         vLLM + NixlConnector: prefill GPU 0, decode GPU 1, pd_proxy.py
   pdserve      pdserve producer on GPU 0, consumer on GPU 1 (both see both
                GPUs, listed own-GPU first, so the ipc transport can map)
@@ -68,6 +70,21 @@ def gpu_env(visible: str, **extra: str) -> dict[str, str]:
     return dict(os.environ, **MULTI_GPU_ENV, CUDA_VISIBLE_DEVICES=visible, **extra)
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def own_first(own: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a node on GPU ``own`` that also sees the
+    other GPU (for ipc); on a one-GPU box both nodes share GPU 0 (correctness
+    runs only: two engines on one GPU are never timed)."""
+    if gpu_count() < 2:
+        return "0"
+    return f"{own},{1 - own}"
+
+
 class Deployment:
     """The servers of one setup and the URL clients call."""
 
@@ -82,6 +99,21 @@ class Deployment:
             ServerProcess.plain_vllm("plain", [model, *engine], logs, gpu_env("0"))
         )
         return server.url, server.url
+
+    def _aggregated(self, model, engine, logs):
+        replicas = [
+            self._add(
+                ServerProcess.plain_vllm(f"replica{gpu}", [model, *engine], logs,
+                                         gpu_env(str(gpu)))
+            )
+            for gpu in range(2)
+        ]  # fmt: skip
+        port = free_port()
+        argv = [sys.executable, str(HERE / "rr_proxy.py"), "--port", str(port)]
+        for replica in replicas:
+            argv += ["--backend", replica.url]
+        proxy = self._add(ServerProcess("rr-proxy", argv, port, logs, gpu_env("")))
+        return proxy.url, replicas[0].url
 
     def _nixl(self, model, engine, logs):
         connector = [*engine, "--kv-transfer-config", NIXL_CONFIG]
@@ -158,7 +190,26 @@ def kv_per_request(setup: str, before: dict, after: dict) -> dict[str, float]:
         for name in ("pdserve:remote_prefills_total", "pdserve:local_prefills_total",
                      "pdserve:kv_load_failures_total"):  # fmt: skip
             result[name] = after.get(name, 0.0) - before.get(name, 0.0)
+        result["ttft_split_ms"] = ttft_split(before, after)
     return result
+
+
+TTFT_PHASES = (
+    "producer_call", "producer_queue", "producer_prefill", "consumer_queue",
+    "transfer_wait", "transfer_copy", "first_token",
+)  # fmt: skip
+
+
+def ttft_split(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per phase of a remote prefill's TTFT over one run (consumer's
+    histograms; transfer phases are per TP rank)."""
+    split = {}
+    for phase in TTFT_PHASES:
+        name = f"pdserve:ttft_{phase}_seconds"
+        total = after.get(name + "_sum", 0.0) - before.get(name + "_sum", 0.0)
+        count = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
+        split[phase] = round(total / count * 1e3, 2) if count else float("nan")
+    return split
 
 
 def bench(
@@ -214,13 +265,17 @@ def row(result: dict) -> str:
         )
     else:
         cells.append("-")
+    split = result.get("ttft_split_ms")
+    cells.append(" / ".join(f"{v:.1f}" for v in split.values()) if split else "-")
     return "| " + " | ".join(cells) + " |"
 
 
 TABLE_HEAD = (
     "| setup | req/s | done/failed | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms"
-    " | ITL p50/p90/p99 ms | KV per transfer (decode node metrics) |\n"
-    "|---|---|---|---|---|---|---|"
+    " | ITL p50/p90/p99 ms | KV per transfer (decode node metrics)"
+    " | TTFT split, mean ms: "
+    + " / ".join(TTFT_PHASES)
+    + " |\n|---|---|---|---|---|---|---|---|"
 )
 
 

@@ -23,13 +23,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gpu_e2e import gpu_env
+from gpu_e2e import gpu_env, own_first
 from gpu_token_exact import engine_args, random_prompt, tokens
 
 from pdserve.local_cluster import ServerProcess, free_port, scrape_metrics
 
 # Each node sees its own GPU first; ipc also needs to see the other one.
-VISIBLE = {"ipc": ("0,1", "1,0"), "nccl": ("0", "1")}
+# (NCCL needs two GPUs: a pair on one GPU is refused by NCCL itself.)
+VISIBLE = {"ipc": (own_first(0), own_first(1)), "nccl": ("0", "1")}
 
 
 def counters(url: str) -> dict[str, float]:

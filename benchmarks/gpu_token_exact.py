@@ -20,7 +20,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gpu_e2e import gpu_env
+from gpu_e2e import gpu_env, own_first
 
 from pdserve.local_cluster import ServerProcess, scrape_metrics
 
@@ -120,7 +120,7 @@ def run_tp(model: str, tp: int, block: int, out: Path) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     # TP 1: producer GPU 0, consumer GPU 1 (seeing GPU 0 for ipc), baseline
     # GPU 0. TP 2: every node spans both GPUs.
-    visible = ("0,1", "1,0", "0") if tp == 1 else ("0,1", "0,1", "0,1")
+    visible = (own_first(0), own_first(1), "0") if tp == 1 else ("0,1",) * 3
     engine = engine_args(0.25, tp, block)
     # One at a time: vLLM sizes its KV cache from the free memory it sees,
     # which another engine starting on the same GPU changes under it.

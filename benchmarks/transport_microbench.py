@@ -65,9 +65,9 @@ def rank_info(kv: PagedKVCache) -> RankInfo:
     )  # fmt: skip
 
 
-def lease_for(tokens: int, ids: list[int], port: int) -> Lease:
+def lease_for(tokens: int, ids: list[int], port: int, attempt: int) -> Lease:
     digest = prompt_hash(list(range(tokens)))
-    request_id = f"prompt-{tokens}"
+    request_id = f"prompt-{tokens}-{attempt}"
     return Lease(
         request_id=request_id, token=lease_token(KEY, request_id, digest),
         epoch="bench", block_ids=ids, prompt_hash=digest, num_prompt_tokens=tokens,
@@ -75,8 +75,14 @@ def lease_for(tokens: int, ids: list[int], port: int) -> Lease:
     )  # fmt: skip
 
 
-def producer(to_consumer, from_consumer, num_blocks: int) -> None:
-    device = torch.device("cuda", 0)
+def devices() -> tuple[int, int]:
+    """Producer and consumer GPUs: 0 and 1, or both 0 on a one-GPU box (then
+    ipc copies within one GPU and the 'peer' peak is a same-GPU copy)."""
+    return (0, 1) if torch.cuda.device_count() > 1 else (0, 0)
+
+
+def producer(to_consumer, from_consumer, num_blocks: int, reads: int) -> None:
+    device = torch.device("cuda", devices()[0])
     torch.cuda.set_device(device)
     kv = make_kv(device, num_blocks, fill=True)
     leases = LeaseTable(lease_seconds=3600)
@@ -87,10 +93,11 @@ def producer(to_consumer, from_consumer, num_blocks: int) -> None:
     rng = random.Random(0)
     plan = {}
     for tokens in PROMPTS:
+        # The same blocks under one lease per read: a read releases its lease.
         ids = rng.sample(range(num_blocks), tokens // BLOCK)
-        lease = lease_for(tokens, ids, server.port)
-        leases.grant(lease.request_id, ids, lease.prompt_hash)
-        plan[tokens] = lease
+        plan[tokens] = [lease_for(tokens, ids, server.port, i) for i in range(reads)]
+        for lease in plan[tokens]:
+            leases.grant(lease.request_id, ids, lease.prompt_hash)
     torch.cuda.synchronize()
     to_consumer.put((server.port, plan))
     stop = threading.Event()
@@ -101,16 +108,16 @@ def producer(to_consumer, from_consumer, num_blocks: int) -> None:
 
 
 def peer_copy_gbps(nbytes: int = 1 << 30, repeats: int = 20) -> float:
-    source = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
-    target = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    source = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{devices()[0]}")
+    target = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{devices()[1]}")
     target.copy_(source)
-    torch.cuda.synchronize(0)
-    torch.cuda.synchronize(1)
+    torch.cuda.synchronize(source.device)
+    torch.cuda.synchronize(target.device)
     start = time.perf_counter()
     for _ in range(repeats):
         target.copy_(source, non_blocking=True)
-    torch.cuda.synchronize(0)
-    torch.cuda.synchronize(1)
+    torch.cuda.synchronize(source.device)
+    torch.cuda.synchronize(target.device)
     return nbytes * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -135,7 +142,7 @@ def check_bytes(kv: PagedKVCache, remote: list[torch.Tensor], src, dst) -> None:
 
 
 def consumer(from_producer, to_producer, results, names, repeats, num_blocks) -> None:
-    device = torch.device("cuda", 1)
+    device = torch.device("cuda", devices()[1])
     torch.cuda.set_device(device)
     kv = make_kv(device, num_blocks, fill=False)
     port, plan = from_producer.get()
@@ -145,17 +152,22 @@ def consumer(from_producer, to_producer, results, names, repeats, num_blocks) ->
     welcome = client.hello(TransportHello("ipc", "check"))
     index = local_index_of(welcome.payload["device_uuid"])
     producer_layers = [import_tensor(e, index) for e in welcome.payload["layers"]]
-    rows = [{"transport": "peer copy (1 GiB, GPU0->GPU1)", "gbps": peer_copy_gbps()}]
+    src, dst = devices()
+    rows = [
+        {"transport": f"copy (1 GiB, GPU{src}->GPU{dst})", "gbps": peer_copy_gbps()}
+    ]
     rng = random.Random(1)
     for name in names:
         transport = get_transport(name)
         session = transport.open_session(client, kv, remote)
         link = ProducerLink("127.0.0.1", port, kv, timeout=120)
-        for tokens, lease in plan.items():
+        for tokens, per_read in plan.items():
+            lease = per_read[0]
             local_ids = rng.sample(range(1, num_blocks), len(lease.block_ids))
-            spec = LoadSpec(lease.request_id, lease, lease.block_ids, local_ids)
             times, copy_times = [], []
             for attempt in range(repeats + 2):
+                lease = per_read[attempt + (repeats + 2) * names.index(name)]
+                spec = LoadSpec(lease.request_id, lease, lease.block_ids, local_ids)
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
                 done = read_once(
@@ -214,7 +226,15 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     to_consumer, to_producer, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
     procs = [
-        ctx.Process(target=producer, args=(to_consumer, to_producer, args.pool_blocks)),
+        ctx.Process(
+            target=producer,
+            args=(
+                to_consumer,
+                to_producer,
+                args.pool_blocks,
+                (args.repeats + 2) * len(names),
+            ),
+        ),  # fmt: skip
         ctx.Process(
             target=consumer,
             args=(

@@ -230,7 +230,7 @@ class KVServer:
         elif isinstance(message, GetRankInfo):
             conn.queue.append(_encoded(self.info))
         elif isinstance(message, TransportHello):
-            conn.queue.append(_encoded(self._welcome(message)))
+            self._greet_session(conn, message)
         else:
             raise ProtocolError(f"unexpected message {type(message).__name__}")
 
@@ -253,6 +253,21 @@ class KVServer:
             self._node_key, message.request_id, message.prompt_hash, message.token
         ):
             self.leases.release(message.request_id, message.prompt_hash)
+
+    def _greet_session(self, conn: _Conn, hello: TransportHello) -> None:
+        """Answer a transport hello now (setting up a session comes before
+        any read on it), then let the transport finish with the consumer."""
+        welcome = self._welcome(hello)
+        conn.queue.append(_encoded(welcome))
+        self._answer(conn)
+        conn.channel.pump_out()
+        transport = self.transports.get(hello.transport)
+        if welcome.ok and transport is not None:
+            try:
+                transport.after_welcome(hello.session)
+            except Exception as exc:  # the consumer falls back
+                logger.warning("%s session setup failed: %s", hello.transport, exc)
+                transport.close_session(hello.session)
 
     def _welcome(self, hello: TransportHello) -> TransportWelcome:
         transport = self.transports.get(hello.transport)

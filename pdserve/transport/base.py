@@ -72,6 +72,11 @@ class KVTransport(ABC):
         """Accept a consumer's session; the default transport needs none."""
         return TransportWelcome(ok=True)
 
+    def after_welcome(self, session: str) -> None:
+        """Called once the welcome has left: finish a session setup that
+        needs the consumer (who only starts its part on the welcome)."""
+        return None
+
     @abstractmethod
     def serve(
         self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str

@@ -109,13 +109,14 @@ class _Session:
         """Copy one block both with torch (which also enables peer access)
         and with the kernel; refuse the session unless the bytes agree."""
         block = torch.tensor([0], dtype=torch.int64, device=kv.device)
+        # Segment by segment onto our GPU: nothing is allocated on theirs.
         expected = torch.cat(
             [
-                _raw_bytes(t)[o : o + lay.segment_bytes]
+                _raw_bytes(t)[o : o + lay.segment_bytes].to(kv.device)
                 for t, lay in zip(self.remote, self.copier.src_layouts, strict=True)
                 for o in lay.segment_offsets
             ]
-        ).to(kv.device)
+        )
         scratch = torch.zeros_like(expected)
         probe = BlockCopier(
             self.copier.src_layouts,

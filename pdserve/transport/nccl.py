@@ -120,6 +120,22 @@ class _Session:
     def staging_view(self, num: int) -> torch.Tensor:
         return self.staging[: num * self.kv.bytes_per_block()]
 
+    def connect(self, rank: int) -> None:
+        """Build the communicator now (NCCL does it on a pair's first
+        transfer, which both sides must enter): one byte, producer to
+        consumer, bounded by the store timeout."""
+        byte = torch.zeros(1, dtype=torch.uint8, device=self.kv.device)
+        with torch.cuda.device(self.kv.device), torch.cuda.stream(self.stream):
+            if rank == PRODUCER:
+                work = self.group.send([byte], CONSUMER, 0)
+            else:
+                work = self.group.recv([byte], PRODUCER, 0)
+        deadline = time.monotonic() + STORE_TIMEOUT.total_seconds()
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise TimeoutError("NCCL pair setup timed out")
+            time.sleep(0.001)
+
     def abort(self, reason: str) -> None:
         if not self.broken:
             logger.warning("pdserve: NCCL pair session aborted: %s", reason)
@@ -284,6 +300,11 @@ class NcclTransport(KVTransport):
         self._sessions[hello.session] = _Session(group, store, kv)
         return TransportWelcome(ok=True, payload={"store_port": store.port})
 
+    def after_welcome(self, session: str) -> None:
+        pair = self._sessions.get(session)
+        if pair is not None:
+            pair.connect(PRODUCER)
+
     def serve(
         self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
     ) -> Outgoing:
@@ -314,9 +335,13 @@ class NcclTransport(KVTransport):
             is_master=False,
             timeout=STORE_TIMEOUT,
         )
-        self._sessions[session] = _Session(
-            pair_group(store, CONSUMER, kv.device), store, kv
-        )
+        pair = _Session(pair_group(store, CONSUMER, kv.device), store, kv)
+        try:
+            pair.connect(CONSUMER)
+        except Exception as exc:
+            pair.abort(str(exc))
+            raise TransportUnavailable(f"NCCL pair setup failed: {exc}") from exc
+        self._sessions[session] = pair
         return session
 
     def receive(
