@@ -2,9 +2,9 @@
 # One GPU-box experiment per device call (see ../shared/gpu/README.md for the
 # staging): installs the carried vLLM, runs one experiment, and packs every log
 # and result into $OUT/results.tar.gz (only a few files come back).
-#   bash benchmarks/gpu_session.sh micro|exact|restart|e2e-aggregated|e2e-pdserve
+#   bash benchmarks/gpu_session.sh micro|exact|restart|e2e-aggregated|e2e-pdserve ...
+# (several experiments run one after another in the same call)
 set -uo pipefail
-what=$1
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT/r"
 bash /tmp/stage/tools/device_install.sh > "$OUT/r/install.log" 2>&1 || {
@@ -16,6 +16,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/r/gpus.csv" 2>&1
 QWEN=/tmp/stage/tools/model-qwen2-7b
 TINY=/tmp/stage/tools/tiny-model
 status=0
+for what in "$@"; do
 case $what in
   micro)
     python3 benchmarks/transport_microbench.py --transports "${TRANSPORTS:-ipc,nccl,tcp}" \
@@ -32,6 +33,7 @@ case $what in
       --seed "${SEED:-5000}" --out "$OUT/r/e2e" 2>&1 | tee "$OUT/r/e2e.txt" || status=1 ;;
   *) echo "unknown experiment $what"; status=2 ;;
 esac
+done
 # Whatever happened, the logs come back.
 pkill -9 -f "pdserve.entrypoints.api_server|plain_vllm|VLLM::" 2>/dev/null
 tar czf "$OUT/results.tar.gz" -C "$OUT" r && rm -rf "$OUT/r"

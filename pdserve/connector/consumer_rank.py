@@ -4,11 +4,17 @@ with the same index, then releases the lease.
 It knows the producer instance (epoch) it shook hands with. A lease from
 another instance means the producer restarted: the rank drops every session
 and mapping of the old one, shakes hands again and only then reads.
+
+A dead producer's GPU memory stays allocated while this rank maps it (ipc),
+so its restart on that GPU would not fit: a watch thread asks the producer
+rank who it is every second and, when it is gone or another instance, lets
+go of everything of it at once, even while our engine is idle (no step).
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
@@ -33,6 +39,9 @@ logger = init_logger(__name__)
 # After a failed handshake with a new producer instance, loads fail at once
 # (prefilled locally) for this long instead of trying again every step.
 REHANDSHAKE_BACKOFF_SECONDS = 1.0
+# How often the watch thread checks the producer rank, and how long it waits.
+WATCH_SECONDS = 1.0
+WATCH_TIMEOUT_SECONDS = 2.0
 
 
 class ConsumerRank:
@@ -53,8 +62,15 @@ class ConsumerRank:
         # Resolved once: the engine's thread never waits for DNS.
         self.host = socket.gethostbyname(settings.producer_kv_host)
         self.remote: RankInfo | None = None
+        self.remote_port = 0
+        # The producer we paired with is gone: pair again before any read.
+        self.stale = False
         self.transport: KVTransport = get_transport("tcp")
         self.session = ""
+        # The engine's thread and the watch thread never act at once.
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._watch: threading.Thread | None = None
         self._links: dict[int, ProducerLink] = {}
         self._handshake_failed_at = -REHANDSHAKE_BACKOFF_SECONDS
         self._done: set[str] = set()
@@ -100,7 +116,8 @@ class ConsumerRank:
             )
         self._drop_producer()
         self.transport, self.session = self._open_transport(client, remote)
-        self.remote = remote
+        self.remote, self.remote_port, self.stale = remote, client.port, False
+        self._start_watch()
         logger.info(
             "pdserve consumer rank %d paired with producer %s:%d (instance %s) over %s",
             self.tp_rank,
@@ -110,11 +127,52 @@ class ConsumerRank:
             self.transport.name,
         )
 
-    def _drop_producer(self) -> None:
+    def _drop_producer(self, reason: str = "producer changed") -> None:
         for link in self._links.values():
-            link.close()
+            for load in link.close(reason):
+                self._record(load)
         self._links.clear()
         self.transport.drop_sessions()
+
+    # ---- the watch ----
+
+    def _start_watch(self) -> None:
+        if self._watch is None:
+            self._watch = threading.Thread(
+                target=self._watch_producer,
+                name=f"pdserve-producer-watch-{self.tp_rank}",
+                daemon=True,
+            )
+            self._watch.start()
+
+    def _watch_producer(self) -> None:
+        while not self._stopped.wait(WATCH_SECONDS):
+            remote, port = self.remote, self.remote_port
+            if remote is None or self.stale or self._producer_alive(remote, port):
+                continue
+            with self._lock:
+                if self.remote is remote and not self.stale:
+                    self._forget_producer(remote)
+
+    def _producer_alive(self, remote: RankInfo, port: int) -> bool:
+        """False only when we know: nobody listens, or another instance."""
+        client = BlockingClient(self.host, port, WATCH_TIMEOUT_SECONDS, self._secret)
+        try:
+            return client.rank_info().epoch == remote.epoch
+        except (ConnectionRefusedError, ConnectionResetError):
+            return False
+        except Exception:  # slow or busy: it may well be alive
+            return True
+
+    def _forget_producer(self, remote: RankInfo) -> None:
+        logger.warning(
+            "pdserve: producer instance %s is gone; dropped its sessions and "
+            "mappings (a new instance is paired with on its first lease)",
+            remote.epoch,
+        )
+        self._drop_producer("producer gone")
+        self.transport, self.session = get_transport("tcp"), ""
+        self.stale = True
 
     def _open_transport(
         self, client: BlockingClient, remote: RankInfo
@@ -146,6 +204,15 @@ class ConsumerRank:
         releases: list[Lease],
         failed: list[tuple[str, list[int]]],
     ) -> None:
+        with self._lock:
+            self._start(loads, releases, failed)
+
+    def _start(
+        self,
+        loads: list[LoadSpec],
+        releases: list[Lease],
+        failed: list[tuple[str, list[int]]],
+    ) -> None:
         for request_id, block_ids in failed:
             self.stats.add("kv_load_failures")
             self._failed_blocks.update(block_ids)
@@ -153,13 +220,17 @@ class ConsumerRank:
         for spec in loads:
             self._start_load(spec)
         for lease in releases:
-            if self.remote is not None and lease.epoch == self.remote.epoch:
+            if (
+                self.remote is not None
+                and not self.stale
+                and lease.epoch == self.remote.epoch
+            ):
                 self._link(lease).release(lease)
             # A lease of an older instance ended with that instance.
 
     def _start_load(self, spec: LoadSpec) -> None:
         assert self.remote is not None
-        if spec.lease.epoch != self.remote.epoch:
+        if self.stale or spec.lease.epoch != self.remote.epoch:
             try:
                 self._rehandshake(spec.lease)
             except IncompatibleProducer as exc:
@@ -179,6 +250,10 @@ class ConsumerRank:
         return link
 
     def poll(self) -> None:
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
         for link in self._links.values():
             for load in link.pump():
                 self._record(load)
@@ -219,9 +294,16 @@ class ConsumerRank:
 
     def take_done(self) -> tuple[set[str], set[int]]:
         """Requests whose pulls ended, and the blocks of the failed ones."""
-        done, self._done = self._done, set()
-        failed, self._failed_blocks = self._failed_blocks, set()
+        with self._lock:
+            done, self._done = self._done, set()
+            failed, self._failed_blocks = self._failed_blocks, set()
         return done, failed
 
+    def take_stats(self) -> PDServeStats | None:
+        with self._lock:
+            return self.stats.take()
+
     def shutdown(self) -> None:
-        self._drop_producer()
+        self._stopped.set()
+        with self._lock:
+            self._drop_producer("shutting down")

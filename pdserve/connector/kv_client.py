@@ -192,12 +192,17 @@ class ProducerLink:
         except OSError as exc:
             self._fail_connection(str(exc))
 
-    def close(self) -> None:
-        self._fail_connection("link closed")
+    def close(self, reason: str = "link closed") -> list[Load]:
+        """Close the connection; every load it still had ends failed (and is
+        returned: the caller owns reporting it)."""
+        self._fail_connection(reason)
         for load in self._copying:
             if load.incoming is not None:
                 load.incoming.abort()
+            self._finish(load, reason)
         self._copying.clear()
+        finished, self._finished = self._finished, []
+        return finished
 
     # ---- connection ----
 

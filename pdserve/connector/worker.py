@@ -96,8 +96,9 @@ class PDServeWorker:
         return failed
 
     def take_stats(self) -> PDServeStats | None:
-        half = self.producer or self.consumer
-        return half.stats.take() if half is not None else None
+        if self.consumer is not None:
+            return self.consumer.take_stats()
+        return self.producer.stats.take() if self.producer is not None else None
 
     def shutdown(self) -> None:
         for half in (self.producer, self.consumer):

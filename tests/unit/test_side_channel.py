@@ -13,6 +13,7 @@ import torch
 from pdserve.connector.leases import LeaseTable
 from pdserve.lease import Lease
 from tests.unit.side_channel import (
+    EPOCH,
     NUM_BLOCKS,
     blocks_equal,
     empty_like,
@@ -334,3 +335,49 @@ def test_release_goes_out_in_the_step_the_load_finishes(closing):
         time.sleep(0.01)
 
     assert leases.take_released() == 1
+
+
+def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
+    """A dead producer's memory stays allocated while we map it: the watch
+    drops sessions and mappings without any engine step, and the next lease
+    pairs again before reading."""
+    producer = paged_kv()
+    server = start_server(producer)
+    rank = consumer_rank(empty_like(producer), server.port)
+    closing(rank)
+    dropped = []
+    rank.connect()
+    rank.transport.drop_sessions = lambda: dropped.append(True)
+    assert rank.remote.epoch == EPOCH and not rank.stale
+    port = server.port
+    server.close()
+
+    deadline = time.monotonic() + 10
+    while not rank.stale:  # nobody calls the rank: the engine is idle
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert dropped and rank.transport.name == "tcp"
+
+    # Back on the same port (same instance, here): paired again, then read.
+    again = start_server(producer, port=port)
+    closing(again)
+    lease = make_lease("a", [3, 5], port)
+    again.leases.grant("a", [3, 5], lease.prompt_hash)
+    consumer = rank.kv
+    assert run_load(rank, again, lease, [1, 2]) is None
+    assert not rank.stale
+    assert blocks_equal(producer, [3, 5], consumer, [1, 2])
+
+
+def test_consumer_keeps_a_producer_that_is_only_slow(closing):
+    """A producer that does not answer in time (busy, suspended) is kept."""
+    producer = paged_kv()
+    server = start_server(producer)
+    closing(server)
+    rank = consumer_rank(empty_like(producer), server.port)
+    closing(rank)
+    rank.connect()
+    server.pump = lambda timeout=0.0: None  # accepts, never answers
+    server._stopped.set()
+    time.sleep(4)
+    assert not rank.stale and rank.remote.epoch == EPOCH
