@@ -34,8 +34,14 @@ from pdserve.connector.metadata import LoadSpec
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease, lease_token
 from pdserve.protocol import RankInfo, TransportHello, prompt_hash
-from pdserve.transport import device_uuid, get_transport, host_identity
-from pdserve.transport.ipc import import_tensor, local_index_of
+from pdserve.transport import (
+    device_pci_bus_id,
+    device_uuid,
+    get_transport,
+    host_identity,
+)
+from pdserve.transport.devices import local_index_of
+from pdserve.transport.ipc import import_tensor
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 28, 4, 128, 16
 PROMPTS = (512, 2048, 8192)
@@ -61,7 +67,9 @@ def rank_info(kv: PagedKVCache) -> RankInfo:
         model="qwen2-7b-shape", dtype="bfloat16", tp_size=1, tp_rank=0,
         block_size=BLOCK, num_blocks=kv.num_blocks, layers=kv.layer_infos(),
         transports=["tcp", "ipc", "nccl"], device="cuda",
-        device_uuid=device_uuid(kv.device), host_id=host_identity(), epoch="bench",
+        device_uuid=device_uuid(kv.device),
+        device_pci_bus_id=device_pci_bus_id(kv.device),
+        host_id=host_identity(), epoch="bench",
     )  # fmt: skip
 
 
@@ -150,7 +158,9 @@ def consumer(from_producer, to_producer, results, names, repeats, num_blocks) ->
     remote = client.rank_info()
     # An independent mapping of the producer's cache, only to check bytes.
     welcome = client.hello(TransportHello("ipc", "check"))
-    index = local_index_of(welcome.payload["device_uuid"])
+    index = local_index_of(
+        welcome.payload["device_uuid"], welcome.payload["device_pci_bus_id"]
+    )
     producer_layers = [import_tensor(e, index) for e in welcome.payload["layers"]]
     src, dst = devices()
     rows = [

@@ -69,6 +69,7 @@ def check_compatible(local: RankInfo, remote: RankInfo) -> None:
         ("block size", local.block_size, remote.block_size),
         ("KV cache dtype", local.kv_cache_dtype, remote.kv_cache_dtype),
         ("number of KV layers", len(local.layers), len(remote.layers)),
+        *_layout_pairs(local, remote),
     ]
     for mine, theirs in zip(local.layers, remote.layers, strict=False):
         pairs += [
@@ -81,6 +82,29 @@ def check_compatible(local: RankInfo, remote: RankInfo) -> None:
             ),
         ]
     _raise_if(describe_mismatches(pairs))
+
+
+# What decides the meaning of a block's bytes beyond shapes and dtypes.
+LAYOUT_FIELDS = {
+    "attention_backend": "attention backend",
+    "layout": "KV cache layout",
+    "shuffled": "ROCm shuffled KV layout (VLLM_ROCM_SHUFFLE_KV_CACHE_LAYOUT)",
+    "block_size": "KV block size",
+    "kernel_block_size": "attention kernel block size",
+    "head_slots": "KV head slots per page",
+    "page_bytes": "bytes per KV page",
+    "kv_cache_dtype": "KV cache dtype",
+    "fp8_format": "fp8 format of the KV cache",
+}
+
+
+def _layout_pairs(
+    local: RankInfo, remote: RankInfo
+) -> list[tuple[str, object, object]]:
+    return [
+        (label, getattr(local.kv_layout, field), getattr(remote.kv_layout, field))
+        for field, label in LAYOUT_FIELDS.items()
+    ]
 
 
 def _layout(shape: list[int], block_dim: int) -> list[int]:

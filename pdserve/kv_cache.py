@@ -1,8 +1,11 @@
 """A rank's paged KV cache as the transports see it: layers of blocks.
 
-vLLM backends lay KV out differently (K/V first or blocks first, heads before
-or after tokens), so the block dimension is found per layer rather than
-assumed. Gather and scatter are batched tensor ops (index_select /
+Where vLLM says which dimension holds the blocks (its [B, H, N, C] layer
+views, vLLM >= 0.3x: dimension 0) that is used; older releases hand over
+backend-specific shapes (K/V first or blocks first), where the block
+dimension is the one sized by the block count. A vLLM block split into k
+kernel blocks (num_blocks * k rows) is viewed as (num_blocks, k): a block
+moves as its k kernel blocks. Gather and scatter are batched tensor ops (index_select /
 index_copy_), the same on CPU, CUDA and ROCm tensors.
 """
 
@@ -31,12 +34,43 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def group_kernel_blocks(
+    tensor: torch.Tensor, block_dim: int, kernel_blocks: int
+) -> torch.Tensor:
+    """View num_blocks * k kernel-block rows as (num_blocks, k)."""
+    if kernel_blocks == 1:
+        return tensor
+    return tensor.unflatten(block_dim, (-1, kernel_blocks))
+
+
 class PagedKVCache:
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
+    def __init__(
+        self,
+        kv_caches: dict[str, torch.Tensor],
+        num_blocks: int,
+        kernel_blocks: int = 1,
+        block_dim: int | None = None,
+    ) -> None:
+        """``block_dim``: where vLLM puts the (kernel) blocks, when it says;
+        ``kernel_blocks``: kernel blocks per vLLM block."""
         self.names = list(kv_caches)
-        self.layers = [kv_caches[name] for name in self.names]
         self.num_blocks = num_blocks
-        self.block_dims = [find_block_dim(t, num_blocks) for t in self.layers]
+        self.kernel_blocks = kernel_blocks
+        rows = num_blocks * kernel_blocks
+        self.block_dims = [
+            find_block_dim(t, rows) if block_dim is None else block_dim
+            for t in kv_caches.values()
+        ]
+        for tensor, dim in zip(kv_caches.values(), self.block_dims, strict=True):
+            if tensor.shape[dim] != rows:
+                raise ValueError(
+                    f"KV tensor {tuple(tensor.shape)} has {tensor.shape[dim]} "
+                    f"rows in dimension {dim}, expected {rows}"
+                )
+        self.layers = [
+            group_kernel_blocks(kv_caches[name], dim, kernel_blocks)
+            for name, dim in zip(self.names, self.block_dims, strict=True)
+        ]
 
     @property
     def device(self) -> torch.device:

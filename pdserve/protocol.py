@@ -21,6 +21,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from pdserve.kv_layout import KVLayout
+
 # Control messages are small; anything larger is a hostile or broken peer.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 # Before a peer has proven the KV secret it may send only this much a frame.
@@ -63,13 +65,17 @@ class RankInfo(msgspec.Struct, tag=True):
     transports: list[str]
     # vLLM's --kv-cache-dtype ("auto": the model's dtype).
     kv_cache_dtype: str = "auto"
-    # Where this rank runs: device kind, device uuid and host identity let a
-    # peer tell whether a GPU-direct transport can reach it.
+    # Where this rank runs: device kind, device uuid and PCI bus id, and host
+    # identity let a peer tell whether a GPU-direct transport can reach it
+    # ("" where unknown: then it cannot).
     device: str = "cpu"
     device_uuid: str = ""
+    device_pci_bus_id: str = ""
     host_id: str = ""
     # The producer instance (see Lease.epoch); empty on a consumer.
     epoch: str = ""
+    # What the KV bytes mean (backend, layout, kernel blocks, fp8 format).
+    kv_layout: KVLayout = KVLayout()
 
 
 class ServerHello(msgspec.Struct, tag=True):
@@ -111,6 +117,9 @@ class TransportHello(msgspec.Struct, tag=True):
     transport: _Short
     session: _Short
     payload: dict[str, Any] = {}
+    # The consumer rank saying hello (instance and TP rank): a new hello of
+    # the same consumer replaces its older session. "" from older consumers.
+    consumer_id: _Short = ""
 
 
 class TransportWelcome(msgspec.Struct, tag=True):

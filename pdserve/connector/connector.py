@@ -66,7 +66,7 @@ class PDServeConnector(KVConnectorBase_V1):
             self._worker = PDServeWorker(
                 settings,
                 vllm_config,
-                kv_cache_config.num_blocks,
+                kv_cache_config,
                 get_tensor_model_parallel_rank(),
             )
 

@@ -42,6 +42,10 @@ REHANDSHAKE_BACKOFF_SECONDS = 1.0
 # How often the watch thread checks the producer rank, and how long it waits.
 WATCH_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 2.0
+# A GPU-direct transport whose copies failed this many times in a row (no
+# successful load between) is given up for tcp: a broken peer mapping or
+# communicator would otherwise fail every pull and recompute every prompt.
+COPY_FAILURES_BEFORE_FALLBACK = 3
 
 
 class ConsumerRank:
@@ -67,6 +71,7 @@ class ConsumerRank:
         self.stale = False
         self.transport: KVTransport = get_transport("tcp")
         self.session = ""
+        self._copy_failures = 0  # in a row, of the current transport
         # The engine's thread and the watch thread never act at once.
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -115,7 +120,7 @@ class ConsumerRank:
                 remote.epoch,
             )
         self._drop_producer()
-        self.transport, self.session = self._open_transport(client, remote)
+        self._use(*self._open_transport(client, remote))
         self.remote, self.remote_port, self.stale = remote, client.port, False
         self._start_watch()
         logger.info(
@@ -171,7 +176,7 @@ class ConsumerRank:
             remote.epoch,
         )
         self._drop_producer("producer gone")
-        self.transport, self.session = get_transport("tcp"), ""
+        self._use(get_transport("tcp"), "")
         self.stale = True
 
     def _open_transport(
@@ -181,7 +186,10 @@ class ConsumerRank:
         for name in candidates(self.settings.transport, self.info, remote):
             transport = get_transport(name)
             try:
-                return transport, transport.open_session(client, self.kv, remote)
+                session = transport.open_session(
+                    client, self.kv, remote, self.consumer_id
+                )
+                return transport, session
             except (TransportUnavailable, OSError, RuntimeError) as exc:
                 logger.warning(
                     "pdserve: KV transport %s unavailable (%s); trying the next",
@@ -190,6 +198,26 @@ class ConsumerRank:
                 )
                 self.stats.add("kv_transport_fallbacks")
         raise AssertionError("tcp is always a candidate")
+
+    def _use(self, transport: KVTransport, session: str) -> None:
+        self.transport, self.session = transport, session
+        self._copy_failures = 0
+
+    def _fall_back_to_tcp(self, reason: str) -> None:
+        logger.warning(
+            "pdserve: KV transport %s failed (%s); using tcp from now on",
+            self.transport.name,
+            reason,
+        )
+        self.stats.add("kv_transport_fallbacks")
+        self.transport.drop_sessions()
+        self._use(get_transport("tcp"), "")
+
+    @property
+    def consumer_id(self) -> str:
+        """Who this rank is to a producer: a new hello of the same id
+        replaces the older session there."""
+        return f"{self.settings.instance_id}/{self.tp_rank}"
 
     def _client(self, port: int) -> BlockingClient:
         return BlockingClient(
@@ -218,7 +246,11 @@ class ConsumerRank:
             self._failed_blocks.update(block_ids)
             self._done.add(request_id)
         for spec in loads:
-            self._start_load(spec)
+            try:
+                self._start_load(spec)
+            except Exception as exc:  # never into vLLM's worker: recompute
+                self.stats.add("kv_connector_errors")
+                self._fail(spec, f"unexpected error: {exc!r}")
         for lease in releases:
             if (
                 self.remote is not None
@@ -255,22 +287,24 @@ class ConsumerRank:
 
     def _poll(self) -> None:
         for link in self._links.values():
-            for load in link.pump():
+            try:
+                finished = link.pump()
+            except Exception as exc:  # never into vLLM's worker: recompute
+                logger.exception("pdserve: KV link failed unexpectedly")
+                self.stats.add("kv_connector_errors")
+                finished = link.close(f"unexpected error: {exc!r}")
+            for load in finished:
                 self._record(load)
         if any(link.busy() for link in self._links.values()):
             pace(self.kv.device, CONSUMER_WAIT_SECONDS)
         if not self.transport.healthy(self.session):
-            logger.warning(
-                "pdserve: KV transport %s failed; using tcp from now on",
-                self.transport.name,
-            )
-            self.stats.add("kv_transport_fallbacks")
-            self.transport.drop_sessions()
-            self.transport, self.session = get_transport("tcp"), ""
+            self._fall_back_to_tcp("its session broke")
 
     def _record(self, load: Load) -> None:
         if load.error is not None:
+            self._count_copy_failure(load)
             return self._fail(load.spec, load.error)
+        self._copy_failures = 0
         self.stats.add("kv_loads")
         self.stats.add("kv_bytes_received", load.nbytes)
         self.stats.add("kv_blocks_received", len(load.spec.local_block_ids))
@@ -280,6 +314,20 @@ class ConsumerRank:
             self.stats.observe("ttft_transfer_wait_seconds", max(0.0, wait))
         self.stats.observe("ttft_transfer_copy_seconds", load.done_at - load.replied_at)
         self._done.add(load.spec.request_id)
+
+    def _count_copy_failure(self, load: Load) -> None:
+        """Another failed copy of the transport in use: give it up at the
+        limit. Reads refused or timed out say nothing about the transport."""
+        if not load.transport_failed or load.transport is not self.transport:
+            return
+        if self.transport.name == "tcp":
+            return  # nothing to fall back to
+        self._copy_failures += 1
+        if self._copy_failures >= COPY_FAILURES_BEFORE_FALLBACK:
+            self._fall_back_to_tcp(
+                f"{self._copy_failures} copies in a row failed, "
+                f"the latest: {load.error}"
+            )
 
     def _fail(self, spec: LoadSpec, reason: str) -> None:
         logger.warning(

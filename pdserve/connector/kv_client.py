@@ -119,6 +119,9 @@ class Load:
     sent_at: float = 0.0
     incoming: Incoming | None = None
     error: str | None = None
+    # The error is the transport's own: its device copy failed (counted
+    # towards giving that transport up), not the read or the connection.
+    transport_failed: bool = False
     nbytes: int = 0
     # Wall-clock times of the TTFT split: the producer's answer, KV in place.
     replied_at: float = 0.0
@@ -364,10 +367,24 @@ class ProducerLink:
             return True
         load.nbytes = sum(expected)
         load.replied_at = time.time()
-        load.incoming = load.transport.receive(
-            self.kv, load.spec.remote_block_ids, load.spec.local_block_ids, load.session
-        )
+        self._start_copy(load)
         return True
+
+    def _start_copy(self, load: Load) -> None:
+        try:
+            load.incoming = load.transport.receive(
+                self.kv,
+                load.spec.remote_block_ids,
+                load.spec.local_block_ids,
+                load.session,
+            )
+        except (ConnectionError, RuntimeError) as exc:
+            if load.transport.name == "tcp":
+                raise  # its payload follows on this connection: that must close
+            # A GPU-direct read has nothing on this connection, so only this
+            # load fails: its session was dropped, or the copy did not start.
+            self._copy_failed(load, exc)
+            self.release(load.spec.lease)
 
     def _take_payload(self, load: Load) -> bool:
         """Move payload bytes into the load; False until it has them all."""
@@ -387,7 +404,7 @@ class ProducerLink:
             try:
                 done = load.incoming.poll()
             except Exception as exc:  # a failed device copy: recompute
-                self._finish(load, f"{load.transport.name} copy failed: {exc}")
+                self._copy_failed(load, exc)
                 continue
             if done:
                 load.done_at = time.time()
@@ -407,6 +424,10 @@ class ProducerLink:
             for load in late:
                 self._waiting.remove(load)
                 self._finish(load, "KV transfer timed out (producer unreachable)")
+
+    def _copy_failed(self, load: Load, exc: Exception) -> None:
+        load.transport_failed = True
+        self._finish(load, f"{load.transport.name} copy failed: {exc}")
 
     def _finish(self, load: Load, error: str | None) -> None:
         load.error = error

@@ -20,7 +20,8 @@ COUNTERS = {
     "kv_bytes_sent": "KV cache bytes sent to consumers.",
     "kv_leases_expired": "Producer leases that ended by timeout, not release.",
     "kv_leases_released": "Producer leases that consumers released (read or given up).",
-    "kv_transport_fallbacks": "KV transports that failed at handshake (next tried).",
+    "kv_transport_fallbacks": "KV transports given up: at handshake (the next "
+    "tried) or later, broken or failing copies (tcp used from then on).",
     "kv_leases_refused": "Leases not loaded: not signed by this node, or malformed.",
     "kv_reads_refused": "Reads refused: unknown or ended lease, bad block ids.",
     "kv_connector_errors": "Unexpected connector errors (prompt prefilled locally).",

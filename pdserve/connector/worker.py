@@ -15,10 +15,21 @@ from pdserve.connector.metadata import PDServeMetadata
 from pdserve.connector.producer_rank import ProducerRank
 from pdserve.connector.stats import PDServeStats
 from pdserve.kv_cache import PagedKVCache, dtype_name
+from pdserve.kv_layout import (
+    KVLayout,
+    check_page_bytes,
+    describe_kv_layout,
+    kernel_blocks_in,
+)
 from pdserve.lease import node_key
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings, kv_secret
-from pdserve.transport import TRANSPORT_NAMES, device_uuid, host_identity
+from pdserve.transport import (
+    TRANSPORT_NAMES,
+    device_pci_bus_id,
+    device_uuid,
+    host_identity,
+)
 
 
 class PDServeWorker:
@@ -26,14 +37,16 @@ class PDServeWorker:
         self,
         settings: Settings,
         vllm_config,
-        num_blocks: int,
+        kv_cache_config,
         tp_rank: int,
     ) -> None:
         self.settings = settings
         self.vllm_config = vllm_config
-        self.num_blocks = num_blocks
+        self.kv_cache_config = kv_cache_config
+        self.num_blocks = kv_cache_config.num_blocks
         self.tp_rank = tp_rank
         self.kv: PagedKVCache | None = None
+        self.layout = KVLayout()
         self.producer: ProducerRank | None = None
         self.consumer: ConsumerRank | None = None
         # Blocks of failed pulls, reported with (never after) their requests.
@@ -56,12 +69,30 @@ class PDServeWorker:
             transports=list(TRANSPORT_NAMES) if kv.device.type == "cuda" else ["tcp"],
             device=kv.device.type,
             device_uuid=device_uuid(kv.device),
+            device_pci_bus_id=device_pci_bus_id(kv.device),
             host_id=host_identity(),
             epoch=self.settings.instance_id,
+            kv_layout=self.layout,
         )
 
+    def view_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> PagedKVCache:
+        """The rank's KV as vLLM's spec and layout describe it."""
+        # vLLM's [B, H, N, C] layer views (it names the layout) lead with the
+        # blocks; older releases hand over their backends' own shapes.
+        named = getattr(self.kv_cache_config, "kv_cache_layout", None)
+        block_dim = 0 if named else None
+        spec = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        first = next(iter(kv_caches.values()))
+        k = kernel_blocks_in(first, self.num_blocks, spec.block_size, block_dim)
+        kv = PagedKVCache(kv_caches, self.num_blocks, k, block_dim)
+        self.layout = describe_kv_layout(self.vllm_config, self.kv_cache_config, k)
+        check_page_bytes(
+            self.layout, [kv.block_nbytes(i) for i in range(len(kv.layers))]
+        )
+        return kv
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.kv = PagedKVCache(kv_caches, self.num_blocks)
+        self.kv = self.view_kv_caches(kv_caches)
         info = self.rank_info(self.kv)
         if self.settings.role == "producer":
             self.producer = ProducerRank(

@@ -5,16 +5,23 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import torch
-
 from pdserve.protocol import RankInfo
 from pdserve.transport.base import KVTransport, TransportUnavailable
+from pdserve.transport.devices import device_pci_bus_id, device_uuid, local_index_of
 from pdserve.transport.tcp import TcpTransport
 
 TRANSPORT_NAMES = ("tcp", "ipc", "nccl")
 CHOICES = ("auto", *TRANSPORT_NAMES)
 
-__all__ = ["KVTransport", "TransportUnavailable", "candidates", "get_transport"]
+__all__ = [
+    "KVTransport",
+    "TransportUnavailable",
+    "candidates",
+    "device_pci_bus_id",
+    "device_uuid",
+    "get_transport",
+    "host_identity",
+]
 
 
 def get_transport(name: str) -> KVTransport:
@@ -36,19 +43,21 @@ def candidates(requested: str, local: RankInfo, remote: RankInfo) -> list[str]:
     """Transports to try, best first; tcp always comes last as the fallback."""
     if requested != "auto":
         return [requested] if requested == "tcp" else [requested, "tcp"]
-    both_gpu = local.device == "cuda" and remote.device == "cuda"
-    if both_gpu and local.host_id and local.host_id == remote.host_id:
+    if local.device != "cuda" or remote.device != "cuda":
+        return ["tcp"]
+    if peer_gpu_visible(local, remote):
         return ["ipc", "nccl", "tcp"]
-    if both_gpu:
-        return ["nccl", "tcp"]
-    return ["tcp"]
+    return ["nccl", "tcp"]
 
 
-def device_uuid(device: torch.device) -> str:
-    """Identifies a GPU across processes whatever their CUDA_VISIBLE_DEVICES."""
-    if device.type != "cuda":
-        return ""
-    return str(getattr(torch.cuda.get_device_properties(device), "uuid", ""))
+def peer_gpu_visible(local: RankInfo, remote: RankInfo) -> bool:
+    """Whether the remote rank's GPU is one we can see and tell apart for
+    sure: a wrong guess would map another process's memory (ipc)."""
+    if not local.host_id or local.host_id != remote.host_id:
+        return False
+    if not (local.device_uuid and local.device_pci_bus_id):
+        return False
+    return local_index_of(remote.device_uuid, remote.device_pci_bus_id) is not None
 
 
 def host_identity() -> str:

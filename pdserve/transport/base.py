@@ -93,9 +93,12 @@ class KVTransport(ABC):
 
     # ---- consumer ----
 
-    def open_session(self, client, kv: PagedKVCache, remote: RankInfo) -> str:
+    def open_session(
+        self, client, kv: PagedKVCache, remote: RankInfo, consumer_id: str = ""
+    ) -> str:
         """Set up what reads from ``client``'s rank need (``client.hello`` sends
-        a TransportHello); returns the session id. Raises TransportUnavailable."""
+        a TransportHello naming this rank as ``consumer_id``); returns the
+        session id. Raises TransportUnavailable."""
         return ""
 
     @abstractmethod
@@ -137,13 +140,13 @@ def require_gpus(name: str, kv: PagedKVCache, remote: RankInfo) -> None:
 
 
 def greet(
-    name: str, client, kv: PagedKVCache, remote: RankInfo
+    name: str, client, kv: PagedKVCache, remote: RankInfo, consumer_id: str = ""
 ) -> tuple[str, TransportWelcome]:
     """Open a GPU-direct session with ``client``'s rank: a new session id and
     the producer's welcome. Raises TransportUnavailable."""
     require_gpus(name, kv, remote)
     session = secrets.token_hex(8)
-    welcome = client.hello(TransportHello(name, session))
+    welcome = client.hello(TransportHello(name, session, consumer_id=consumer_id))
     if not welcome.ok:
         raise TransportUnavailable(f"producer refused {name}: {welcome.error}")
     return session, welcome

@@ -13,7 +13,6 @@ place, with no staging anywhere. Triton runs on CUDA and ROCm.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -32,38 +31,41 @@ class BlockLayout:
     block_stride: int
 
 
+# More segments per block than this is a layout not worth copying this way.
+MAX_SEGMENTS = 4096
+
+
 def block_layout(tensor: torch.Tensor, block_dim: int) -> BlockLayout:
-    """Segments of a block, from strides: dims that vary slower than the block
-    dim split it into segments; faster ones must fill each segment densely."""
+    """Segments of a block, from strides: the innermost dims that are dense
+    make one contiguous segment; every other dim repeats it. Covers K/V-first
+    layouts (two segments), blocks-first ones (one) and block-outermost ones,
+    where a block holds every layer's page and a layer's page sits between
+    the other layers' (vLLM's B-outer KVCacheLayouts)."""
     elem = tensor.element_size()
-    stride = tensor.stride(block_dim)
-    inner = [d for d in range(tensor.dim()) if tensor.stride(d) < stride]
-    outer = [d for d in range(tensor.dim()) if tensor.stride(d) > stride]
-    dense = math.prod(tensor.shape[d] for d in inner)
-    if dense != stride or not _dense(tensor, inner):
-        raise ValueError(
-            f"KV layout {tuple(tensor.shape)} / {tensor.stride()} has gaps"
-        )
+    dims = sorted(
+        (d for d in range(tensor.dim()) if d != block_dim and tensor.shape[d] > 1),
+        key=tensor.stride,
+    )
+    run, dense = 1, 0
+    while dense < len(dims) and tensor.stride(dims[dense]) == run:
+        run *= tensor.shape[dims[dense]]
+        dense += 1
     offsets = [0]
-    for d in outer:
+    for d in dims[dense:]:
         offsets = [
             o + i * tensor.stride(d) for o in offsets for i in range(tensor.shape[d])
         ]
+        if len(offsets) > MAX_SEGMENTS:
+            raise ValueError(
+                f"KV layout {tuple(tensor.shape)} / {tensor.stride()} splits a "
+                f"block into more than {MAX_SEGMENTS} pieces"
+            )
     return BlockLayout(
         base=tensor.data_ptr(),
         segment_offsets=tuple(sorted(o * elem for o in offsets)),
-        segment_bytes=stride * elem,
-        block_stride=stride * elem,
+        segment_bytes=run * elem,
+        block_stride=tensor.stride(block_dim) * elem,
     )
-
-
-def _dense(tensor: torch.Tensor, dims: list[int]) -> bool:
-    expected = 1
-    for d in sorted(dims, key=tensor.stride):
-        if tensor.shape[d] > 1 and tensor.stride(d) != expected:
-            return False
-        expected *= tensor.shape[d]
-    return True
 
 
 def staging_layouts(

@@ -17,7 +17,6 @@ import torch
 from pdserve.channel import Channel
 from pdserve.kv_cache import PagedKVCache, dtype_name
 from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
-from pdserve.transport import device_uuid
 from pdserve.transport.base import (
     Incoming,
     KVTransport,
@@ -27,16 +26,10 @@ from pdserve.transport.base import (
     layer_sizes,
 )
 from pdserve.transport.block_copy import BlockCopier, block_layout, staging_layouts
+from pdserve.transport.devices import device_pci_bus_id, device_uuid, local_index_of
 
 # How long a producer keeps blocks for a consumer that copies by itself.
 HOLD_SECONDS = 30.0
-
-
-def local_index_of(uuid: str) -> int | None:
-    for index in range(torch.cuda.device_count()):
-        if device_uuid(torch.device("cuda", index)) == uuid:
-            return index
-    return None
 
 
 def export_tensor(tensor: torch.Tensor) -> dict[str, Any]:
@@ -178,7 +171,11 @@ class IpcTransport(KVTransport):
             return TransportWelcome(ok=False, error="producer KV is not on a GPU")
         if self._exported is None:
             self._exported = [export_tensor(t) for t in kv.layers]
-        payload = {"device_uuid": device_uuid(kv.device), "layers": self._exported}
+        payload = {
+            "device_uuid": device_uuid(kv.device),
+            "device_pci_bus_id": device_pci_bus_id(kv.device),
+            "layers": self._exported,
+        }
         return TransportWelcome(ok=True, payload=payload)
 
     def serve(
@@ -193,12 +190,18 @@ class IpcTransport(KVTransport):
 
     # ---- consumer ----
 
-    def open_session(self, client, kv: PagedKVCache, remote: RankInfo) -> str:
-        session, welcome = greet(self.name, client, kv, remote)
-        index = local_index_of(welcome.payload["device_uuid"])
+    def open_session(
+        self, client, kv: PagedKVCache, remote: RankInfo, consumer_id: str = ""
+    ) -> str:
+        session, welcome = greet(self.name, client, kv, remote, consumer_id)
+        index = local_index_of(
+            welcome.payload.get("device_uuid", ""),
+            welcome.payload.get("device_pci_bus_id", ""),
+        )
         if index is None:
             raise TransportUnavailable(
-                "producer GPU is not visible to this process (CUDA_VISIBLE_DEVICES?)"
+                "producer GPU is not visible to this process (CUDA_VISIBLE_DEVICES?) "
+                "or cannot be told apart (no UUID or PCI bus id, or a shared UUID)"
             )
         try:
             layers = [import_tensor(e, index) for e in welcome.payload["layers"]]
@@ -214,7 +217,10 @@ class IpcTransport(KVTransport):
         local_block_ids: list[int],
         session: str,
     ) -> Incoming:
-        return _Copying(self._sessions[session], kv, remote_block_ids, local_block_ids)
+        mapped = self._sessions.get(session)
+        if mapped is None:  # dropped while the read was on its way
+            raise ConnectionError("ipc session is unknown")
+        return _Copying(mapped, kv, remote_block_ids, local_block_ids)
 
     def drop_sessions(self) -> None:
         for session in self._sessions.values():

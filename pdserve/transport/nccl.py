@@ -11,6 +11,21 @@ transfer never writes into its blocks. Reads of a session follow one another
 polled every engine step, and a transfer past its deadline aborts the pair's
 communicator (never the process: the group is built without NCCL's
 process-killing error handling) and the session is dropped.
+
+Sessions: a producer keeps one per consumer rank. The hello names its
+consumer rank; a consumer that says hello again (it paired anew) has given
+up its older session, whose communicator, staging buffer and store the
+producer closes before building the new one (sessions.py).
+
+Streams: a session takes one stream of ours when it is built, on either
+side, and uses it for every gather, scatter and NCCL call of all its reads
+until it closes; its communicator adds NCCL's (RCCL's) own internal stream.
+Nothing creates a stream per read or per chunk. That keeps the count small
+and fixed, which matters on ROCm: HIP maps streams onto GPU_MAX_HW_QUEUES
+hardware queues (4 by default), and streams beyond that share queues, so
+their work serializes behind unrelated work. ``torch.cuda.Stream()`` takes
+its stream from torch's fixed per-device pool (round-robin), so even
+MAX_SESSIONS sessions never create more streams than that pool holds.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ from pdserve.transport.base import (
     require_gpus,
 )
 from pdserve.transport.block_copy import BlockCopier, block_layout, staging_layouts
+from pdserve.transport.sessions import SessionTable
 
 logger = init_logger(__name__)
 
@@ -78,6 +94,15 @@ def pair_group(store: Any, rank: int, device: torch.device) -> Any:
     return group
 
 
+def producer_store(host: str) -> Any:
+    """The TCPStore a pair rendezvouses through; the consumer connects."""
+    from torch.distributed import TCPStore
+
+    return TCPStore(
+        host, 0, 2, is_master=True, timeout=STORE_TIMEOUT, wait_for_workers=False
+    )
+
+
 def abort_group(group: Any) -> None:
     for name in ("abort", "_abort", "shutdown", "_shutdown"):
         method = getattr(group, name, None)
@@ -94,6 +119,7 @@ class _Session:
         self.group = group
         self.store = store  # kept alive: the group rendezvoused through it
         self.kv = kv
+        # The session's one stream, reused by all its reads (module docstring).
         self.stream = torch.cuda.Stream(device=kv.device)
         per_block = kv.bytes_per_block()
         self.chunk_blocks = max(1, STAGING_BYTES // per_block)
@@ -142,6 +168,13 @@ class _Session:
             self.broken = True
             abort_group(self.group)
         self.queue.clear()
+
+    def close(self, reason: str) -> None:
+        """Abort, and let go of the staging buffer and the store now: a read
+        still holding the session sees it broken and never touches them."""
+        self.abort(reason)
+        self.staging = torch.empty(0, dtype=torch.uint8, device=self.kv.device)
+        self.store = None
 
 
 def _ids(block_ids: list[int], device: torch.device) -> torch.Tensor:
@@ -277,27 +310,19 @@ class NcclTransport(KVTransport):
 
     def __init__(self, host: str = "0.0.0.0") -> None:
         self.host = host
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: SessionTable[_Session] = SessionTable(
+            lambda pair, reason: pair.close(reason), MAX_SESSIONS
+        )
 
     # ---- producer ----
 
     def welcome(self, hello: TransportHello, kv: PagedKVCache) -> TransportWelcome:
         if kv.device.type != "cuda":
             return TransportWelcome(ok=False, error="producer KV is not on a GPU")
-        from torch.distributed import TCPStore
-
-        while len(self._sessions) >= MAX_SESSIONS:
-            self.close_session(next(iter(self._sessions)))
-        store = TCPStore(
-            self.host,
-            0,
-            2,
-            is_master=True,
-            timeout=STORE_TIMEOUT,
-            wait_for_workers=False,
-        )
+        self._sessions.make_room(hello.session, hello.consumer_id)
+        store = producer_store(self.host)
         group = pair_group(store, PRODUCER, kv.device)
-        self._sessions[hello.session] = _Session(group, store, kv)
+        self._sessions.add(hello.session, hello.consumer_id, _Session(group, store, kv))
         return TransportWelcome(ok=True, payload={"store_port": store.port})
 
     def after_welcome(self, session: str) -> None:
@@ -315,19 +340,19 @@ class NcclTransport(KVTransport):
         return _Sending(pair, list(block_ids))
 
     def close_session(self, session: str) -> None:
-        pair = self._sessions.pop(session, None)
-        if pair is not None:
-            pair.abort("session closed")
+        self._sessions.close(session, "session closed")
 
     # ---- consumer ----
 
-    def open_session(self, client, kv: PagedKVCache, remote: RankInfo) -> str:
+    def open_session(
+        self, client, kv: PagedKVCache, remote: RankInfo, consumer_id: str = ""
+    ) -> str:
         require_gpus(self.name, kv, remote)
         import torch.distributed as dist
 
         if not dist.is_nccl_available():
             raise TransportUnavailable("this torch build has no NCCL/RCCL")
-        session, welcome = greet(self.name, client, kv, remote)
+        session, welcome = greet(self.name, client, kv, remote, consumer_id)
         store = dist.TCPStore(
             client.host,
             welcome.payload["store_port"],
@@ -341,7 +366,7 @@ class NcclTransport(KVTransport):
         except Exception as exc:
             pair.abort(str(exc))
             raise TransportUnavailable(f"NCCL pair setup failed: {exc}") from exc
-        self._sessions[session] = pair
+        self._sessions.add(session, "", pair)
         return session
 
     def receive(
@@ -351,9 +376,9 @@ class NcclTransport(KVTransport):
         local_block_ids: list[int],
         session: str,
     ) -> Incoming:
-        pair = self._sessions[session]
-        if pair.broken:
-            raise ConnectionError("nccl session is broken")
+        pair = self._sessions.get(session)
+        if pair is None or pair.broken:
+            raise ConnectionError("nccl session is unknown or broken")
         return _Receiving(pair, list(local_block_ids))
 
     def healthy(self, session: str) -> bool:
@@ -361,5 +386,4 @@ class NcclTransport(KVTransport):
         return pair is not None and not pair.broken
 
     def drop_sessions(self) -> None:
-        for session in list(self._sessions):
-            self.close_session(session)
+        self._sessions.close_all("session closed")

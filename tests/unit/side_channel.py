@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from pdserve.connector.consumer_rank import ConsumerRank
 from pdserve.connector.kv_client import LinkState, Load, ProducerLink
 from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
@@ -16,6 +17,7 @@ from pdserve.connector.metadata import LoadSpec
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease, lease_token
 from pdserve.protocol import RankInfo, prompt_hash
+from pdserve.settings import Settings
 from pdserve.transport import get_transport
 
 NODE_KEY = b"k" * 32
@@ -152,3 +154,45 @@ def blocks_equal(a: PagedKVCache, a_ids, b: PagedKVCache, b_ids) -> bool:
         )
         for layer in range(len(a.layers))
     )
+
+
+def one(finished: list[Load]) -> bool:
+    """``pump``'s stop condition for a single load."""
+    return len(finished) >= 1
+
+
+def consumer_rank(kv: PagedKVCache, port: int) -> ConsumerRank:
+    """A consumer rank of the producer rank at ``port`` (not yet paired)."""
+    settings = Settings(
+        role="consumer",
+        model="m",
+        producer_kv_host="127.0.0.1",
+        producer_kv_ports=[port],
+        connect_timeout=5,
+        transfer_timeout=5,
+    )
+    rank = ConsumerRank(settings, kv, rank_info_for(kv, epoch=""), 0, None)
+    rank.close = rank.shutdown
+    return rank
+
+
+def run_load(
+    rank: ConsumerRank, server: KVServer, lease: Lease, local: list[int]
+) -> str | None:
+    """One pull through the consumer rank; its error, or None."""
+    failures_before = rank.stats.data["kv_load_failures"]
+    rank.start(
+        [LoadSpec("c-" + lease.request_id, lease, lease.block_ids, local)], [], []
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        rank.poll()
+        server.step()
+        done, _ = rank.take_done()
+        if done:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    if rank.stats.data["kv_load_failures"] == failures_before:
+        return None
+    return rank.last_error

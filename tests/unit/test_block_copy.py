@@ -146,7 +146,30 @@ def test_layers_with_different_segments_are_refused():
         BlockCopier(layouts(a), layouts(b), anchor=a.layers[0])
 
 
-def test_layout_with_gaps_is_refused():
+def test_layout_with_gaps_copies_only_the_real_bytes():
     padded = torch.zeros(2, N, 16, 2, 10)[..., :8]  # every row padded by 2
-    with pytest.raises(ValueError, match="gaps"):
-        block_layout(padded, 1)
+    layout = block_layout(padded, 1)
+    assert layout.segment_bytes == 8 * 4
+    assert len(layout.segment_offsets) == 2 * 16 * 2
+    assert layout.segment_offsets[:2] == (0, 10 * 4)  # the padding is skipped
+    assert layout.block_stride == 16 * 2 * 10 * 4
+
+
+def test_layout_split_into_too_many_pieces_is_refused():
+    strided = torch.zeros(N, 8192, 2)[..., :1]  # one float per 8 bytes
+    with pytest.raises(ValueError, match="pieces"):
+        block_layout(strided, 0)
+
+
+def test_block_outermost_layout_copies_each_layers_page():
+    """vLLM's B-outer layouts: one block holds every layer's page."""
+    raw = torch.randn(N, 3, 16, 2, 8)  # [B, L, N, H, C]
+    src = PagedKVCache({f"l{i}": raw[:, i] for i in range(3)}, N, block_dim=0)
+    dst_raw = torch.zeros_like(raw)
+    dst = PagedKVCache({f"l{i}": dst_raw[:, i] for i in range(3)}, N, block_dim=0)
+    assert block_layout(src.layers[1], 0).block_stride == 3 * 16 * 2 * 8 * 4
+    BlockCopier(layouts(src), layouts(dst), anchor=dst_raw).copy(
+        torch.tensor([1, 4]), torch.tensor([0, 2])
+    )
+    assert torch.equal(dst_raw[[0, 2]], raw[[1, 4]])
+    assert not dst_raw[[1, 3]].any()

@@ -22,6 +22,7 @@ from pdserve.protocol import (
     ReadBlocks,
     ReadReply,
     Release,
+    TransportHello,
     decode_body,
     encode_frame,
     prompt_hash,
@@ -65,6 +66,7 @@ MESSAGES = [
     Release(request_id="r-ü", token="t", prompt_hash="h"),
     Ack(ok=True),
     Ack(ok=False, error="nope"),
+    TransportHello("nccl", "0123abcd", consumer_id="a1b2c3/1"),
 ]
 
 
@@ -301,3 +303,36 @@ def test_stream_stays_usable_after_a_bad_body(pair):
     with pytest.raises(ProtocolError):
         receive(b)
     assert receive(b) == Ack(ok=True)
+
+
+class OlderTransportHello(msgspec.Struct, tag="TransportHello"):
+    """TransportHello as peers before ``consumer_id`` send and decode it."""
+
+    transport: str
+    session: str
+    payload: dict = {}
+
+
+def test_transport_hello_without_consumer_id_decodes_both_ways():
+    older = msgspec.msgpack.encode(OlderTransportHello("nccl", "s"))
+    assert decode_body(older) == TransportHello("nccl", "s", consumer_id="")
+
+    newer = msgspec.msgpack.encode(TransportHello("nccl", "s", consumer_id="c/0"))
+    assert msgspec.msgpack.decode(newer, type=OlderTransportHello).session == "s"
+
+
+def test_rank_info_without_pci_bus_id_decodes_both_ways():
+    info = msgspec.structs.replace(
+        rank_info(), device_uuid="GPU-1", device_pci_bus_id="0000:1a:00"
+    )
+    fields = msgspec.to_builtins(info)
+    del fields["device_pci_bus_id"]  # as a peer before the field sends it
+    older = decode_body(msgspec.msgpack.encode(fields))
+    assert isinstance(older, RankInfo)
+    assert older.device_pci_bus_id == "" and older.device_uuid == "GPU-1"
+
+    class OlderRankInfo(msgspec.Struct, tag="RankInfo"):
+        device_uuid: str = ""
+
+    newer = msgspec.msgpack.decode(encode_frame(info)[4:], type=OlderRankInfo)
+    assert newer.device_uuid == "GPU-1"

@@ -16,12 +16,15 @@ from tests.unit.side_channel import (
     EPOCH,
     NUM_BLOCKS,
     blocks_equal,
+    consumer_rank,
     empty_like,
     link_to,
     load_of,
     make_lease,
+    one,
     paged_kv,
     pump,
+    run_load,
     start_server,
 )
 
@@ -31,18 +34,6 @@ LAYOUTS = {
     "heads_before_tokens": (2, NUM_BLOCKS, 2, 16, 8),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture
-def closing():
-    things = []
-    yield things.append
-    for thing in things:
-        thing.close()
-
-
-def one(finished):
-    return len(finished) >= 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -275,46 +266,6 @@ def test_restarted_producer_is_a_new_producer(closing):
     assert blocks_equal(new.kv, [6, 7], consumer, [3, 4])
 
 
-def consumer_rank(kv, port: int):
-    from pdserve.connector.consumer_rank import ConsumerRank
-    from pdserve.settings import Settings
-    from tests.unit.side_channel import rank_info_for
-
-    settings = Settings(
-        role="consumer",
-        model="m",
-        producer_kv_host="127.0.0.1",
-        producer_kv_ports=[port],
-        connect_timeout=5,
-        transfer_timeout=5,
-    )
-    rank = ConsumerRank(settings, kv, rank_info_for(kv, epoch=""), 0, None)
-    rank.close = rank.shutdown
-    return rank
-
-
-def run_load(rank, server, lease: Lease, local: list[int]) -> str | None:
-    """One pull through the consumer rank; its error, or None."""
-    from pdserve.connector.metadata import LoadSpec
-
-    failures_before = rank.stats.data["kv_load_failures"]
-    rank.start(
-        [LoadSpec("c-" + lease.request_id, lease, lease.block_ids, local)], [], []
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        rank.poll()
-        server.step()
-        done, _ = rank.take_done()
-        if done:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    if rank.stats.data["kv_load_failures"] == failures_before:
-        return None
-    return rank.last_error
-
-
 def test_release_goes_out_in_the_step_the_load_finishes(closing):
     """The consumer's engine may not step again after a request's last pull
     (nothing else waits): the release must leave in that same step."""
@@ -381,3 +332,24 @@ def test_consumer_keeps_a_producer_that_is_only_slow(closing):
     server._stopped.set()
     time.sleep(4)
     assert not rank.stale and rank.remote.epoch == EPOCH
+
+
+def test_unexpected_error_in_a_link_fails_its_loads_not_the_engine(closing):
+    """Anything a link raises stays in the connector: the load is recomputed
+    and counted, vLLM's worker sees no exception."""
+    producer = paged_kv()
+    server = start_server(producer)
+    closing(server)
+    rank = consumer_rank(empty_like(producer), server.port)
+    closing(rank)
+    rank.connect()
+    lease = make_lease("x", [3], server.port)
+    server.leases.grant("x", [3], lease.prompt_hash)
+
+    def broken(*_):
+        raise RuntimeError("out of memory")
+
+    rank.transport.receive = broken
+    error = run_load(rank, server, lease, [1])
+    assert error is not None and "out of memory" in error
+    assert rank.stats.data["kv_connector_errors"] == 1
