@@ -41,12 +41,13 @@ class ProducerRank:
         self.stats = PDServeStats()
         logger.info(
             "pdserve producer rank %d serves KV on port %d (%d layers, %d B/block, "
-            "KV secret %s)",
+            "KV secret %s; %s)",
             tp_rank,
             self.server.port,
             len(kv.layers),
             kv.bytes_per_block(),
             "required" if secret else "off",
+            info.kv_layout,
         )
 
     def start(self, grants: list[LeaseGrant]) -> None:

@@ -196,3 +196,14 @@ def run_load(
     if rank.stats.data["kv_load_failures"] == failures_before:
         return None
     return rank.last_error
+
+
+def paired_rank(closing) -> tuple[PagedKVCache, KVServer, ConsumerRank]:
+    """A producer's cache and server, and a consumer rank paired with it."""
+    producer = paged_kv()
+    server = start_server(producer)
+    closing(server)
+    rank = consumer_rank(empty_like(producer), server.port)
+    closing(rank)
+    rank.connect()
+    return producer, server, rank

@@ -23,6 +23,7 @@ from tests.unit.side_channel import (
     make_lease,
     one,
     paged_kv,
+    paired_rank,
     pump,
     run_load,
     start_server,
@@ -322,12 +323,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
 
 def test_consumer_keeps_a_producer_that_is_only_slow(closing):
     """A producer that does not answer in time (busy, suspended) is kept."""
-    producer = paged_kv()
-    server = start_server(producer)
-    closing(server)
-    rank = consumer_rank(empty_like(producer), server.port)
-    closing(rank)
-    rank.connect()
+    _, server, rank = paired_rank(closing)
     server.pump = lambda timeout=0.0: None  # accepts, never answers
     server._stopped.set()
     time.sleep(4)
@@ -337,12 +333,7 @@ def test_consumer_keeps_a_producer_that_is_only_slow(closing):
 def test_unexpected_error_in_a_link_fails_its_loads_not_the_engine(closing):
     """Anything a link raises stays in the connector: the load is recomputed
     and counted, vLLM's worker sees no exception."""
-    producer = paged_kv()
-    server = start_server(producer)
-    closing(server)
-    rank = consumer_rank(empty_like(producer), server.port)
-    closing(rank)
-    rank.connect()
+    _, server, rank = paired_rank(closing)
     lease = make_lease("x", [3], server.port)
     server.leases.grant("x", [3], lease.prompt_hash)
 
