@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from goodput import SLOS, summarize
+
 from pdserve.local_cluster import ServerProcess, free_port, scrape_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -227,7 +229,7 @@ def bench(
         "--seed", str(seed), "--percentile-metrics", ",".join(METRICS),
         "--metric-percentiles", ",".join(map(str, PERCENTILES)),
         "--save-result", "--result-dir", str(out), "--result-filename", name,
-        "--disable-tqdm",
+        "--disable-tqdm", "--save-detailed",
     ]  # fmt: skip
     before = scrape_metrics(deployment.decode_url)
     run = subprocess.run(
@@ -243,6 +245,7 @@ def bench(
         print(f"bench failed ({deployment.setup}, rate {rate}):\n{run.stderr[-3000:]}")
         return None
     result = json.loads((out / name).read_text())
+    result.update(summarize(result))
     result.update(kv_per_request(deployment.setup, before, after))
     result.update(setup=deployment.setup, rate=rate, seed=seed)
     (out / name).write_text(json.dumps(result, indent=1))
@@ -265,6 +268,8 @@ def row(result: dict) -> str:
         )
     else:
         cells.append("-")
+    for slo in SLOS:
+        cells.append(f"{result.get(f'goodput_{slo.name}', float('nan')):.2f}")
     split = result.get("ttft_split_ms")
     cells.append(" / ".join(f"{v:.1f}" for v in split.values()) if split else "-")
     return "| " + " | ".join(cells) + " |"
@@ -273,9 +278,12 @@ def row(result: dict) -> str:
 TABLE_HEAD = (
     "| setup | req/s | done/failed | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms"
     " | ITL p50/p90/p99 ms | KV per transfer (decode node metrics)"
-    " | TTFT split, mean ms: "
+    + "".join(f" | goodput {slo} req/s" for slo in SLOS)
+    + " | TTFT split, mean ms: "
     + " / ".join(TTFT_PHASES)
-    + " |\n|---|---|---|---|---|---|---|---|"
+    + " |\n|---|---|---|---|---|---|---|"
+    + "---|" * len(SLOS)
+    + "---|"
 )
 
 
