@@ -62,17 +62,19 @@ class Channel:
     # ---- reading ----
 
     def pump_in(self) -> None:
-        """Buffer whatever has arrived; raises ConnectionError when the peer
-        closed the connection."""
-        while True:
+        """Buffer what has arrived, up to one largest frame (the rest waits in
+        the socket: a peer cannot make us hold more); raises ConnectionError
+        when the peer closed the connection."""
+        while (room := self.frames.max_frame + 5 - len(self.frames)) > 0:
+            want = min(RECV_BYTES, room)
             try:
-                data = self.sock.recv(RECV_BYTES)
+                data = self.sock.recv(want)
             except (BlockingIOError, InterruptedError):
                 return
             if not data:
                 raise ConnectionError("peer closed the connection")
             self.frames.feed(data)
-            if len(data) < RECV_BYTES:
+            if len(data) < want:
                 return
 
     def next_message(self) -> Message | None:

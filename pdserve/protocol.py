@@ -24,13 +24,14 @@ import msgspec
 from pdserve.kv_layout import KVLayout
 
 # Control messages are small; anything larger is a hostile or broken peer.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
+MAX_FRAME_BYTES = 4 * 1024 * 1024
 # Before a peer has proven the KV secret it may send only this much a frame.
 MAX_UNAUTHENTICATED_FRAME_BYTES = 4096
 _LENGTH = struct.Struct(">I")
 
-# A read names at most this many blocks (a lease holds at most as many).
-MAX_READ_BLOCKS = 1 << 20
+# A read names at most this many blocks (a lease holds at most as many):
+# 2M tokens at block size 16, past any model's context.
+MAX_READ_BLOCKS = 1 << 17
 _Short = Annotated[str, msgspec.Meta(max_length=256)]
 _BlockIds = Annotated[
     list[Annotated[int, msgspec.Meta(ge=0, lt=1 << 40)]],
@@ -136,6 +137,9 @@ class ReadReply(msgspec.Struct, tag=True):
     # Transports whose consumer copies by itself (ipc): how long, from the
     # consumer's sending of the read, the producer keeps the blocks for it.
     hold_seconds: float = 0.0
+    # The producer has no (or a broken) transport session by the read's
+    # name: the consumer's session is dead and must not be used again.
+    session_lost: bool = False
 
 
 class Release(msgspec.Struct, tag=True):

@@ -48,6 +48,15 @@ WATCH_TIMEOUT_SECONDS = 2.0
 COPY_FAILURES_BEFORE_FALLBACK = 3
 
 
+def resolve(name: str) -> list[str]:
+    """The IPv4/IPv6 addresses ``name`` has now; [] if it has none now."""
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 class ConsumerRank:
     def __init__(
         self,
@@ -152,12 +161,31 @@ class ConsumerRank:
 
     def _watch_producer(self) -> None:
         while not self._stopped.wait(WATCH_SECONDS):
+            self._follow_address()
             remote, port = self.remote, self.remote_port
             if remote is None or self.stale or self._producer_alive(remote, port):
                 continue
             with self._lock:
                 if self.remote is remote and not self.stale:
                     self._forget_producer(remote)
+
+    def _follow_address(self) -> None:
+        """A replaced producer (a new Kubernetes pod) has a new address under
+        the same name: leave the old one, pair with the new on its lease."""
+        assert self.settings.producer_kv_host is not None
+        addresses = resolve(self.settings.producer_kv_host)
+        if not addresses or self.host in addresses:
+            return  # unknown now, or still ours (a name may have several)
+        with self._lock:
+            logger.warning(
+                "pdserve: producer %s moved from %s to %s",
+                self.settings.producer_kv_host,
+                self.host,
+                addresses[0],
+            )
+            if self.remote is not None and not self.stale:
+                self._forget_producer(self.remote)
+            self.host = addresses[0]
 
     def _producer_alive(self, remote: RankInfo, port: int) -> bool:
         """False only when we know: nobody listens, or another instance."""
@@ -256,9 +284,11 @@ class ConsumerRank:
                 self.remote is not None
                 and not self.stale
                 and lease.epoch == self.remote.epoch
+                and len(lease.kv_ports) > self.tp_rank
             ):
                 self._link(lease).release(lease)
-            # A lease of an older instance ended with that instance.
+            # A lease of an older instance ended with that instance; one
+            # naming no port of ours opened nothing here.
 
     def _start_load(self, spec: LoadSpec) -> None:
         assert self.remote is not None
@@ -267,6 +297,12 @@ class ConsumerRank:
                 self._rehandshake(spec.lease)
             except IncompatibleProducer as exc:
                 return self._fail(spec, f"producer changed: {exc}")
+        assert self.remote is not None
+        if len(spec.lease.kv_ports) <= self.tp_rank:
+            return self._fail(spec, "the lease names no KV port for this rank")
+        if max(spec.remote_block_ids, default=0) >= self.remote.num_blocks:
+            # A device copy would read past the producer's cache.
+            return self._fail(spec, "the lease names blocks the producer lacks")
         deadline = time.monotonic() + self.settings.transfer_timeout
         load = Load(spec, self.transport, self.session, deadline)
         self._link(spec.lease).submit(load)
@@ -323,7 +359,8 @@ class ConsumerRank:
         if self.transport.name == "tcp":
             return  # nothing to fall back to
         self._copy_failures += 1
-        if self._copy_failures >= COPY_FAILURES_BEFORE_FALLBACK:
+        # A session the producer has dropped is dead at once.
+        if self._copy_failures >= COPY_FAILURES_BEFORE_FALLBACK or load.session_lost:
             self._fall_back_to_tcp(
                 f"{self._copy_failures} copies in a row failed, "
                 f"the latest: {load.error}"

@@ -122,6 +122,8 @@ class Load:
     # The error is the transport's own: its device copy failed (counted
     # towards giving that transport up), not the read or the connection.
     transport_failed: bool = False
+    # ...because the producer no longer has the session: it is dead.
+    session_lost: bool = False
     nbytes: int = 0
     # Wall-clock times of the TTFT split: the producer's answer, KV in place.
     replied_at: float = 0.0
@@ -348,6 +350,8 @@ class ProducerLink:
         if not isinstance(reply, ReadReply):
             raise ProtocolError(f"expected ReadReply, got {type(reply).__name__}")
         if not reply.ok:
+            # A session the producer no longer has is this transport's failure.
+            load.transport_failed = load.session_lost = reply.session_lost
             self._finish(load, f"producer refused the read: {reply.error}")
             self.release(load.spec.lease)  # in case it is granted after all
             return True

@@ -6,8 +6,9 @@ without ever blocking. vLLM's CPU workers spin between steps and keep the
 GIL from other threads of their process for minutes, so serving reads from a
 thread of our own could starve; the engine keeps stepping while any lease is
 held, so every read is served within a step or two. While the engine is
-idle (nothing leased: handshakes, reads of unknown leases) a small thread
-takes over the same pump.
+idle (no step for 50 ms) a small thread pumps control messages only:
+accepting, authenticating, rank info, session hellos and refusing reads of
+unknown leases. KV only ever moves on the engine's thread.
 
 Hostile peers cost little: connections are capped, a peer that has not
 proven the KV secret may send only tiny frames and must finish the exchange
@@ -33,6 +34,7 @@ from pdserve.lease import token_valid
 from pdserve.log import init_logger
 from pdserve.protocol import (
     MAX_FRAME_BYTES,
+    MAX_READ_BLOCKS,
     MAX_UNAUTHENTICATED_FRAME_BYTES,
     Ack,
     AuthProof,
@@ -50,13 +52,17 @@ from pdserve.protocol import (
     encode_frame,
 )
 from pdserve.transport import KVTransport
-from pdserve.transport.base import Outgoing
+from pdserve.transport.base import Outgoing, SessionLost
 
 logger = init_logger(__name__)
 
 MAX_CONNECTIONS = 256
 # Requests one connection may have waiting for their answers.
 MAX_QUEUED_PER_CONNECTION = 1024
+# ...naming at most this many blocks in all, and no new request is read
+# from a connection that has this many answer bytes not yet taken.
+MAX_QUEUED_BLOCKS_PER_CONNECTION = MAX_READ_BLOCKS
+MAX_PENDING_OUT_BYTES = 8 * 1024 * 1024
 IDLE_CONNECTION_SECONDS = 300.0
 # An unauthenticated peer holds a connection at most this long in all.
 AUTH_SECONDS = 10.0
@@ -95,6 +101,7 @@ class _Conn:
     queue: deque[bytes | _Read] = field(default_factory=deque)
     # The read whose payload is being queued on the channel.
     streaming: tuple[str, Outgoing] | None = None
+    queued_blocks: int = 0
 
 
 class KVServer:
@@ -140,10 +147,16 @@ class KVServer:
 
     def _idle_loop(self) -> None:
         while not self._stopped.wait(IDLE_POLL_SECONDS):
-            if time.monotonic() - self._last_step >= ENGINE_IDLE_SECONDS:
-                self.pump(IDLE_POLL_SECONDS)
+            if time.monotonic() - self._last_step < ENGINE_IDLE_SECONDS:
+                continue
+            try:
+                self.pump(IDLE_POLL_SECONDS, control_only=True)
+            except Exception:  # this thread must outlive any bug
+                logger.exception("pdserve KV server: idle pump failed")
 
-    def pump(self, timeout: float = 0.0) -> None:
+    def pump(self, timeout: float = 0.0, control_only: bool = False) -> None:
+        """``control_only``: answer everything but reads of real leases and
+        payloads, which wait for the engine's thread."""
         with self._lock:
             if self._stopped.is_set():
                 return
@@ -152,7 +165,7 @@ class KVServer:
                     self._accept()
                 else:
                     self._read_from(key.data)
-            self._progress()
+            self._progress(control_only)
 
     def close(self) -> None:
         with self._lock:
@@ -202,6 +215,8 @@ class KVServer:
         conn.channel.close()
 
     def _read_from(self, conn: _Conn) -> None:
+        if conn.channel.pending_out > MAX_PENDING_OUT_BYTES:
+            return  # it takes its answers first
         try:
             conn.channel.pump_in()
             while (message := conn.channel.next_message()) is not None:
@@ -215,6 +230,9 @@ class KVServer:
             self._drop(conn)
         except OSError:  # ConnectionError included: the peer went away
             self._drop(conn)
+        except Exception:  # a bug costs this connection, never the server
+            logger.exception("Closing KV connection from %s", conn.peer)
+            self._drop(conn)
 
     # ---- requests ----
 
@@ -224,6 +242,9 @@ class KVServer:
         if len(conn.queue) >= MAX_QUEUED_PER_CONNECTION:
             raise ProtocolError("too many requests waiting on one connection")
         if isinstance(message, ReadBlocks):
+            conn.queued_blocks += len(message.block_ids)
+            if conn.queued_blocks > MAX_QUEUED_BLOCKS_PER_CONNECTION:
+                raise ProtocolError("too many blocks asked for on one connection")
             conn.queue.append(_Read(message, self.leases.step, time.monotonic()))
         elif isinstance(message, Release):
             self._release(message)
@@ -273,6 +294,10 @@ class KVServer:
         transport = self.transports.get(hello.transport)
         if transport is None:
             return TransportWelcome(ok=False, error=f"{hello.transport} not served")
+        if hello.transport == "nccl" and self._secret is None:
+            # Setting up an NCCL pair holds this engine until the peer joins,
+            # through a store anyone could join: only for proven peers.
+            return TransportWelcome(ok=False, error="nccl needs a KV secret")
         try:
             return transport.welcome(hello, self.kv)
         except Exception as exc:  # a refusal, never a dead server
@@ -281,13 +306,17 @@ class KVServer:
 
     # ---- answers, in order, as far as they can go now ----
 
-    def _progress(self) -> None:
+    def _progress(self, control_only: bool = False) -> None:
         now = time.monotonic()
         for conn in list(self._conns.values()):
             try:
-                self._answer(conn)
+                self._answer(conn, control_only)
                 conn.channel.pump_out()
             except OSError:
+                self._drop(conn)
+                continue
+            except Exception:  # a bug costs this connection, never the engine
+                logger.exception("Closing KV connection from %s", conn.peer)
                 self._drop(conn)
                 continue
             if conn.nonce is not None and now > conn.deadline:
@@ -298,9 +327,11 @@ class KVServer:
             elif now - conn.last_active > IDLE_CONNECTION_SECONDS and not conn.queue:
                 self._drop(conn)
 
-    def _answer(self, conn: _Conn) -> None:
+    def _answer(self, conn: _Conn, control_only: bool = False) -> None:
         while True:
             if conn.streaming is not None:
+                if control_only:
+                    return
                 request_id, outgoing = conn.streaming
                 if not outgoing.advance():
                     return
@@ -311,9 +342,27 @@ class KVServer:
             head = conn.queue[0]
             if isinstance(head, bytes):
                 conn.channel.send_raw(head)
-            elif not self._start_read(conn, head):
+            elif control_only and not self._refused_now(conn, head):
+                return  # a real lease's read: the engine's thread serves it
+            elif not control_only and not self._start_read(conn, head):
                 return  # its grant has not arrived yet
             conn.queue.popleft()
+            if isinstance(head, _Read):
+                conn.queued_blocks -= len(head.message.block_ids)
+
+    def _refused_now(self, conn: _Conn, read: _Read) -> bool:
+        """Refuse a read that opens no lease here without the engine."""
+        try:
+            self._check(read.message)
+        except ReadRefused as exc:
+            self._refuse(conn, read.message, exc)
+            return True
+        return False
+
+    def _refuse(self, conn: _Conn, message: ReadBlocks, exc: ReadRefused) -> None:
+        logger.debug("pdserve: refusing read of %s: %s", message.request_id, exc)
+        self._refused += 1
+        conn.channel.send(ReadReply(ok=False, error=str(exc)))
 
     def _start_read(self, conn: _Conn, read: _Read) -> bool:
         """Start answering ``read``; False while it waits for its grant."""
@@ -330,9 +379,7 @@ class KVServer:
                     return False
                 raise ReadRefused(f"no lease for request {message.request_id}")
         except ReadRefused as exc:
-            logger.debug("pdserve: refusing read of %s: %s", message.request_id, exc)
-            self._refused += 1
-            conn.channel.send(ReadReply(ok=False, error=str(exc)))
+            self._refuse(conn, message, exc)
             return True
         try:
             outgoing = transport.serve(
@@ -341,7 +388,13 @@ class KVServer:
         except Exception as exc:
             self.leases.close_read(message.request_id)
             logger.warning("pdserve: serving %s failed: %s", message.request_id, exc)
-            conn.channel.send(ReadReply(ok=False, error=f"{transport.name}: {exc}"))
+            conn.channel.send(
+                ReadReply(
+                    ok=False,
+                    error=f"{transport.name}: {exc}",
+                    session_lost=isinstance(exc, SessionLost),
+                )
+            )
             return True
         logger.debug(
             "pdserve: serving %d blocks of %s over %s",

@@ -56,7 +56,11 @@ class ProducerRank:
 
     def finished(self) -> set[str]:
         """Serve what can be served now; the requests whose leases ended."""
-        self.server.step()
+        try:
+            self.server.step()
+        except Exception:  # never into vLLM's worker: the leases expire
+            logger.exception("pdserve: KV server step failed")
+            self.stats.add("kv_connector_errors")
         if len(self.leases) and self.server.is_idle():
             pace(self.server.kv.device, PRODUCER_IDLE_SECONDS)
         finished, expired = self.leases.pop_finished()

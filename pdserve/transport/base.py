@@ -30,6 +30,11 @@ class TransportUnavailable(RuntimeError):
     """This transport cannot connect these two ranks; use another."""
 
 
+class SessionLost(TransportUnavailable):
+    """The producer has no (working) session by that name: the consumer's
+    session is dead and must not be used again."""
+
+
 class Outgoing(ABC):
     """Producer: one read being served. Its lease stays pinned until
     ``advance`` says the blocks' bytes are no longer needed."""

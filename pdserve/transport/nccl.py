@@ -48,6 +48,7 @@ from pdserve.transport.base import (
     Incoming,
     KVTransport,
     Outgoing,
+    SessionLost,
     TransportUnavailable,
     greet,
     layer_sizes,
@@ -64,6 +65,9 @@ STORE_TIMEOUT = timedelta(seconds=30)
 GROUP_TIMEOUT = timedelta(hours=24)
 TRANSFER_SECONDS = float(os.environ.get("PDSERVE_NCCL_TRANSFER_SECONDS", "30"))
 STAGING_BYTES = int(os.environ.get("PDSERVE_NCCL_STAGING_BYTES", str(64 << 20)))
+# What a consumer accepts of a producer's chunk size.
+MAX_STAGING_BYTES = 1 << 30
+MAX_CHUNK_BLOCKS = 1 << 17
 MAX_SESSIONS = 64
 _env_lock = threading.Lock()
 
@@ -114,15 +118,24 @@ def abort_group(group: Any) -> None:
             return
 
 
+def chunk_blocks_for(kv: PagedKVCache) -> int:
+    """Blocks a chunk holds on this node (the producer's count is the pair's)."""
+    return max(1, STAGING_BYTES // kv.bytes_per_block())
+
+
 class _Session:
-    def __init__(self, group: Any, store: Any, kv: PagedKVCache) -> None:
+    def __init__(
+        self, group: Any, store: Any, kv: PagedKVCache, chunk_blocks: int
+    ) -> None:
         self.group = group
         self.store = store  # kept alive: the group rendezvoused through it
         self.kv = kv
         # The session's one stream, reused by all its reads (module docstring).
         self.stream = torch.cuda.Stream(device=kv.device)
         per_block = kv.bytes_per_block()
-        self.chunk_blocks = max(1, STAGING_BYTES // per_block)
+        # Both sides cut a read into the same chunks, or sends and receives
+        # would not match: the consumer takes the producer's size.
+        self.chunk_blocks = chunk_blocks
         self.staging = torch.empty(
             self.chunk_blocks * per_block, dtype=torch.uint8, device=kv.device
         )
@@ -173,6 +186,9 @@ class _Session:
         """Abort, and let go of the staging buffer and the store now: a read
         still holding the session sees it broken and never touches them."""
         self.abort(reason)
+        # No gather or scatter of a read may still use the staging memory
+        # when the allocator hands it to someone else.
+        self.stream.synchronize()
         self.staging = torch.empty(0, dtype=torch.uint8, device=self.kv.device)
         self.store = None
 
@@ -322,8 +338,12 @@ class NcclTransport(KVTransport):
         self._sessions.make_room(hello.session, hello.consumer_id)
         store = producer_store(self.host)
         group = pair_group(store, PRODUCER, kv.device)
-        self._sessions.add(hello.session, hello.consumer_id, _Session(group, store, kv))
-        return TransportWelcome(ok=True, payload={"store_port": store.port})
+        chunk = chunk_blocks_for(kv)
+        pair = _Session(group, store, kv, chunk)
+        self._sessions.add(hello.session, hello.consumer_id, pair)
+        return TransportWelcome(
+            ok=True, payload={"store_port": store.port, "chunk_blocks": chunk}
+        )
 
     def after_welcome(self, session: str) -> None:
         pair = self._sessions.get(session)
@@ -335,7 +355,7 @@ class NcclTransport(KVTransport):
     ) -> Outgoing:
         pair = self._sessions.get(session)
         if pair is None or pair.broken:
-            raise RuntimeError("unknown or broken nccl session")
+            raise SessionLost("unknown or broken nccl session")
         channel.send(ReadReply(ok=True, layer_nbytes=layer_sizes(kv, len(block_ids))))
         return _Sending(pair, list(block_ids))
 
@@ -353,6 +373,14 @@ class NcclTransport(KVTransport):
         if not dist.is_nccl_available():
             raise TransportUnavailable("this torch build has no NCCL/RCCL")
         session, welcome = greet(self.name, client, kv, remote, consumer_id)
+        chunk = welcome.payload.get("chunk_blocks")
+        if not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK_BLOCKS:
+            raise TransportUnavailable(f"producer's NCCL chunk of {chunk!r} blocks")
+        if chunk * kv.bytes_per_block() > MAX_STAGING_BYTES:
+            raise TransportUnavailable(
+                f"producer's NCCL chunk of {chunk} blocks needs more staging "
+                f"than {MAX_STAGING_BYTES} bytes"
+            )
         store = dist.TCPStore(
             client.host,
             welcome.payload["store_port"],
@@ -360,7 +388,7 @@ class NcclTransport(KVTransport):
             is_master=False,
             timeout=STORE_TIMEOUT,
         )
-        pair = _Session(pair_group(store, CONSUMER, kv.device), store, kv)
+        pair = _Session(pair_group(store, CONSUMER, kv.device), store, kv, chunk)
         try:
             pair.connect(CONSUMER)
         except Exception as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.connector.kv_client import BlockingClient
-from pdserve.connector.kv_server import MAX_CONNECTIONS
+from pdserve.connector.kv_server import MAX_CONNECTIONS, KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import (
@@ -54,8 +55,20 @@ def serve(secret: bytes | None):
     kv_server = start_server(kv, leases, secret)
     lease = make_lease("req", [1, 2], kv_server.port)
     leases.grant("req", lease.block_ids, lease.prompt_hash)
+    # A producer holding a lease keeps stepping: reads of real leases are
+    # served on its thread (the idle thread only answers control messages).
+    stop = threading.Event()
+    engine = threading.Thread(target=step_until, args=(kv_server, stop))
+    engine.start()
     yield kv_server
+    stop.set()
+    engine.join()
     kv_server.close()
+
+
+def step_until(kv_server: KVServer, stop: threading.Event) -> None:
+    while not stop.wait(0.002):
+        kv_server.step()
 
 
 def send_raw(port: int, data: bytes) -> bytes:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pdserve.protocol import (
     MAX_FRAME_BYTES,
+    MAX_READ_BLOCKS,
     Ack,
     GetRankInfo,
     LayerInfo,
@@ -138,9 +139,8 @@ def test_frame_split_into_single_bytes(pair):
 
 def test_large_message_arrives_through_partial_reads(pair):
     a, b = pair
-    message = ReadBlocks(
-        request_id="big", token="t", prompt_hash="h", block_ids=list(range(300_000))
-    )
+    ids = [(1 << 39) + i for i in range(MAX_READ_BLOCKS)]  # 9 bytes each
+    message = ReadBlocks(request_id="big", token="t", prompt_hash="h", block_ids=ids)
     assert len(encode_frame(message)) > 1_000_000  # beyond any socket buffer
     sender = threading.Thread(target=send_message, args=(a, message))
     sender.start()

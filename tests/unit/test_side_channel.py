@@ -344,3 +344,22 @@ def test_unexpected_error_in_a_link_fails_its_loads_not_the_engine(closing):
     error = run_load(rank, server, lease, [1])
     assert error is not None and "out of memory" in error
     assert rank.stats.data["kv_connector_errors"] == 1
+
+
+def test_consumer_follows_a_producer_name_to_its_new_address(closing, monkeypatch):
+    """A replaced producer pod keeps its name, not its address: the rank
+    leaves the old address and pairs with the new one on its first lease."""
+    import pdserve.connector.consumer_rank as consumer_module
+
+    producer, server, rank = paired_rank(closing)
+    assert rank.host == "127.0.0.1"
+    monkeypatch.setattr(consumer_module, "resolve", lambda name: ["127.0.0.2"])
+    deadline = time.monotonic() + 10
+    while rank.host != "127.0.0.2":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert rank.stale  # paired again before any read
+
+    monkeypatch.setattr(consumer_module, "resolve", lambda name: ["127.0.0.2", "x"])
+    time.sleep(1.5)  # several addresses including ours: we stay
+    assert rank.host == "127.0.0.2"

@@ -103,7 +103,7 @@ def events(monkeypatch) -> list[str]:
     ports = iter(range(5000, 6000))
 
     class FakeSession:
-        def __init__(self, group, store, kv) -> None:
+        def __init__(self, group, store, kv, chunk_blocks) -> None:
             self.name = group
             log.append(f"build {group}")
 
@@ -120,7 +120,7 @@ def events(monkeypatch) -> list[str]:
 
 
 def welcome(transport: nccl.NcclTransport, session: str, consumer_id: str) -> int:
-    kv = SimpleNamespace(device=torch.device("cuda", 0))
+    kv = SimpleNamespace(device=torch.device("cuda", 0), bytes_per_block=lambda: 4096)
     hello = TransportHello("nccl", session, consumer_id=consumer_id)
     reply = transport.welcome(hello, kv)
     assert reply.ok
