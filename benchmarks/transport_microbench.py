@@ -46,6 +46,8 @@ from pdserve.transport.ipc import import_tensor
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 28, 4, 128, 16
 PROMPTS = (512, 2048, 8192)
 KEY = b"bench-node-key".ljust(32, b"-")
+# The side channel is authenticated, as in production (nccl needs it).
+SECRET = b"bench-kv-secret"
 
 
 def make_kv(device: torch.device, num_blocks: int, fill: bool) -> PagedKVCache:
@@ -96,8 +98,9 @@ def producer(to_consumer, from_consumer, num_blocks: int, reads: int) -> None:
     leases = LeaseTable(lease_seconds=3600)
     transports = {name: get_transport(name) for name in ("tcp", "ipc", "nccl")}
     server = KVServer(
-        "127.0.0.1", 0, kv, rank_info(kv), leases, transports, node_key=KEY
-    )
+        "127.0.0.1", 0, kv, rank_info(kv), leases, transports, node_key=KEY,
+        secret=SECRET,
+    )  # fmt: skip
     rng = random.Random(0)
     plan = {}
     for tokens in PROMPTS:
@@ -154,7 +157,7 @@ def consumer(from_producer, to_producer, results, names, repeats, num_blocks) ->
     torch.cuda.set_device(device)
     kv = make_kv(device, num_blocks, fill=False)
     port, plan = from_producer.get()
-    client = BlockingClient("127.0.0.1", port, timeout=120)
+    client = BlockingClient("127.0.0.1", port, timeout=120, secret=SECRET)
     remote = client.rank_info()
     # An independent mapping of the producer's cache, only to check bytes.
     welcome = client.hello(TransportHello("ipc", "check"))
@@ -170,7 +173,7 @@ def consumer(from_producer, to_producer, results, names, repeats, num_blocks) ->
     for name in names:
         transport = get_transport(name)
         session = transport.open_session(client, kv, remote)
-        link = ProducerLink("127.0.0.1", port, kv, timeout=120)
+        link = ProducerLink("127.0.0.1", port, kv, timeout=120, secret=SECRET)
         for tokens, per_read in plan.items():
             lease = per_read[0]
             local_ids = rng.sample(range(1, num_blocks), len(lease.block_ids))

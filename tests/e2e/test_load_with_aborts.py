@@ -26,7 +26,12 @@ def test_load_with_aborts(cluster):
     assert result.aborts == round(REQUESTS * ABORT_FRACTION)
     assert result.server_errors == 0
     assert result.errors == 0
-    assert sum(o.done for o in result.outcomes) == REQUESTS - result.aborts
+    # Every client that stayed got its whole answer. (A client that meant to
+    # leave 0-0.2 s after sending may have had all of it by then: counted
+    # among the aborts, it is not among these.)
+    assert sum(o.done for o in result.outcomes if not o.aborted) == (
+        REQUESTS - result.aborts
+    )
     for node, state in result.after.items():
         assert state.idle, f"{node}: {state}"
     assert result.counters["leases_expired"] == 0
