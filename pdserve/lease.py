@@ -62,6 +62,10 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Where the producer's part of the time to first token went.
     producer_queue_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     producer_prefill_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # Where the consumer reaches the producer's KV ports (an IP address):
+    # set by the consumer's HTTP layer, which chose the producer, before it
+    # signs; whatever a producer puts here is replaced.
+    kv_host: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] = ""
     # The consumer's MAC; empty until its HTTP layer adds it.
     mac: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
@@ -83,8 +87,10 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     # ---- the consumer's MAC ----
 
-    def signed(self, key: bytes) -> Lease:
-        return msgspec.structs.replace(self, mac=self._mac(key))
+    def signed(self, key: bytes, kv_host: str) -> Lease:
+        """This consumer's lease: the producer's, read at ``kv_host``."""
+        lease = msgspec.structs.replace(self, kv_host=kv_host, mac="")
+        return msgspec.structs.replace(lease, mac=lease._mac(key))
 
     def verified(self, key: bytes) -> bool:
         return bool(self.mac) and hmac.compare_digest(

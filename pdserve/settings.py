@@ -19,6 +19,13 @@ KV_SECRET_ENV_VAR = "PDSERVE_KV_SECRET"
 Role = Literal["producer", "consumer"]
 
 
+class ProducerAddress(msgspec.Struct, frozen=True):
+    """One producer instance as this consumer reaches it."""
+
+    host: str  # an IP address: engine threads never wait for DNS
+    kv_ports: list[int]  # one per producer TP rank
+
+
 class Settings(msgspec.Struct, kw_only=True):
     role: Role
     model: str
@@ -33,10 +40,12 @@ class Settings(msgspec.Struct, kw_only=True):
     # Producer: this instance's id (epoch); a restarted producer has a new one.
     # Made once where Settings are made; every engine process reads the same.
     instance_id: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
-    # Consumer: the producer, and how long to wait for it.
-    producer_url: str | None = None
-    producer_kv_host: str | None = None
-    producer_kv_ports: list[int] = []
+    # Consumer: its producers as given (--producer-url, each a name that may
+    # have several addresses), the ones found at startup (each engine rank
+    # pairs with them before serving; others are paired with on their first
+    # lease), and how long to wait for them.
+    producer_urls: list[str] = []
+    producers: list[ProducerAddress] = []
     connect_timeout: float = 120.0
     prefill_timeout: float = 60.0
     transfer_timeout: float = 30.0
