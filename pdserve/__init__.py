@@ -7,4 +7,4 @@ __version__ = "0.1.0"
 # 2: the server greets every connection (ServerHello, optional KV secret).
 # 3: typed leases with producer epochs; reads carry the prompt hash;
 #    releases are one-way; reads are answered in order on one connection.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4

@@ -18,6 +18,9 @@ import torch
 
 from pdserve.protocol import LayerInfo
 
+# A run of KV heads of a rank's layers: (first, count); None = all of them.
+HeadRange = tuple[int, int] | None
+
 
 def find_block_dim(tensor: torch.Tensor, num_blocks: int) -> int:
     candidates = [d for d, size in enumerate(tensor.shape) if size == num_blocks]
@@ -71,6 +74,31 @@ class PagedKVCache:
             group_kernel_blocks(kv_caches[name], dim, kernel_blocks)
             for name, dim in zip(self.names, self.block_dims, strict=True)
         ]
+        # Where each layer keeps its KV heads, once known (``locate_heads``):
+        # needed only to move some of a block's heads (TP sizes differ).
+        self.head_dims: list[int] | None = None
+        self.num_heads = 0
+
+    def locate_heads(self, head_dims: list[int], num_heads: int) -> None:
+        for layer, dim in zip(self.layers, head_dims, strict=True):
+            if layer.shape[dim] != num_heads:
+                raise ValueError(
+                    f"KV tensor {tuple(layer.shape)} has no {num_heads} heads "
+                    f"in dimension {dim}"
+                )
+        self.head_dims, self.num_heads = list(head_dims), num_heads
+
+    def _heads(self, layer: int, heads: HeadRange) -> torch.Tensor:
+        """The layer, or a view of some of its heads."""
+        tensor = self.layers[layer]
+        if heads is None:
+            return tensor
+        if self.head_dims is None:
+            raise ValueError("this rank's KV heads were not located")
+        first, count = heads
+        if first < 0 or count < 1 or first + count > self.num_heads:
+            raise ValueError(f"heads {first}..{first + count} of {self.num_heads}")
+        return tensor.narrow(self.head_dims[layer], first, count)
 
     @property
     def device(self) -> torch.device:
@@ -83,14 +111,15 @@ class PagedKVCache:
                 shape=list(layer.shape),
                 dtype=dtype_name(layer.dtype),
                 block_dim=dim,
+                head_dim=-1 if self.head_dims is None else self.head_dims[i],
             )
-            for name, layer, dim in zip(
-                self.names, self.layers, self.block_dims, strict=True
+            for i, (name, layer, dim) in enumerate(
+                zip(self.names, self.layers, self.block_dims, strict=True)
             )
         ]
 
-    def block_nbytes(self, layer: int) -> int:
-        tensor = self.layers[layer]
+    def block_nbytes(self, layer: int, heads: HeadRange = None) -> int:
+        tensor = self._heads(layer, heads)
         return (
             tensor.element_size()
             * tensor.numel()
@@ -101,23 +130,33 @@ class PagedKVCache:
         """Bytes one block occupies summed over all layers."""
         return sum(self.block_nbytes(i) for i in range(len(self.layers)))
 
-    def gathered_shape(self, layer: int, num: int) -> list[int]:
-        shape = list(self.layers[layer].shape)
+    def gathered_shape(
+        self, layer: int, num: int, heads: HeadRange = None
+    ) -> list[int]:
+        shape = list(self._heads(layer, heads).shape)
         shape[self.block_dims[layer]] = num
         return shape
 
     def index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long, device=self.device)
 
-    def gather(self, layer: int, index: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of the layer's blocks at ``index``."""
-        tensor, dim = self.layers[layer], self.block_dims[layer]
+    def gather(
+        self, layer: int, index: torch.Tensor, heads: HeadRange = None
+    ) -> torch.Tensor:
+        """A contiguous copy of the layer's blocks at ``index`` (some heads)."""
+        tensor, dim = self._heads(layer, heads), self.block_dims[layer]
         if tensor.device.type == "cpu":
             return host_gather(tensor, dim, index)
-        return tensor.index_select(dim, index)
+        return tensor.index_select(dim, index).contiguous()
 
-    def scatter(self, layer: int, index: torch.Tensor, blocks: torch.Tensor) -> None:
-        tensor, dim = self.layers[layer], self.block_dims[layer]
+    def scatter(
+        self,
+        layer: int,
+        index: torch.Tensor,
+        blocks: torch.Tensor,
+        heads: HeadRange = None,
+    ) -> None:
+        tensor, dim = self._heads(layer, heads), self.block_dims[layer]
         if tensor.device.type == "cpu":
             host_scatter(tensor, dim, index, blocks)
         else:

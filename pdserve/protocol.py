@@ -48,6 +48,8 @@ class LayerInfo(msgspec.Struct, frozen=True):
     shape: list[int]
     dtype: str
     block_dim: int
+    # Where the layer keeps its KV heads; -1: not known (no head slicing).
+    head_dim: int = -1
 
 
 class RankInfo(msgspec.Struct, tag=True):
@@ -77,6 +79,9 @@ class RankInfo(msgspec.Struct, tag=True):
     epoch: str = ""
     # What the KV bytes mean (backend, layout, kernel blocks, fp8 format).
     kv_layout: KVLayout = KVLayout()
+    # The model's KV heads over all ranks (0: unknown): with the TP sizes it
+    # tells which heads each rank holds (ranks of different TP sizes).
+    total_kv_heads: int = 0
 
 
 class ServerHello(msgspec.Struct, tag=True):
@@ -110,6 +115,14 @@ class ReadBlocks(msgspec.Struct, tag=True):
     # How the bytes move; a GPU-direct transport names its session.
     transport: _Short = "tcp"
     session: _Short = ""
+    # Only these of the rank's KV heads (the reader's TP size differs);
+    # head_count 0: whole blocks.
+    head_start: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 0
+    head_count: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)] = 0
+
+    @property
+    def heads(self) -> tuple[int, int] | None:
+        return (self.head_start, self.head_count) if self.head_count else None
 
 
 class TransportHello(msgspec.Struct, tag=True):
@@ -149,6 +162,9 @@ class Release(msgspec.Struct, tag=True):
     request_id: _Short
     token: _Short
     prompt_hash: _Short
+    # Consumer ranks that read this producer rank's part of the lease (TP
+    # sizes differ); the lease ends at the last one's release.
+    needed: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
 
 
 class Ack(msgspec.Struct, tag=True):

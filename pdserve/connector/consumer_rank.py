@@ -1,60 +1,63 @@
-"""A consumer TP rank: pulls its shard of each lease from the producer rank
-with the same index, then releases the lease.
+"""A consumer TP rank: pulls its part of each lease from the producer that
+issued it, then releases the lease.
 
-It knows the producer instance (epoch) it shook hands with. A lease from
-another instance means the producer restarted: the rank drops every session
-and mapping of the old one, shakes hands again and only then reads.
+It knows every producer (``ProducerPeer``: address, KV ports, instance) it
+has paired with. A lease names its producer (the address the consumer's HTTP
+layer reached it at, its KV ports, its instance id): one not paired with yet,
+or a new instance of a known one (a restart), is paired with (a handshake)
+before the read. Pairing with a producer that is down fails fast and is not
+tried again for a second.
 
 A dead producer's GPU memory stays allocated while this rank maps it (ipc),
-so its restart on that GPU would not fit: a watch thread asks the producer
-rank who it is every second and, when it is gone or another instance, lets
-go of everything of it at once, even while our engine is idle (no step).
+so its restart on that GPU would not fit: a watch thread asks each producer
+who it is every second and, when it is gone or another instance, lets go of
+everything of it at once, even while our engine is idle (no step).
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
-from pdserve.connector.kv_client import BlockingClient, Load, ProducerLink
+from pdserve.connector.kv_client import BlockingClient, Load
 from pdserve.connector.metadata import LoadSpec
+from pdserve.connector.producer_peer import PeerKey, ProducerPeer, peer_key
 from pdserve.connector.stats import PDServeStats
-from pdserve.handshake import IncompatibleProducer, check_compatible, wait_for_rank_info
+from pdserve.handshake import IncompatibleProducer, wait_for_rank_info
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
-from pdserve.settings import Settings
-from pdserve.transport import (
-    KVTransport,
-    TransportUnavailable,
-    candidates,
-    get_transport,
-)
+from pdserve.settings import ProducerAddress, Settings
 
 logger = init_logger(__name__)
 
-# After a failed handshake with a new producer instance, loads fail at once
-# (prefilled locally) for this long instead of trying again every step.
+# After a failed pairing with a producer, its loads fail at once (prefilled
+# locally) for this long instead of trying again every step.
 REHANDSHAKE_BACKOFF_SECONDS = 1.0
-# How often the watch thread checks the producer rank, and how long it waits.
+# Pairing on the engine's thread: a producer that does not answer this fast
+# is treated as down (its requests are prefilled locally).
+PAIR_TIMEOUT_SECONDS = 5.0
+# How often the watch thread checks the producers, and how long it waits.
 WATCH_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 2.0
-# A GPU-direct transport whose copies failed this many times in a row (no
-# successful load between) is given up for tcp: a broken peer mapping or
-# communicator would otherwise fail every pull and recompute every prompt.
-COPY_FAILURES_BEFORE_FALLBACK = 3
+# Producers paired with at once; the least recently used idle one goes.
+MAX_PEERS = 64
 
 
-def resolve(name: str) -> list[str]:
-    """The IPv4/IPv6 addresses ``name`` has now; [] if it has none now."""
-    try:
-        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return []
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+@dataclass
+class _Pull:
+    """One request's pull: a load per producer rank it reads from."""
+
+    spec: LoadSpec
+    peer: ProducerPeer
+    remaining: int
+    error: str | None = None
+    nbytes: int = 0
+    replied_at: float = 0.0
+    done_at: float = 0.0
 
 
 class ConsumerRank:
@@ -66,191 +69,163 @@ class ConsumerRank:
         tp_rank: int,
         secret: bytes | None,
     ) -> None:
-        assert settings.producer_kv_host is not None
         self.settings = settings
         self.kv = kv
         self.info = info
         self.tp_rank = tp_rank
         self._secret = secret
-        # Resolved once: the engine's thread never waits for DNS.
-        self.host = socket.gethostbyname(settings.producer_kv_host)
-        self.remote: RankInfo | None = None
-        self.remote_port = 0
-        # The producer we paired with is gone: pair again before any read.
-        self.stale = False
-        self.transport: KVTransport = get_transport("tcp")
-        self.session = ""
-        self._copy_failures = 0  # in a row, of the current transport
+        self.peers: dict[PeerKey, ProducerPeer] = {}
+        self._used: dict[PeerKey, float] = {}
+        self._pair_failed_at: dict[PeerKey, float] = {}
         # The engine's thread and the watch thread never act at once.
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
-        self._links: dict[int, ProducerLink] = {}
-        self._handshake_failed_at = -REHANDSHAKE_BACKOFF_SECONDS
+        self._pulls: dict[str, _Pull] = {}
         self._done: set[str] = set()
         self._failed_blocks: set[int] = set()
         self.stats = PDServeStats()
         self.last_error: str | None = None  # why the latest pull failed
 
-    # ---- handshakes ----
+    # ---- pairing ----
 
     def connect(self) -> None:
-        """Startup: wait for the producer rank and pair with it."""
-        port = self.settings.producer_kv_ports[self.tp_rank]
-        client = self._client(port)
-        remote = wait_for_rank_info(client, self.settings.connect_timeout)
-        self._pair(client, remote)
-
-    def _rehandshake(self, lease: Lease) -> None:
-        """A lease of another producer instance arrived: pair with it anew."""
-        now = time.monotonic()
-        if now - self._handshake_failed_at < REHANDSHAKE_BACKOFF_SECONDS:
-            raise IncompatibleProducer("producer changed; handshake failed recently")
-        try:
-            client = self._client(lease.kv_ports[self.tp_rank])
-            remote = client.rank_info()
-            if remote.epoch != lease.epoch:
-                raise IncompatibleProducer(
-                    f"lease of producer {lease.epoch}, rank serves {remote.epoch}"
-                )
-            self._pair(client, remote)
-        except (OSError, IncompatibleProducer) as exc:
-            self._handshake_failed_at = now
-            logger.warning("pdserve: pairing with the new producer failed: %s", exc)
-            raise IncompatibleProducer(str(exc)) from exc
-
-    def _pair(self, client: BlockingClient, remote: RankInfo) -> None:
-        check_compatible(local=self.info, remote=remote)
-        if self.remote is not None:
-            logger.info(
-                "pdserve: producer instance changed (%s -> %s); dropping its "
-                "sessions and connections",
-                self.remote.epoch,
-                remote.epoch,
-            )
-        self._drop_producer()
-        self._use(*self._open_transport(client, remote))
-        self.remote, self.remote_port, self.stale = remote, client.port, False
+        """Startup: pair with the producers the entrypoint found. One that
+        does not match refuses the start; one that went away meanwhile is
+        paired with on its first lease."""
+        unreachable = []
+        for address in self.settings.producers:
+            try:
+                self._connect(address)
+            except TimeoutError as exc:
+                logger.warning("pdserve: %s", exc)
+                unreachable.append(address)
+        if unreachable and len(unreachable) == len(self.settings.producers):
+            raise TimeoutError(f"no producer reachable: {unreachable}")
         self._start_watch()
-        logger.info(
-            "pdserve consumer rank %d paired with producer %s:%d (instance %s) over %s",
-            self.tp_rank,
-            client.host,
-            client.port,
-            remote.epoch,
-            self.transport.name,
+
+    def _connect(self, address: ProducerAddress) -> None:
+        # Ask the producer rank of our index (rank 0 if it has fewer) who
+        # it is, waiting for it to start.
+        own = self.tp_rank if self.tp_rank < len(address.kv_ports) else 0
+        client = BlockingClient(
+            address.host,
+            address.kv_ports[own],
+            self.settings.transfer_timeout,
+            self._secret,
+        )
+        first = wait_for_rank_info(client, self.settings.connect_timeout)
+        peer = self._new_peer(address.host, address.kv_ports, first.epoch)
+        peer.open(
+            self.settings.transfer_timeout, first if own == self.tp_rank else None
+        )
+        self._add(peer)
+
+    def _new_peer(self, host: str, kv_ports: list[int], epoch: str) -> ProducerPeer:
+        return ProducerPeer(
+            host,
+            kv_ports,
+            epoch,
+            self.kv,
+            self.info,
+            self.settings,
+            self._secret,
+            self.stats,
         )
 
-    def _drop_producer(self, reason: str = "producer changed") -> None:
-        for link in self._links.values():
-            for load in link.close(reason):
-                self._record(load)
-        self._links.clear()
-        self.transport.drop_sessions()
+    def _add(self, peer: ProducerPeer) -> None:
+        old = self.peers.pop(peer.key, None)
+        if old is not None:
+            logger.info(
+                "pdserve: %s replaces %s; dropping the old one's sessions", peer, old
+            )
+            self._drop(old, "producer changed")
+        while len(self.peers) >= MAX_PEERS:
+            self._drop(
+                self.peers.pop(self._least_recently_used()), "too many producers"
+            )
+        self.peers[peer.key] = peer
+        self._used[peer.key] = time.monotonic()
+
+    def _least_recently_used(self) -> PeerKey:
+        idle = [k for k, p in self.peers.items() if not p.busy()] or list(self.peers)
+        return min(idle, key=lambda k: self._used.get(k, 0.0))
+
+    def _drop(self, peer: ProducerPeer, reason: str) -> None:
+        for load in peer.close(reason):
+            self._record(load)
+        self._used.pop(peer.key, None)
+
+    def _peer_for(self, lease: Lease) -> ProducerPeer:
+        """The paired producer that issued ``lease``; pairs with it first if
+        it is new (or a new instance). Raises IncompatibleProducer."""
+        key = peer_key(lease)
+        peer = self.peers.get(key)
+        if peer is not None and peer.epoch == lease.epoch:
+            self._used[key] = time.monotonic()
+            return peer
+        if not lease.kv_host:
+            raise IncompatibleProducer("the lease names no producer address")
+        now = time.monotonic()
+        if now - self._pair_failed_at.get(key, -REHANDSHAKE_BACKOFF_SECONDS) < (
+            REHANDSHAKE_BACKOFF_SECONDS
+        ):
+            raise IncompatibleProducer("pairing with this producer failed recently")
+        peer = self._new_peer(lease.kv_host, lease.kv_ports, lease.epoch)
+        try:
+            peer.open(min(PAIR_TIMEOUT_SECONDS, self.settings.transfer_timeout))
+        except (OSError, IncompatibleProducer) as exc:
+            self._pair_failed_at[key] = now
+            if len(self._pair_failed_at) > MAX_PEERS:
+                self._pair_failed_at.pop(next(iter(self._pair_failed_at)))
+            peer.close("pairing failed")
+            logger.warning("pdserve: pairing with %s failed: %s", peer, exc)
+            raise IncompatibleProducer(str(exc)) from exc
+        self._pair_failed_at.pop(key, None)
+        self._add(peer)
+        return peer
 
     # ---- the watch ----
 
     def _start_watch(self) -> None:
         if self._watch is None:
             self._watch = threading.Thread(
-                target=self._watch_producer,
+                target=self._watch_producers,
                 name=f"pdserve-producer-watch-{self.tp_rank}",
                 daemon=True,
             )
             self._watch.start()
 
-    def _watch_producer(self) -> None:
+    def _watch_producers(self) -> None:
         while not self._stopped.wait(WATCH_SECONDS):
-            self._follow_address()
-            remote, port = self.remote, self.remote_port
-            if remote is None or self.stale or self._producer_alive(remote, port):
-                continue
-            with self._lock:
-                if self.remote is remote and not self.stale:
-                    self._forget_producer(remote)
+            for peer in list(self.peers.values()):
+                if self._producer_alive(peer):
+                    continue
+                with self._lock:
+                    if self.peers.get(peer.key) is peer:
+                        self._forget(peer)
 
-    def _follow_address(self) -> None:
-        """A replaced producer (a new Kubernetes pod) has a new address under
-        the same name: leave the old one, pair with the new on its lease."""
-        assert self.settings.producer_kv_host is not None
-        addresses = resolve(self.settings.producer_kv_host)
-        if not addresses or self.host in addresses:
-            return  # unknown now, or still ours (a name may have several)
-        with self._lock:
-            logger.warning(
-                "pdserve: producer %s moved from %s to %s",
-                self.settings.producer_kv_host,
-                self.host,
-                addresses[0],
-            )
-            if self.remote is not None and not self.stale:
-                self._forget_producer(self.remote)
-            self.host = addresses[0]
-
-    def _producer_alive(self, remote: RankInfo, port: int) -> bool:
+    def _producer_alive(self, peer: ProducerPeer) -> bool:
         """False only when we know: nobody listens, or another instance."""
-        client = BlockingClient(self.host, port, WATCH_TIMEOUT_SECONDS, self._secret)
-        try:
-            return client.rank_info().epoch == remote.epoch
-        except (ConnectionRefusedError, ConnectionResetError):
-            return False
-        except Exception:  # slow or busy: it may well be alive
-            return True
-
-    def _forget_producer(self, remote: RankInfo) -> None:
-        logger.warning(
-            "pdserve: producer instance %s is gone; dropped its sessions and "
-            "mappings (a new instance is paired with on its first lease)",
-            remote.epoch,
-        )
-        self._drop_producer("producer gone")
-        self._use(get_transport("tcp"), "")
-        self.stale = True
-
-    def _open_transport(
-        self, client: BlockingClient, remote: RankInfo
-    ) -> tuple[KVTransport, str]:
-        """The best transport both ranks can use; tcp if the others fail."""
-        for name in candidates(self.settings.transport, self.info, remote):
-            transport = get_transport(name)
+        for rank in list(peer.pairs):
             try:
-                session = transport.open_session(
-                    client, self.kv, remote, self.consumer_id
-                )
-                return transport, session
-            except (TransportUnavailable, OSError, RuntimeError) as exc:
-                logger.warning(
-                    "pdserve: KV transport %s unavailable (%s); trying the next",
-                    name,
-                    exc,
-                )
-                self.stats.add("kv_transport_fallbacks")
-        raise AssertionError("tcp is always a candidate")
+                epoch = peer.client(rank, WATCH_TIMEOUT_SECONDS).rank_info().epoch
+            except (ConnectionRefusedError, ConnectionResetError):
+                return False
+            except Exception:  # slow or busy: it may well be alive
+                continue
+            if epoch != peer.epoch:
+                return False
+        return True
 
-    def _use(self, transport: KVTransport, session: str) -> None:
-        self.transport, self.session = transport, session
-        self._copy_failures = 0
-
-    def _fall_back_to_tcp(self, reason: str) -> None:
+    def _forget(self, peer: ProducerPeer) -> None:
         logger.warning(
-            "pdserve: KV transport %s failed (%s); using tcp from now on",
-            self.transport.name,
-            reason,
+            "pdserve: %s is gone; dropped its sessions and mappings (a new "
+            "instance is paired with on its first lease)",
+            peer,
         )
-        self.stats.add("kv_transport_fallbacks")
-        self.transport.drop_sessions()
-        self._use(get_transport("tcp"), "")
-
-    @property
-    def consumer_id(self) -> str:
-        """Who this rank is to a producer: a new hello of the same id
-        replaces the older session there."""
-        return f"{self.settings.instance_id}/{self.tp_rank}"
-
-    def _client(self, port: int) -> BlockingClient:
-        return BlockingClient(
-            self.host, port, self.settings.transfer_timeout, self._secret
-        )
+        del self.peers[peer.key]
+        self._drop(peer, "producer gone")
 
     # ---- each engine step ----
 
@@ -280,91 +255,67 @@ class ConsumerRank:
                 self.stats.add("kv_connector_errors")
                 self._fail(spec, f"unexpected error: {exc!r}")
         for lease in releases:
-            if (
-                self.remote is not None
-                and not self.stale
-                and lease.epoch == self.remote.epoch
-                and len(lease.kv_ports) > self.tp_rank
-            ):
-                self._link(lease).release(lease)
-            # A lease of an older instance ended with that instance; one
-            # naming no port of ours opened nothing here.
+            peer = self.peers.get(peer_key(lease))
+            if peer is not None and peer.epoch == lease.epoch:
+                peer.release(lease)
+            # A lease of an unknown or older instance opened nothing here.
 
     def _start_load(self, spec: LoadSpec) -> None:
-        assert self.remote is not None
-        if self.stale or spec.lease.epoch != self.remote.epoch:
-            try:
-                self._rehandshake(spec.lease)
-            except IncompatibleProducer as exc:
-                return self._fail(spec, f"producer changed: {exc}")
-        assert self.remote is not None
-        if len(spec.lease.kv_ports) <= self.tp_rank:
-            return self._fail(spec, "the lease names no KV port for this rank")
-        if max(spec.remote_block_ids, default=0) >= self.remote.num_blocks:
+        try:
+            peer = self._peer_for(spec.lease)
+        except IncompatibleProducer as exc:
+            return self._fail(spec, f"producer unusable: {exc}")
+        if any(
+            max(spec.remote_block_ids, default=0) >= pair.remote.num_blocks
+            for pair in peer.pairs.values()
+        ):
             # A device copy would read past the producer's cache.
             return self._fail(spec, "the lease names blocks the producer lacks")
         deadline = time.monotonic() + self.settings.transfer_timeout
-        load = Load(spec, self.transport, self.session, deadline)
-        self._link(spec.lease).submit(load)
-
-    def _link(self, lease: Lease) -> ProducerLink:
-        port = lease.kv_ports[self.tp_rank]
-        link = self._links.get(port)
-        if link is None:
-            link = ProducerLink(
-                self.host, port, self.kv, self.settings.transfer_timeout, self._secret
-            )
-            self._links[port] = link
-        return link
+        self._pulls[spec.request_id] = _Pull(spec, peer, 0)
+        self._pulls[spec.request_id].remaining = peer.submit(spec, deadline)
 
     def poll(self) -> None:
         with self._lock:
             self._poll()
 
     def _poll(self) -> None:
-        for link in self._links.values():
-            try:
-                finished = link.pump()
-            except Exception as exc:  # never into vLLM's worker: recompute
-                logger.exception("pdserve: KV link failed unexpectedly")
-                self.stats.add("kv_connector_errors")
-                finished = link.close(f"unexpected error: {exc!r}")
-            for load in finished:
+        for peer in list(self.peers.values()):
+            for load in peer.pump():
                 self._record(load)
-        if any(link.busy() for link in self._links.values()):
+        if any(peer.busy() for peer in self.peers.values()):
             pace(self.kv.device, CONSUMER_WAIT_SECONDS)
-        if not self.transport.healthy(self.session):
-            self._fall_back_to_tcp("its session broke")
 
     def _record(self, load: Load) -> None:
-        if load.error is not None:
-            self._count_copy_failure(load)
-            return self._fail(load.spec, load.error)
-        self._copy_failures = 0
-        self.stats.add("kv_loads")
-        self.stats.add("kv_bytes_received", load.nbytes)
-        self.stats.add("kv_blocks_received", len(load.spec.local_block_ids))
-        self.stats.observe("kv_transfer_seconds", time.monotonic() - load.started)
-        if load.spec.scheduled_at:
-            wait = load.replied_at - load.spec.scheduled_at
-            self.stats.observe("ttft_transfer_wait_seconds", max(0.0, wait))
-        self.stats.observe("ttft_transfer_copy_seconds", load.done_at - load.replied_at)
-        self._done.add(load.spec.request_id)
-
-    def _count_copy_failure(self, load: Load) -> None:
-        """Another failed copy of the transport in use: give it up at the
-        limit. Reads refused or timed out say nothing about the transport."""
-        if not load.transport_failed or load.transport is not self.transport:
+        """One producer rank's part of a pull ended."""
+        pull = self._pulls.get(load.spec.request_id)
+        if pull is None or pull.spec is not load.spec:
             return
-        if self.transport.name == "tcp":
-            return  # nothing to fall back to
-        self._copy_failures += 1
-        # A session the producer has dropped is dead at once.
-        if self._copy_failures >= COPY_FAILURES_BEFORE_FALLBACK or load.session_lost:
-            self._fall_back_to_tcp(
-                f"{self._copy_failures} copies in a row failed, "
-                f"the latest: {load.error}"
-            )
+        if load.error is not None:
+            pull.peer.count_copy_failure(load)
+            pull.error = pull.error or load.error
+        else:
+            pull.peer.copy_succeeded(load)
+            pull.nbytes += load.nbytes
+            pull.replied_at = max(pull.replied_at, load.replied_at)
+            pull.done_at = max(pull.done_at, load.done_at)
+        pull.remaining -= 1
+        if pull.remaining <= 0:
+            del self._pulls[load.spec.request_id]
+            self._finish(pull, load.started)
+
+    def _finish(self, pull: _Pull, started: float) -> None:
+        if pull.error is not None:
+            return self._fail(pull.spec, pull.error)
+        self.stats.add("kv_loads")
+        self.stats.add("kv_bytes_received", pull.nbytes)
+        self.stats.add("kv_blocks_received", len(pull.spec.local_block_ids))
+        self.stats.observe("kv_transfer_seconds", time.monotonic() - started)
+        if pull.spec.scheduled_at:
+            wait = pull.replied_at - pull.spec.scheduled_at
+            self.stats.observe("ttft_transfer_wait_seconds", max(0.0, wait))
+        self.stats.observe("ttft_transfer_copy_seconds", pull.done_at - pull.replied_at)
+        self._done.add(pull.spec.request_id)
 
     def _fail(self, spec: LoadSpec, reason: str) -> None:
         logger.warning(
@@ -372,6 +323,7 @@ class ConsumerRank:
             spec.request_id,
             reason,
         )
+        self._pulls.pop(spec.request_id, None)
         self.stats.add("kv_load_failures")
         self.last_error = reason
         self._failed_blocks.update(spec.local_block_ids)
@@ -391,4 +343,6 @@ class ConsumerRank:
     def shutdown(self) -> None:
         self._stopped.set()
         with self._lock:
-            self._drop_producer("shutting down")
+            for peer in list(self.peers.values()):
+                self._drop(peer, "shutting down")
+            self.peers.clear()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pdserve.channel import Channel
 from pdserve.connector.metadata import LoadSpec
 from pdserve.handshake import SECRET_REJECTED, KVAuthError, check_kv_auth
-from pdserve.kv_cache import PagedKVCache
+from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.protocol import (
@@ -115,6 +115,12 @@ class Load:
     transport: KVTransport
     session: str
     deadline: float
+    # Some heads of each block (TP sizes differ): the producer rank's run
+    # of heads, and where it goes in ours; None: whole blocks.
+    remote_heads: HeadRange = None
+    local_heads: HeadRange = None
+    # Consumer ranks reading this producer rank's part of the lease.
+    releases_needed: int = 1
     started: float = field(default_factory=time.monotonic)
     sent_at: float = 0.0
     incoming: Incoming | None = None
@@ -168,8 +174,10 @@ class ProducerLink:
     def submit(self, load: Load) -> None:
         self._waiting.append(load)
 
-    def release(self, lease: Lease) -> None:
-        self._releases.append(Release(lease.request_id, lease.token, lease.prompt_hash))
+    def release(self, lease: Lease, needed: int = 1) -> None:
+        self._releases.append(
+            Release(lease.request_id, lease.token, lease.prompt_hash, needed)
+        )
 
     def busy(self) -> bool:
         return bool(self._waiting or self._inflight or self._copying)
@@ -314,6 +322,7 @@ class ProducerLink:
         while self._waiting:
             load = self._waiting.popleft()
             lease = load.spec.lease
+            first, count = load.remote_heads or (0, 0)
             self.channel.send(
                 ReadBlocks(
                     request_id=lease.request_id,
@@ -322,6 +331,8 @@ class ProducerLink:
                     block_ids=load.spec.remote_block_ids,
                     transport=load.transport.name,
                     session=load.session,
+                    head_start=first,
+                    head_count=count,
                 )
             )
             load.sent_at = time.monotonic()
@@ -353,9 +364,11 @@ class ProducerLink:
             # A session the producer no longer has is this transport's failure.
             load.transport_failed = load.session_lost = reply.session_lost
             self._finish(load, f"producer refused the read: {reply.error}")
-            self.release(load.spec.lease)  # in case it is granted after all
+            self._release(load)  # in case it is granted after all
             return True
-        expected = layer_sizes(self.kv, len(load.spec.local_block_ids))
+        expected = layer_sizes(
+            self.kv, len(load.spec.local_block_ids), load.local_heads
+        )
         if reply.layer_nbytes != expected:
             raise ProtocolError(
                 f"producer announced {reply.layer_nbytes} bytes per layer, "
@@ -367,7 +380,7 @@ class ProducerLink:
         ):
             # Too late to copy safely within the hold the producer promised.
             self._finish(load, "producer's hold on the blocks ran out")
-            self.release(load.spec.lease)
+            self._release(load)
             return True
         load.nbytes = sum(expected)
         load.replied_at = time.time()
@@ -381,6 +394,7 @@ class ProducerLink:
                 load.spec.remote_block_ids,
                 load.spec.local_block_ids,
                 load.session,
+                load.local_heads,
             )
         except (ConnectionError, RuntimeError) as exc:
             if load.transport.name == "tcp":
@@ -388,7 +402,10 @@ class ProducerLink:
             # A GPU-direct read has nothing on this connection, so only this
             # load fails: its session was dropped, or the copy did not start.
             self._copy_failed(load, exc)
-            self.release(load.spec.lease)
+            self._release(load)
+
+    def _release(self, load: Load) -> None:
+        self.release(load.spec.lease, load.releases_needed)
 
     def _take_payload(self, load: Load) -> bool:
         """Move payload bytes into the load; False until it has them all."""
@@ -413,7 +430,7 @@ class ProducerLink:
             if done:
                 load.done_at = time.time()
                 self._finish(load, None)
-                self.release(load.spec.lease)
+                self._release(load)
             else:
                 still.append(load)
         self._copying = still

@@ -52,7 +52,7 @@ from pdserve.protocol import (
     encode_frame,
 )
 from pdserve.transport import KVTransport
-from pdserve.transport.base import Outgoing, SessionLost
+from pdserve.transport.base import Outgoing, SessionLost, layer_sizes
 
 logger = init_logger(__name__)
 
@@ -273,7 +273,7 @@ class KVServer:
         if token_valid(
             self._node_key, message.request_id, message.prompt_hash, message.token
         ):
-            self.leases.release(message.request_id, message.prompt_hash)
+            self.leases.release(message.request_id, message.prompt_hash, message.needed)
 
     def _greet_session(self, conn: _Conn, hello: TransportHello) -> None:
         """Answer a transport hello now (setting up a session comes before
@@ -383,7 +383,11 @@ class KVServer:
             return True
         try:
             outgoing = transport.serve(
-                conn.channel, self.kv, list(message.block_ids), message.session
+                conn.channel,
+                self.kv,
+                list(message.block_ids),
+                message.session,
+                message.heads,
             )
         except Exception as exc:
             self.leases.close_read(message.request_id)
@@ -402,7 +406,9 @@ class KVServer:
             message.request_id,
             transport.name,
         )
-        self._bytes_sent += self.kv.bytes_per_block() * len(message.block_ids)
+        self._bytes_sent += sum(
+            layer_sizes(self.kv, len(message.block_ids), message.heads)
+        )
         if hold := transport.hold_seconds():
             self.leases.hold(message.request_id, hold)
         if not outgoing.advance():
@@ -419,7 +425,18 @@ class KVServer:
         transport = self.transports.get(read.transport)
         if transport is None:
             raise ReadRefused(f"{read.transport} not served")
+        if read.heads is not None:
+            self._check_heads(read.heads, transport)
         return transport
+
+    def _check_heads(self, heads: tuple[int, int], transport: KVTransport) -> None:
+        first, count = heads
+        if not transport.moves_heads:
+            raise ReadRefused(f"{transport.name} moves whole blocks only")
+        if self.kv.head_dims is None:
+            raise ReadRefused("this rank cannot serve some heads of its blocks")
+        if first + count > self.kv.num_heads:
+            raise ReadRefused(f"heads {first}..{first + count} of {self.kv.num_heads}")
 
     def _grant_overdue(self, read: _Read) -> bool:
         return (

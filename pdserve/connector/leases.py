@@ -47,6 +47,10 @@ class Lease:
     readers: int = 0
     held_until: float = 0.0
     released: bool = False
+    # Consumer ranks that read this rank's part (TP sizes differ): the lease
+    # ends with the last one's release.
+    releases_seen: int = 0
+    releases_needed: int = 1
 
 
 class LeaseTable:
@@ -56,6 +60,8 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._early_releases: OrderedDict[str, float] = OrderedDict()
+        # (releases seen, releases needed) of each early release.
+        self._early_counts: dict[str, tuple[int, int]] = {}
         # Ended leases and when they may be forgotten; insertion order is
         # forgetting order because the memory time is constant.
         self._ended: OrderedDict[str, float] = OrderedDict()
@@ -83,7 +89,9 @@ class LeaseTable:
             )
             self._leases[request_id] = lease
             if self._early_releases.pop(request_id, None) is not None:
-                lease.released = True
+                seen, needed = self._early_counts.pop(request_id, (1, 1))
+                lease.releases_seen, lease.releases_needed = seen, needed
+                lease.released = seen >= needed
                 self._end_if_done(request_id, lease)
 
     # ---- reads ----
@@ -126,26 +134,34 @@ class LeaseTable:
 
     # ---- ends ----
 
-    def release(self, request_id: str, prompt_hash: str) -> bool:
-        """The consumer is done with the lease; True if it was live."""
+    def release(self, request_id: str, prompt_hash: str, needed: int = 1) -> bool:
+        """A consumer rank is done with the lease (the last of ``needed``
+        ranks that read it here ends it); True if it was live."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None:
                 if request_id not in self._ended:
-                    self._remember_early_release(request_id)
+                    self._remember_early_release(request_id, needed)
                 return False
             if prompt_hash != lease.prompt_hash or lease.released:
                 return False
+            lease.releases_seen += 1
+            lease.releases_needed = max(lease.releases_needed, needed)
+            if lease.releases_seen < lease.releases_needed:
+                return True
             lease.released = True
             lease.held_until = 0.0
             self._end_if_done(request_id, lease)
             return True
 
-    def _remember_early_release(self, request_id: str) -> None:
+    def _remember_early_release(self, request_id: str, needed: int) -> None:
+        seen, before = self._early_counts.get(request_id, (0, 1))
+        self._early_counts[request_id] = (seen + 1, max(before, needed))
         self._early_releases[request_id] = self._clock() + self._lease_seconds
         self._early_releases.move_to_end(request_id)
         while len(self._early_releases) > MAX_EARLY_RELEASES:
-            self._early_releases.popitem(last=False)
+            forgotten, _ = self._early_releases.popitem(last=False)
+            self._early_counts.pop(forgotten, None)
 
     def _end_if_done(self, request_id: str, lease: Lease) -> bool:
         now = self._clock()
@@ -170,7 +186,8 @@ class LeaseTable:
                 self._end_if_done(request_id, lease)
             for table in (self._early_releases, self._ended):
                 while table and next(iter(table.values())) <= now:
-                    table.popitem(last=False)
+                    forgotten, _ = table.popitem(last=False)
+                    self._early_counts.pop(forgotten, None)
             finished, self._finished = self._finished, set()
             expired, self._expired = self._expired, 0
             return finished, expired

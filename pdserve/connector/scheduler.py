@@ -141,8 +141,8 @@ class PDServeScheduler:
             return "prompt length differs"
         if len(lease.block_ids) != -(-len(prompt) // self.block_size):
             return "block count does not fit the prompt"
-        if len(lease.kv_ports) != self.tp_size:
-            return "one KV port per tensor parallel rank expected"
+        if not lease.kv_host:
+            return "no producer address"
         return None
 
     def update_state_after_alloc(

@@ -22,6 +22,7 @@ from pdserve.kv_layout import (
     kernel_blocks_in,
 )
 from pdserve.lease import node_key
+from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings, kv_secret
 from pdserve.transport import (
@@ -30,6 +31,8 @@ from pdserve.transport import (
     device_uuid,
     host_identity,
 )
+
+logger = init_logger(__name__)
 
 
 class PDServeWorker:
@@ -73,6 +76,7 @@ class PDServeWorker:
             host_id=host_identity(),
             epoch=self.settings.instance_id,
             kv_layout=self.layout,
+            total_kv_heads=_total_kv_heads(model_config),
         )
 
     def view_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> PagedKVCache:
@@ -89,6 +93,7 @@ class PDServeWorker:
         check_page_bytes(
             self.layout, [kv.block_nbytes(i) for i in range(len(kv.layers))]
         )
+        locate_heads(kv, spec, named=bool(named))
         return kv
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -135,6 +140,29 @@ class PDServeWorker:
         for half in (self.producer, self.consumer):
             if half is not None:
                 half.shutdown()
+
+
+def locate_heads(kv: PagedKVCache, spec, named: bool) -> None:
+    """Tell ``kv`` where its KV heads are, where that is certain: vLLM's
+    [B, H, N, C] views (H after the blocks and their kernel blocks), older
+    releases' [.., N, H, D] backend shapes. Packed head slots are not heads:
+    such a rank moves whole blocks only (equal TP sizes)."""
+    heads = int(getattr(spec, "num_kv_heads", 0) or 0)
+    if not heads or getattr(spec, "num_head_slots", None) not in (None, heads):
+        return
+    split = 1 if kv.kernel_blocks > 1 else 0
+    dims = [1 + split if named else layer.dim() - 2 for layer in kv.layers]
+    try:
+        kv.locate_heads(dims, heads)
+    except ValueError as exc:
+        logger.info("pdserve: KV heads not located (%s): whole blocks only", exc)
+
+
+def _total_kv_heads(model_config) -> int:
+    try:
+        return int(model_config.get_total_num_kv_heads())
+    except Exception:  # a model vLLM cannot say it of: no head slicing
+        return 0
 
 
 def _vllm_version() -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from pdserve.kv_cache import PagedKVCache
+from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.protocol import TransportHello, TransportWelcome
 
 if TYPE_CHECKING:
@@ -82,11 +82,20 @@ class KVTransport(ABC):
         needs the consumer (who only starts its part on the welcome)."""
         return None
 
+    # Whether reads of some heads of each block (TP sizes differ) can move.
+    moves_heads: ClassVar[bool] = False
+
     @abstractmethod
     def serve(
-        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+        self,
+        channel: Channel,
+        kv: PagedKVCache,
+        block_ids: list[int],
+        session: str,
+        heads: HeadRange = None,
     ) -> Outgoing:
-        """Queue the ReadReply (and any payload) for a checked, pinned read."""
+        """Queue the ReadReply (and any payload) for a checked, pinned read
+        (of ``heads`` only, where ``moves_heads``)."""
 
     def hold_seconds(self) -> float:
         """How long the consumer may take to copy by itself (0: it does not)."""
@@ -113,8 +122,10 @@ class KVTransport(ABC):
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
+        heads: HeadRange = None,
     ) -> Incoming:
-        """Start taking the blocks the producer announced as it accepted."""
+        """Start taking the blocks the producer announced as it accepted
+        (into ``heads`` of the local blocks, where ``moves_heads``)."""
 
     def healthy(self, session: str) -> bool:
         """False once the session broke (the consumer falls back to tcp)."""
@@ -125,8 +136,10 @@ class KVTransport(ABC):
         return None
 
 
-def layer_sizes(kv: PagedKVCache, num_blocks: int) -> list[int]:
-    return [kv.block_nbytes(i) * num_blocks for i in range(len(kv.layers))]
+def layer_sizes(
+    kv: PagedKVCache, num_blocks: int, heads: HeadRange = None
+) -> list[int]:
+    return [kv.block_nbytes(i, heads) * num_blocks for i in range(len(kv.layers))]
 
 
 def flat_views(kv: PagedKVCache, flat: torch.Tensor, num: int) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pdserve.channel import Channel
-from pdserve.kv_cache import PagedKVCache, dtype_name
+from pdserve.kv_cache import HeadRange, PagedKVCache, dtype_name
 from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
 from pdserve.transport.base import (
     Incoming,
@@ -179,8 +179,14 @@ class IpcTransport(KVTransport):
         return TransportWelcome(ok=True, payload=payload)
 
     def serve(
-        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+        self,
+        channel: Channel,
+        kv: PagedKVCache,
+        block_ids: list[int],
+        session: str,
+        heads: HeadRange = None,
     ) -> Outgoing:
+        assert heads is None, "whole blocks only (moves_heads is False)"
         sizes = layer_sizes(kv, len(block_ids))
         channel.send(ReadReply(ok=True, layer_nbytes=sizes, hold_seconds=HOLD_SECONDS))
         return _Answered()
@@ -216,7 +222,9 @@ class IpcTransport(KVTransport):
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
+        heads: HeadRange = None,
     ) -> Incoming:
+        assert heads is None, "whole blocks only (moves_heads is False)"
         mapped = self._sessions.get(session)
         if mapped is None:  # dropped while the read was on its way
             raise ConnectionError("ipc session is unknown")

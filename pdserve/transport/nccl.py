@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from pdserve.channel import Channel
-from pdserve.kv_cache import PagedKVCache
+from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
 from pdserve.transport.base import (
@@ -351,8 +351,14 @@ class NcclTransport(KVTransport):
             pair.connect(PRODUCER)
 
     def serve(
-        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+        self,
+        channel: Channel,
+        kv: PagedKVCache,
+        block_ids: list[int],
+        session: str,
+        heads: HeadRange = None,
     ) -> Outgoing:
+        assert heads is None, "whole blocks only (moves_heads is False)"
         pair = self._sessions.get(session)
         if pair is None or pair.broken:
             raise SessionLost("unknown or broken nccl session")
@@ -403,7 +409,9 @@ class NcclTransport(KVTransport):
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
+        heads: HeadRange = None,
     ) -> Incoming:
+        assert heads is None, "whole blocks only (moves_heads is False)"
         pair = self._sessions.get(session)
         if pair is None or pair.broken:
             raise ConnectionError("nccl session is unknown or broken")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.channel import Channel
-from pdserve.kv_cache import PagedKVCache
+from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.protocol import ReadReply
 from pdserve.transport.base import Incoming, KVTransport, Outgoing, layer_sizes
 
@@ -23,12 +23,20 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 class _Sending(Outgoing):
-    def __init__(self, channel: Channel, kv: PagedKVCache, block_ids: list[int]):
+    def __init__(
+        self,
+        channel: Channel,
+        kv: PagedKVCache,
+        block_ids: list[int],
+        heads: HeadRange,
+    ):
         self.channel = channel
         self.kv = kv
+        self.heads = heads
         self.index = kv.index(block_ids)
         self.next_layer = 0
-        channel.send(ReadReply(ok=True, layer_nbytes=layer_sizes(kv, len(block_ids))))
+        sizes = layer_sizes(kv, len(block_ids), heads)
+        channel.send(ReadReply(ok=True, layer_nbytes=sizes))
         if not block_ids:
             self.next_layer = len(kv.layers)
 
@@ -38,15 +46,18 @@ class _Sending(Outgoing):
             and self.channel.pending_out < LOW_WATER_BYTES
         ):
             # Host staging is inherent to TCP; GPU transports avoid it.
-            blocks = self.kv.gather(self.next_layer, self.index).cpu()
+            blocks = self.kv.gather(self.next_layer, self.index, self.heads).cpu()
             self.channel.send_raw(_byte_view(blocks))
             self.next_layer += 1
         return self.next_layer == len(self.kv.layers)
 
 
 class _Receiving(Incoming):
-    def __init__(self, kv: PagedKVCache, local_block_ids: list[int]) -> None:
+    def __init__(
+        self, kv: PagedKVCache, local_block_ids: list[int], heads: HeadRange
+    ) -> None:
         self.kv = kv
+        self.heads = heads
         self.num = len(local_block_ids)
         self.index = kv.index(local_block_ids)
         self.layer = 0
@@ -58,7 +69,7 @@ class _Receiving(Incoming):
 
     def _current(self) -> torch.Tensor:
         if self.buffer is None:
-            shape = self.kv.gathered_shape(self.layer, self.num)
+            shape = self.kv.gathered_shape(self.layer, self.num, self.heads)
             self.buffer = torch.empty(shape, dtype=self.kv.layers[self.layer].dtype)
         return self.buffer
 
@@ -73,7 +84,8 @@ class _Receiving(Incoming):
         if self.filled < buffer.numel() * buffer.element_size():
             return
         device = self.kv.device
-        self.kv.scatter(self.layer, self.index, buffer.to(device, non_blocking=False))
+        blocks = buffer.to(device, non_blocking=False)
+        self.kv.scatter(self.layer, self.index, blocks, self.heads)
         self._scattered_on_device = device.type != "cpu"
         self.layer += 1
         self.filled = 0
@@ -93,11 +105,17 @@ class _Receiving(Incoming):
 
 class TcpTransport(KVTransport):
     name = "tcp"
+    moves_heads = True
 
     def serve(
-        self, channel: Channel, kv: PagedKVCache, block_ids: list[int], session: str
+        self,
+        channel: Channel,
+        kv: PagedKVCache,
+        block_ids: list[int],
+        session: str,
+        heads: HeadRange = None,
     ) -> Outgoing:
-        return _Sending(channel, kv, block_ids)
+        return _Sending(channel, kv, block_ids, heads)
 
     def receive(
         self,
@@ -105,5 +123,6 @@ class TcpTransport(KVTransport):
         remote_block_ids: list[int],
         local_block_ids: list[int],
         session: str,
+        heads: HeadRange = None,
     ) -> Incoming:
-        return _Receiving(kv, local_block_ids)
+        return _Receiving(kv, local_block_ids, heads)

@@ -14,10 +14,11 @@ from pdserve.connector.kv_client import LinkState, Load, ProducerLink
 from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.connector.metadata import LoadSpec
+from pdserve.connector.producer_peer import ProducerPeer, RankPair
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease, lease_token
 from pdserve.protocol import RankInfo, prompt_hash
-from pdserve.settings import Settings
+from pdserve.settings import ProducerAddress, Settings
 from pdserve.transport import get_transport
 
 NODE_KEY = b"k" * 32
@@ -97,6 +98,7 @@ def make_lease(
         prompt_hash=digest,
         num_prompt_tokens=len(prompt),
         kv_ports=[port],
+        kv_host="127.0.0.1",
     )
 
 
@@ -166,8 +168,7 @@ def consumer_rank(kv: PagedKVCache, port: int) -> ConsumerRank:
     settings = Settings(
         role="consumer",
         model="m",
-        producer_kv_host="127.0.0.1",
-        producer_kv_ports=[port],
+        producers=[ProducerAddress("127.0.0.1", [port])],
         connect_timeout=5,
         transfer_timeout=5,
     )
@@ -196,6 +197,16 @@ def run_load(
     if rank.stats.data["kv_load_failures"] == failures_before:
         return None
     return rank.last_error
+
+
+def only_peer(rank: ConsumerRank) -> ProducerPeer:
+    (peer,) = rank.peers.values()
+    return peer
+
+
+def only_pair(rank: ConsumerRank) -> RankPair:
+    (pair,) = only_peer(rank).pairs.values()
+    return pair
 
 
 def paired_rank(closing) -> tuple[PagedKVCache, KVServer, ConsumerRank]:

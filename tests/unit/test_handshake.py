@@ -27,9 +27,12 @@ from pdserve.settings import Settings
 NUM_BLOCKS = 500
 
 
-def layers(num_blocks: int = NUM_BLOCKS, count: int = 2) -> list[LayerInfo]:
+def layers(
+    num_blocks: int = NUM_BLOCKS, count: int = 2, heads: int = 4, head_dim: int = 3
+) -> list[LayerInfo]:
+    shape = [2, num_blocks, 16, heads, 64]
     return [
-        LayerInfo(f"model.layers.{i}.self_attn", [2, num_blocks, 16, 4, 64], "bf16", 1)
+        LayerInfo(f"model.layers.{i}.self_attn", shape, "bf16", 1, head_dim)
         for i in range(count)
     ]
 
@@ -47,6 +50,7 @@ def info(**changes) -> RankInfo:
         num_blocks=NUM_BLOCKS,
         layers=layers(),
         transports=["tcp"],
+        total_kv_heads=8,
     )
     return msgspec.structs.replace(base, **changes)
 
@@ -59,6 +63,26 @@ def mismatch(local: RankInfo, remote: RankInfo) -> str:
 
 def test_identical_infos_pass():
     check_compatible(info(), info())
+
+
+def test_ranks_of_other_tp_sizes_pass_when_their_heads_agree():
+    """TP 2 (4 heads a rank) reading TP 4 (2 heads a rank): which rank holds
+    which heads is the mapping's business; the bytes of a head must agree."""
+    half = info(tp_size=4, tp_rank=3, layers=layers(heads=2))
+    check_compatible(info(), half, whole=False)
+    check_compatible(half, info(), whole=False)
+    wider = info(tp_size=4, layers=[
+        LayerInfo(layer.name, [2, NUM_BLOCKS, 16, 2, 128], "bf16", 1, 3)
+        for layer in layers()
+    ])  # fmt: skip
+    with pytest.raises(IncompatibleProducer, match="KV layout"):
+        check_compatible(info(), wider, whole=False)
+
+
+def test_heads_that_cannot_be_told_apart_refuse_other_tp_sizes():
+    unknown = [LayerInfo(x.name, x.shape, x.dtype, 1) for x in layers(heads=2)]
+    with pytest.raises(IncompatibleProducer, match="same --tensor-parallel-size"):
+        check_compatible(info(), info(tp_size=4, layers=unknown), whole=False)
 
 
 def test_different_num_blocks_pass():
@@ -100,8 +124,10 @@ def test_num_blocks_ignored_in_any_block_dim(shape, block_dim):
             "model: consumer='Qwen/Qwen3-0.6B' producer='other/model'",
         ),
         ({"dtype": "float32"}, "dtype: consumer='bfloat16' producer='float32'"),
-        ({"tp_size": 4}, "tensor parallel size: consumer=2 producer=4"),
-        ({"tp_rank": 1}, "tensor parallel rank: consumer=0 producer=1"),
+        (
+            {"tp_size": 4, "total_kv_heads": 16},
+            "KV heads of the model: consumer=8 producer=16",
+        ),
         ({"block_size": 32}, "block size: consumer=16 producer=32"),
         (
             {"kv_cache_dtype": "fp8_e5m2"},

@@ -203,3 +203,22 @@ def test_steps_are_counted(table):
     table.tick()
     table.tick()
     assert table.step == 2
+
+
+def test_lease_read_by_several_consumer_ranks_ends_with_the_last_release(table):
+    """TP 1 producer, TP 2 consumer: both consumer ranks read and release."""
+    table.grant("r", [1, 2], H)
+    assert table.release("r", H, needed=2)
+    assert table.pop_finished() == (set(), 0)
+    assert table.open_read("r", H, [1, 2]) is Verdict.READY  # the second rank
+    table.close_read("r")
+    table.release("r", H, needed=2)
+    assert table.pop_finished() == ({"r"}, 0)
+
+
+def test_early_releases_of_several_ranks_count_when_the_grant_comes(table):
+    table.release("r", H, needed=2)
+    table.grant("r", [1], H)
+    assert table.pop_finished() == (set(), 0)
+    table.release("r", H, needed=2)
+    assert table.pop_finished() == ({"r"}, 0)

@@ -43,7 +43,7 @@ class FakeBlocks:
 
 
 def consumer(tp: int = 1) -> PDServeScheduler:
-    settings = Settings(role="consumer", model="m", producer_kv_host="p")
+    settings = Settings(role="consumer", model="m")
     return PDServeScheduler(settings, BLOCK, tp, KEY)
 
 
@@ -66,8 +66,8 @@ def lease(prompt=PROMPT, blocks=(11, 12, 13, 14), **changes) -> Lease:
     return msgspec.structs.replace(issued, **changes)
 
 
-def signed_params(**changes) -> dict:
-    return lease(**changes).signed(KEY).to_params()
+def signed_params(kv_host="10.0.0.1", **changes) -> dict:
+    return lease(**changes).signed(KEY, kv_host).to_params()
 
 
 def request(params, prompt=PROMPT, rid="req-1") -> FakeRequest:
@@ -82,7 +82,7 @@ def test_signed_lease_is_loaded_into_allocated_blocks():
     (load,) = sched.build_connector_meta(None).loads
     assert load.remote_block_ids == [11, 12, 13, 14]
     assert load.local_block_ids == [1, 2, 3, 4]
-    assert load.lease == lease().signed(KEY)
+    assert load.lease == lease().signed(KEY, "10.0.0.1")
 
 
 def test_local_prefix_hit_loads_only_the_rest():
@@ -118,7 +118,7 @@ def test_forged_do_remote_prefill_prefills_locally():
     "params",
     [
         lease().to_params(),  # unsigned: as the producer answered it
-        lease().signed(b"another-node-key".ljust(32, b"-")).to_params(),
+        lease().signed(b"another-node-key".ljust(32, b"-"), "10.0.0.1").to_params(),
         {
             **signed_params(),
             "pdserve_lease": {
@@ -143,14 +143,14 @@ def test_lease_for_other_tokens_is_released_not_loaded():
     req = request(signed_params(prompt=other), prompt=PROMPT)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
     assert sched.build_connector_meta(None).releases == [
-        lease(prompt=other).signed(KEY)
+        lease(prompt=other).signed(KEY, "10.0.0.1")
     ]
     assert sched.take_stats().data["kv_prompt_mismatches"] == 1
 
 
 @pytest.mark.parametrize(
     "changes",
-    [dict(blocks=(11, 12, 13)), dict(num_prompt_tokens=49), dict(kv_ports=[1, 2])],
+    [dict(blocks=(11, 12, 13)), dict(num_prompt_tokens=49), dict(kv_host="")],
 )
 def test_inconsistent_signed_lease_is_released(changes):
     sched = consumer()
@@ -200,7 +200,9 @@ def test_lease_handed_back_by_the_frontend_is_released_once():
     sched = consumer()
     params = signed_params()
     sched.request_finished(request(params, prompt=[0], rid="hand-back"), [])
-    assert sched.build_connector_meta(None).releases == [lease().signed(KEY)]
+    assert sched.build_connector_meta(None).releases == [
+        lease().signed(KEY, "10.0.0.1")
+    ]
     sched.request_finished(request(params, prompt=[0], rid="hand-back"), [])
     assert sched.build_connector_meta(None).releases == []  # params now spent
 

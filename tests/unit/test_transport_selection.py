@@ -8,10 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pdserve.connector.consumer_rank import (
+from pdserve.connector.kv_client import ProducerLink
+from pdserve.connector.producer_peer import (
     COPY_FAILURES_BEFORE_FALLBACK,
-    ConsumerRank,
+    ProducerPeer,
+    RankPair,
 )
+from pdserve.connector.stats import PDServeStats
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import RankInfo, TransportWelcome
 from pdserve.settings import Settings
@@ -22,6 +25,7 @@ from tests.unit.side_channel import (
     blocks_equal,
     empty_like,
     make_lease,
+    only_pair,
     paged_kv,
     run_load,
     start_server,
@@ -147,16 +151,17 @@ class Refusing(TcpTransport):
         raise TransportUnavailable("no peer access")
 
 
-def consumer_rank(transport: str) -> ConsumerRank:
-    settings = Settings(
-        role="consumer", model="m", transport=transport, producer_kv_host="127.0.0.1"
-    )
+def producer_peer(transport: str) -> ProducerPeer:
+    """A consumer rank's view of a producer, not paired."""
+    settings = Settings(role="consumer", model="m", transport=transport)
     kv = PagedKVCache({"l": torch.zeros(2, 8, 16, 2, 8)}, 8)
-    return ConsumerRank(settings, kv, info("cuda", "h"), 0, None)
+    return ProducerPeer(
+        "127.0.0.1", [1], "e", kv, info("cuda", "h"), settings, None, PDServeStats()
+    )
 
 
 def test_consumer_rank_names_itself_in_its_hello(monkeypatch):
-    import pdserve.connector.consumer_rank as consumer_module
+    import pdserve.connector.producer_peer as consumer_module
 
     said = []
 
@@ -166,20 +171,38 @@ def test_consumer_rank_names_itself_in_its_hello(monkeypatch):
             return ""
 
     monkeypatch.setattr(consumer_module, "get_transport", lambda name: Recording())
-    rank = consumer_rank("tcp")
-    rank._open_transport(None, info("cuda", "h"))
-    assert said == [f"{rank.settings.instance_id}/0"]
+    peer = producer_peer("tcp")
+    peer._open_transport(None, info("cuda", "h"), whole=True)
+    assert said == [f"{peer.settings.instance_id}/0"]
 
 
 def test_failed_transport_falls_back_to_tcp_and_is_counted(monkeypatch):
-    import pdserve.connector.consumer_rank as consumer_module
+    import pdserve.connector.producer_peer as consumer_module
 
     made = {"ipc": Refusing, "nccl": Refusing, "tcp": TcpTransport}
     monkeypatch.setattr(consumer_module, "get_transport", lambda name: made[name]())
-    rank = consumer_rank("ipc")
-    transport, _ = rank._open_transport(None, info("cuda", "h"))
+    peer = producer_peer("ipc")
+    transport, _ = peer._open_transport(None, info("cuda", "h"), whole=True)
     assert transport.name == "tcp"
-    assert rank.stats.take().data["kv_transport_fallbacks"] == 1
+    assert peer.stats.take().data["kv_transport_fallbacks"] == 1
+
+
+def test_some_heads_of_each_block_move_over_tcp_only(monkeypatch):
+    import pdserve.connector.producer_peer as consumer_module
+
+    asked = []
+    monkeypatch.setattr(
+        consumer_module,
+        "get_transport",
+        lambda name: (
+            asked.append(name) or (TcpTransport() if name == "tcp" else Refusing())
+        ),
+    )
+    peer = producer_peer("ipc")
+    peer._open_transport(None, info("cuda", "h"), whole=False)
+    assert asked == ["tcp"]  # ipc never tried
+    peer._open_transport(None, info("cuda", "h"), whole=True)
+    assert asked == ["tcp", "ipc", "tcp"]
 
 
 class Breaking(TcpTransport):
@@ -190,11 +213,12 @@ class Breaking(TcpTransport):
 
 
 def test_transport_that_breaks_later_is_replaced_by_tcp():
-    rank = consumer_rank("nccl")
-    rank.transport, rank.session = Breaking(), "s"
-    rank.poll()
-    assert rank.transport.name == "tcp" and rank.session == ""
-    assert rank.stats.take().data["kv_transport_fallbacks"] == 1
+    peer = producer_peer("nccl")
+    link = ProducerLink("127.0.0.1", 1, peer.kv, 1)
+    pair = peer.pairs[0] = RankPair(info("cuda", "h"), link, Breaking(), "s")
+    peer.pump()
+    assert pair.transport.name == "tcp" and pair.session == ""
+    assert peer.stats.take().data["kv_transport_fallbacks"] == 1
 
 
 def test_nccl_on_cpu_ranks_is_unavailable():
@@ -299,7 +323,7 @@ class CopyFailing(TcpTransport):
         self.failing = True
         self.dropped = False
 
-    def receive(self, kv, remote_block_ids, local_block_ids, session):
+    def receive(self, kv, remote_block_ids, local_block_ids, session, heads=None):
         incoming = super().receive(kv, remote_block_ids, local_block_ids, session)
         return _FailingCopy(incoming) if self.failing else incoming
 
@@ -318,7 +342,8 @@ def paired(closing):
     rank = side_channel_rank(empty_like(producer), server.port)
     closing(rank)
     rank.connect()
-    rank.transport, rank.session = CopyFailing(), "s"
+    pair = only_pair(rank)
+    pair.transport, pair.session = CopyFailing(), "s"
     return server, rank
 
 
@@ -330,12 +355,13 @@ def pull(server, rank, block: int) -> str | None:
 
 def test_copies_failing_in_a_row_move_the_rank_to_tcp(paired):
     server, rank = paired
-    flaky = rank.transport
+    pair = only_pair(rank)
+    flaky = pair.transport
     for block in range(COPY_FAILURES_BEFORE_FALLBACK):
-        assert rank.transport is flaky
+        assert pair.transport is flaky
         assert "ipc copy failed: HIP error" in pull(server, rank, block)
 
-    assert rank.transport.name == "tcp" and rank.session == ""
+    assert pair.transport.name == "tcp" and pair.session == ""
     assert flaky.dropped
     assert rank.stats.data["kv_transport_fallbacks"] == 1
     assert pull(server, rank, 20) is None  # over tcp now
@@ -344,35 +370,37 @@ def test_copies_failing_in_a_row_move_the_rank_to_tcp(paired):
 
 def test_a_good_copy_starts_the_count_again(paired):
     server, rank = paired
-    flaky = rank.transport
+    pair = only_pair(rank)
+    flaky = pair.transport
     outcomes = [False] * (COPY_FAILURES_BEFORE_FALLBACK - 1) + [True]
     outcomes += [False] * (COPY_FAILURES_BEFORE_FALLBACK - 1)
     for block, succeeds in enumerate(outcomes):
         flaky.failing = not succeeds
         assert (pull(server, rank, block) is None) == succeeds
 
-    assert rank.transport is flaky and not flaky.dropped
+    assert pair.transport is flaky and not flaky.dropped
     assert rank.stats.data["kv_transport_fallbacks"] == 0
     assert pull(server, rank, 30) is not None  # the limit in a row: given up
-    assert rank.transport.name == "tcp"
+    assert pair.transport.name == "tcp"
 
 
 def test_failures_that_are_not_the_copys_do_not_count(paired):
     """Reads the producer refuses say nothing about the transport."""
     server, rank = paired
-    flaky = rank.transport
+    pair = only_pair(rank)
+    flaky = pair.transport
     for block in range(COPY_FAILURES_BEFORE_FALLBACK):
         lease = make_lease(f"never-granted-{block}", [block], server.port)
         assert "producer refused the read" in run_load(rank, server, lease, [block])
 
-    assert rank.transport is flaky
+    assert pair.transport is flaky
     assert rank.stats.data["kv_transport_fallbacks"] == 0
 
 
 class SessionGone(CopyFailing):
     """Its session was dropped under a read in flight: no copy can start."""
 
-    def receive(self, kv, remote_block_ids, local_block_ids, session):
+    def receive(self, kv, remote_block_ids, local_block_ids, session, heads=None):
         raise ConnectionError("ipc session is unknown")
 
 
@@ -383,9 +411,10 @@ def test_copy_that_cannot_start_fails_only_its_own_load(paired):
 
     server, rank = paired
     server.transports["ipc"] = IpcTransport()  # answers, sends no bytes
-    rank.transport = SessionGone()
+    pair = only_pair(rank)
+    pair.transport = SessionGone()
     assert "ipc copy failed: ipc session is unknown" in pull(server, rank, 1)
-    (link,) = rank._links.values()
+    link = pair.link
     channel = link.channel
     deadline = time.monotonic() + 5
     while not server.leases.take_released():  # the release is on its way
@@ -394,6 +423,6 @@ def test_copy_that_cannot_start_fails_only_its_own_load(paired):
 
     for block in range(2, 1 + COPY_FAILURES_BEFORE_FALLBACK):
         assert pull(server, rank, block) is not None
-    assert rank.transport.name == "tcp"
+    assert pair.transport.name == "tcp"
     assert pull(server, rank, 9) is None
     assert link.channel is channel

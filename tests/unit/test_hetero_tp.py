@@ -1,0 +1,182 @@
+"""Consumer and producer of different TP sizes: each consumer rank reads
+exactly its KV heads from the producer ranks that hold them, over the real
+side channel (CPU caches, tcp), and a lease ends only when every consumer
+rank that reads it has released it."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+import torch
+
+from pdserve.connector.consumer_rank import ConsumerRank
+from pdserve.connector.kv_server import KVServer
+from pdserve.connector.leases import LeaseTable
+from pdserve.connector.metadata import LoadSpec
+from pdserve.connector.tp_mapping import HeadSlice, head_slices, rank_heads
+from pdserve.kv_cache import PagedKVCache
+from pdserve.lease import Lease
+from pdserve.settings import ProducerAddress, Settings
+from pdserve.transport import get_transport
+from tests.unit.side_channel import EPOCH, NODE_KEY, make_lease, rank_info_for
+
+HEADS = 4
+NUM_BLOCKS = 13
+HEAD_DIM = 3  # of [K/V, blocks, tokens, heads, head size]
+
+
+def full_kv(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, NUM_BLOCKS, 16, HEADS, 8, generator=gen) for _ in range(2)]
+
+
+def rank_kv(layers: list[torch.Tensor], heads: range) -> PagedKVCache:
+    """What a rank holding ``heads`` of ``layers`` has (zeros if empty)."""
+    caches = {
+        f"model.layers.{i}.self_attn": layer[..., heads.start : heads.stop, :].clone()
+        for i, layer in enumerate(layers)
+    }
+    kv = PagedKVCache(caches, NUM_BLOCKS)
+    kv.locate_heads([HEAD_DIM] * len(layers), len(heads))
+    return kv
+
+
+def info(kv: PagedKVCache, tp_size: int, tp_rank: int, epoch: str = EPOCH):
+    return msgspec.structs.replace(
+        rank_info_for(kv, epoch),
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        total_kv_heads=HEADS,
+    )
+
+
+def producer(layers: list[torch.Tensor], tp: int, closing) -> list[KVServer]:
+    servers = []
+    for rank in range(tp):
+        kv = rank_kv(layers, rank_heads(HEADS, tp, rank))
+        server = KVServer(
+            "127.0.0.1", 0, kv, info(kv, tp, rank), LeaseTable(30),
+            {"tcp": get_transport("tcp")}, node_key=NODE_KEY,
+        )  # fmt: skip
+        closing(server)
+        servers.append(server)
+    return servers
+
+
+def consumer(tp: int, ports: list[int], closing) -> list[ConsumerRank]:
+    settings = Settings(
+        role="consumer",
+        model="m",
+        producers=[ProducerAddress("127.0.0.1", ports)],
+        connect_timeout=5,
+        transfer_timeout=5,
+    )
+    ranks = []
+    for rank in range(tp):
+        zeros = [torch.zeros(2, NUM_BLOCKS, 16, HEADS, 8)] * 2
+        kv = rank_kv(zeros, rank_heads(HEADS, tp, rank))
+        consumer_rank = ConsumerRank(settings, kv, info(kv, tp, rank, ""), rank, None)
+        closing(consumer_rank)
+        consumer_rank.close = consumer_rank.shutdown
+        consumer_rank.connect()
+        ranks.append(consumer_rank)
+    return ranks
+
+
+def grant(servers: list[KVServer], blocks: list[int]) -> Lease:
+    lease = make_lease("r", blocks, servers[0].port)
+    lease = msgspec.structs.replace(lease, kv_ports=[s.port for s in servers])
+    for server in servers:
+        server.leases.grant(lease.request_id, blocks, lease.prompt_hash)
+    return lease
+
+
+def pull(ranks: list[ConsumerRank], servers: list[KVServer], lease, local) -> None:
+    """Each consumer rank pulls the lease, one after the other; the
+    producer's engine steps all along."""
+    for rank in ranks:
+        rank.start([LoadSpec("c-r", lease, lease.block_ids, local)], [], [])
+        deadline = time.monotonic() + 10
+        while not rank.take_done()[0]:
+            assert time.monotonic() < deadline, "pull made no progress"
+            rank.poll()
+            for server in servers:
+                server.step()
+            time.sleep(0.001)
+        assert rank.stats.data["kv_load_failures"] == 0, rank.last_error
+        assert rank.stats.data["kv_loads"] == 1
+
+
+def settle(servers: list[KVServer]) -> list[int]:
+    """Leases each producer rank still holds once releases are in."""
+    for _ in range(20):
+        for server in servers:
+            server.step()
+        time.sleep(0.005)
+    return [len(server.leases) for server in servers]
+
+
+def heads_of(layers, rank_kv_cache: PagedKVCache, heads: range, blocks, local):
+    for i, layer in enumerate(layers):
+        want = layer[:, blocks][..., heads.start : heads.stop, :]
+        assert torch.equal(rank_kv_cache.layers[i][:, local], want)
+
+
+@pytest.mark.parametrize(
+    ("producer_tp", "consumer_tp"), [(2, 1), (1, 2), (4, 2), (2, 4)]
+)
+def test_each_consumer_rank_gets_exactly_its_heads(closing, producer_tp, consumer_tp):
+    layers = full_kv()
+    servers = producer(layers, producer_tp, closing)
+    ranks = consumer(consumer_tp, [s.port for s in servers], closing)
+    blocks, local = [3, 7, 11], [1, 2, 5]
+    lease = grant(servers, blocks)
+
+    pull(ranks[:1], servers, lease, local)
+    readers_left = [
+        len([c for c in range(consumer_tp)
+             if any(s.producer_rank == p
+                    for s in head_slices(HEADS, producer_tp, consumer_tp, c))])
+        for p in range(producer_tp)
+    ]  # fmt: skip
+    if consumer_tp > 1:
+        # Another consumer rank still reads: no producer rank it needs let go.
+        held = settle(servers)
+        assert all(held[p] == 1 for p in range(producer_tp) if readers_left[p] > 1)
+    pull(ranks[1:], servers, lease, local)
+
+    for rank in range(consumer_tp):
+        heads = rank_heads(HEADS, consumer_tp, rank)
+        heads_of(layers, ranks[rank].kv, heads, blocks, local)
+        # Nothing but the pulled blocks was written.
+        untouched = [b for b in range(NUM_BLOCKS) if b not in local]
+        assert not ranks[rank].kv.layers[0][:, untouched].any()
+    assert settle(servers) == [0] * producer_tp
+
+
+def test_heads_map_to_the_ranks_that_hold_them():
+    assert head_slices(4, 2, 1, 0) == [HeadSlice(0, 0, 0, 2), HeadSlice(1, 0, 2, 2)]
+    assert head_slices(4, 1, 2, 1) == [HeadSlice(0, 2, 0, 2)]
+    assert head_slices(4, 2, 2, 1) == [HeadSlice(1, 0, 0, 2)]
+    # Two KV heads over TP 4: ranks 0,1 hold head 0, ranks 2,3 head 1.
+    assert head_slices(2, 4, 1, 0) == [HeadSlice(0, 0, 0, 1), HeadSlice(2, 0, 1, 1)]
+    assert head_slices(2, 1, 4, 3) == [HeadSlice(0, 1, 0, 1)]
+    assert head_slices(2, 4, 4, 3) == [HeadSlice(3, 0, 0, 1)]
+
+
+def test_a_read_of_heads_a_rank_lacks_is_refused(closing):
+    from tests.unit.side_channel import link_to, load_of, one, pump
+
+    servers = producer(full_kv(), 2, closing)
+    lease = grant(servers, [1])
+    link = link_to(
+        servers[0], rank_kv([torch.zeros(2, NUM_BLOCKS, 16, 4, 8)] * 2, range(4))
+    )
+    closing(link)
+    load = load_of(lease, [1])
+    load.remote_heads, load.local_heads = (1, 2), (0, 2)  # rank 0 has 2 heads
+    link.submit(load)
+    (done,) = pump(link, servers[0], one)
+    assert "heads 1..3 of 2" in done.error
