@@ -1,7 +1,9 @@
 """Tensor parallel on both nodes, TP 2 on this machine's two cores: each
 consumer rank pulls its KV heads from the same producer rank, the request runs
 once both ranks have their KV, and greedy tokens equal the TP 1 baseline's.
-A consumer started with another TP size refuses to start.
+Then TP sizes that differ: a TP 1 consumer of the TP 2 producer reads half
+its heads from each producer rank (2 -> 1), and a TP 2 consumer of a TP 1
+producer reads its half of the heads from the one producer rank (1 -> 2).
 
 Runs last, with the session's producer and consumer stopped: two TP 2 engines
 already put four spinning vLLM workers on two cores. Both engines are warmed
@@ -62,34 +64,45 @@ def warm_up(producer: ServerProcess, consumer: ServerProcess) -> None:
     assert post(consumer.url, "/v1/completions", remote).status_code == 200
 
 
+def start(name: str, args: list[str], log_dir, env=TP_ENV) -> ServerProcess:
+    server = ServerProcess.pdserve(name, args, log_dir, env=env)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def consumer_args(model: str, producer: ServerProcess, tp: int) -> list[str]:
+    return tp_args(model, "consumer", CONSUMER_MAX_LEN, tp) + [
+        "--producer-url",
+        producer.url,
+    ]
+
+
 @pytest.fixture(scope="module")
-def tp_pair(cluster, log_dir):
+def producer_tp2(cluster, log_dir):
     # The rest of the suite is done with them (this module runs last).
     cluster.producer.stop()
     cluster.consumer.stop()
-    producer = ServerProcess.pdserve(
-        "producer-tp2",
-        tp_args(cluster.model, "producer", PRODUCER_MAX_LEN),
-        log_dir,
-        env=TP_ENV,
+    producer = start(
+        "producer-tp2", tp_args(cluster.model, "producer", PRODUCER_MAX_LEN), log_dir
     )
-    consumer = None
+    yield producer
+    producer.stop()
+
+
+@pytest.fixture(scope="module")
+def tp_pair(cluster, producer_tp2, log_dir):
+    consumer = start(
+        "consumer-tp2", consumer_args(cluster.model, producer_tp2, TP), log_dir
+    )
     try:
-        producer.wait_ready()
-        consumer = ServerProcess.pdserve(
-            "consumer-tp2",
-            tp_args(cluster.model, "consumer", CONSUMER_MAX_LEN)
-            + ["--producer-url", producer.url],
-            log_dir,
-            env=TP_ENV,
-        )
-        consumer.wait_ready()
-        warm_up(producer, consumer)
-        yield producer, consumer
+        warm_up(producer_tp2, consumer)
+        yield producer_tp2, consumer
     finally:
-        for server in (consumer, producer):
-            if server is not None:
-                server.stop()
+        consumer.stop()
 
 
 @pytest.mark.parametrize("length", [1, BLOCK_SIZE + 1, 200, 700])
@@ -126,3 +139,81 @@ def test_tp2_concurrent_requests(cluster, tp_pair):
     moved = {k: v - before[k] for k, v in pd_counters(consumer.url).items()}
     # Every request prefilled remotely and pulled on both ranks.
     assert moved == {"remote": 8, "local": 0, "loads": 8 * TP, "failures": 0}
+
+
+def assert_pd_tokens_and_bytes(cluster, producer, consumer, consumer_tp: int) -> None:
+    """Greedy tokens equal the baseline's; every request prefilled remotely,
+    one pull per consumer rank, the whole model's KV bytes moved once."""
+    for length in (1, BLOCK_SIZE + 1, 300):
+        body = greedy(random_prompt(length, seed=7300 + length), max_tokens=8)
+        before = pd_counters(consumer.url)
+        bytes_before = metric(consumer.url, "pdserve:kv_bytes_received_total")
+        sent_before = metric(producer.url, "pdserve:kv_bytes_sent_total")
+
+        assert completion_tokens(consumer.url, body) == completion_tokens(
+            cluster.baseline.url, body
+        )
+        moved = {k: v - before[k] for k, v in pd_counters(consumer.url).items()}
+        assert moved == {"remote": 1, "local": 0, "loads": consumer_tp, "failures": 0}
+        expected = -(-length // BLOCK_SIZE) * bytes_per_block(cluster)
+        received = metric(consumer.url, "pdserve:kv_bytes_received_total")
+        assert received - bytes_before == expected
+        # Every producer rank let go of the lease once all its readers
+        # released it: nothing held, nothing expired.
+        assert wait_idle(producer.url, timeout=200) == (0, 0, 0)
+        sent = metric(producer.url, "pdserve:kv_bytes_sent_total") - sent_before
+        assert sent == expected
+    assert metric(producer.url, "pdserve:kv_leases_expired_total") == 0
+
+
+@pytest.fixture(scope="module")
+def two_to_one(cluster, producer_tp2, tp_pair, log_dir):
+    tp_pair[1].stop()  # done with it: fewer spinning workers on two cores
+    consumer = start(
+        "consumer-tp1-of-tp2",
+        consumer_args(cluster.model, producer_tp2, 1),
+        log_dir,
+        env=cpu_env(cores="1"),
+    )
+    try:
+        warm_up(producer_tp2, consumer)
+        yield producer_tp2, consumer
+    finally:
+        consumer.stop()
+
+
+def test_tp1_consumer_of_a_tp2_producer(cluster, two_to_one):
+    """2 -> 1: the consumer's one rank reads half its heads from each
+    producer rank."""
+    producer, consumer = two_to_one
+    assert_pd_tokens_and_bytes(cluster, producer, consumer, consumer_tp=1)
+
+
+@pytest.fixture(scope="module")
+def one_to_two(cluster, producer_tp2, two_to_one, log_dir):
+    two_to_one[1].stop()
+    producer_tp2.stop()
+    producer = start(
+        "producer-tp1",
+        tp_args(cluster.model, "producer", PRODUCER_MAX_LEN, 1),
+        log_dir,
+        env=cpu_env(cores="0"),
+    )
+    consumer = None
+    try:
+        consumer = start(
+            "consumer-tp2-of-tp1", consumer_args(cluster.model, producer, TP), log_dir
+        )
+        warm_up(producer, consumer)
+        yield producer, consumer
+    finally:
+        for server in (consumer, producer):
+            if server is not None:
+                server.stop()
+
+
+def test_tp2_consumer_of_a_tp1_producer(cluster, one_to_two):
+    """1 -> 2: both consumer ranks read their half of the heads from the one
+    producer rank, which frees the blocks after the second release."""
+    producer, consumer = one_to_two
+    assert_pd_tokens_and_bytes(cluster, producer, consumer, consumer_tp=TP)

@@ -346,3 +346,53 @@ def test_unexpected_error_in_a_link_fails_its_loads_not_the_engine(closing):
     error = run_load(rank, server, lease, [1])
     assert error is not None and "out of memory" in error
     assert rank.stats.data["kv_connector_errors"] == 1
+
+
+def test_rank_reads_from_each_producer_its_leases_name(closing):
+    """Two producers: each lease is read from the producer it names, the
+    second paired with on its first lease; one dying leaves the other."""
+    first, second = paged_kv(seed=1), paged_kv(seed=2)
+    a = start_server(first, epoch="a")
+    b = start_server(second, epoch="b")
+    closing(b)
+    rank = consumer_rank(empty_like(first), a.port)
+    closing(rank)
+    rank.connect()  # only producer a is known at startup
+    assert [peer.epoch for peer in rank.peers.values()] == ["a"]
+
+    lease_a = make_lease("x", [2, 3], a.port, epoch="a")
+    lease_b = make_lease("y", [4, 5], b.port, epoch="b")
+    a.leases.grant("x", [2, 3], lease_a.prompt_hash)
+    b.leases.grant("y", [4, 5], lease_b.prompt_hash)
+    assert run_load(rank, a, lease_a, [10, 11]) is None
+    assert run_load(rank, b, lease_b, [12, 13]) is None
+    assert sorted(peer.epoch for peer in rank.peers.values()) == ["a", "b"]
+    assert blocks_equal(first, [2, 3], rank.kv, [10, 11])
+    assert blocks_equal(second, [4, 5], rank.kv, [12, 13])
+
+    a.close()
+    deadline = time.monotonic() + 10
+    while len(rank.peers) > 1:  # the watch lets go of a only
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert only_peer(rank).epoch == "b"
+    again = make_lease("z", [6], b.port, epoch="b")
+    b.leases.grant("z", [6], again.prompt_hash)
+    assert run_load(rank, b, again, [14]) is None
+
+
+def test_producer_that_is_down_fails_fast_and_is_not_retried_at_once(closing):
+    """A lease naming a producer nobody answers for: the load fails within
+    the pairing bound, and the next one fails at once (backoff)."""
+    import socket
+
+    _, server, rank = paired_rank(closing)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    lease = make_lease("d", [1], dead_port, epoch="gone")
+    started = time.monotonic()
+    assert "producer unusable" in run_load(rank, server, lease, [1])
+    assert "failed recently" in run_load(rank, server, lease, [2])
+    assert time.monotonic() - started < 5
+    assert len(rank.peers) == 1
