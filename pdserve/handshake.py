@@ -1,4 +1,4 @@
-"""Startup handshake: a consumer learns everything about its producer from
+"""Startup handshake: a consumer learns everything about its producers from
 ``--producer-url`` and refuses to start on any mismatch."""
 
 from __future__ import annotations
@@ -165,37 +165,44 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def fetch_metadata_once(
+    producer_url: str, timeout: float, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One GET of the producer's metadata. A 3xx/4xx answer is a verdict
+    (IncompatibleProducer); OSError/ValueError mean "not up yet".
+
+    ``headers`` may hold the API key: sent to ``producer_url`` only (no
+    redirects followed), never logged; and a Host header, kept by urllib."""
+    url = producer_url.rstrip("/") + METADATA_PATH
+    opener = urllib.request.build_opener(_NoRedirect)
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 500:
+            hint = (
+                " (give both nodes the same --api-key / VLLM_API_KEY)"
+                if exc.code in (401, 403)
+                else ""
+            )
+            raise IncompatibleProducer(
+                f"producer {producer_url} refused the handshake: HTTP {exc.code}{hint}"
+            ) from exc
+        raise OSError(f"HTTP {exc.code}") from exc
+
+
 def fetch_producer_metadata(
     producer_url: str, timeout: float, headers: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """GET the producer's metadata, retrying while it starts up.
-
-    ``headers`` may hold the API key: sent to ``producer_url`` only (no
-    redirects followed), never logged."""
-    url = producer_url.rstrip("/") + METADATA_PATH
-    opener = urllib.request.build_opener(_NoRedirect)
+    """GET the producer's metadata, retrying while it starts up."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     logged = False
     while time.monotonic() < deadline:
         try:
-            request = urllib.request.Request(url, headers=headers or {})
             remaining = max(deadline - time.monotonic(), 0.1)
-            with opener.open(request, timeout=min(10, remaining)) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as exc:
-            if 300 <= exc.code < 500:
-                hint = (
-                    " (give both nodes the same --api-key / VLLM_API_KEY)"
-                    if exc.code in (401, 403)
-                    else ""
-                )
-                raise IncompatibleProducer(
-                    f"producer {producer_url} refused the handshake: "
-                    f"HTTP {exc.code}{hint}"
-                ) from exc
-            last_error = exc
-            time.sleep(RETRY_SECONDS)
+            return fetch_metadata_once(producer_url, min(10, remaining), headers)
         except (OSError, ValueError) as exc:
             last_error = exc
             if not logged:
@@ -213,23 +220,11 @@ def check_producer_metadata(mine: dict[str, Any], theirs: dict[str, Any]) -> Non
         (key, mine.get(key), theirs.get(key))
         for key in ("protocol_version", "pdserve_version", "vllm_version", "model")
     ]
-    pairs.append(
-        (
-            "tensor_parallel_size",
-            mine.get("tensor_parallel_size"),
-            theirs.get("tensor_parallel_size"),
-        )
-    )
+    # Tensor parallel sizes may differ: the engine pairs ranks of different
+    # sizes (its per-rank handshake checks the KV layouts).
     if theirs.get("role") != "producer":
         pairs.append(("role", "producer", theirs.get("role")))
     # "auto" resolves inside the engine; the per-rank handshake checks it then.
     if "auto" not in (mine.get("dtype"), theirs.get("dtype")):
         pairs.append(("dtype", mine.get("dtype"), theirs.get("dtype")))
-    mismatches = describe_mismatches(pairs)
-    if mine.get("tensor_parallel_size") != theirs.get("tensor_parallel_size"):
-        # Each consumer rank reads its KV heads from the same producer rank.
-        mismatches.append(
-            "pdserve pairs TP ranks one to one: start both nodes with the same "
-            "--tensor-parallel-size"
-        )
-    _raise_if(mismatches)
+    _raise_if(describe_mismatches(pairs))

@@ -8,7 +8,15 @@ from prometheus_client import Counter, Histogram
 
 REMOTE_PREFILLS = Counter(
     "pdserve:remote_prefills",
-    "Requests whose prompt the producer prefilled.",
+    "Requests whose prompt a producer prefilled, by producer (ADDRESS:PORT; "
+    "a producer's series goes when it leaves the pool).",
+    ["producer"],
+)
+PRODUCER_FAILOVERS = Counter(
+    "pdserve:producer_failovers",
+    "Prefills a producer failed (timeout, unreachable, 5xx), after which the "
+    "request tried the next producer, or prefilled locally if none was left.",
+    ["reason"],
 )
 LOCAL_PREFILLS = Counter(
     "pdserve:local_prefills",

@@ -47,6 +47,9 @@ class Settings(msgspec.Struct, kw_only=True):
     producer_urls: list[str] = []
     producers: list[ProducerAddress] = []
     connect_timeout: float = 120.0
+    # Consumer: a producer with more prefills than this outstanding is
+    # saturated; when all are, placement may prefill locally instead.
+    producer_saturation_requests: int = 8
     prefill_timeout: float = 60.0
     transfer_timeout: float = 30.0
 

@@ -1,10 +1,11 @@
-"""Ask the producer to prefill a request and keep its KV for us.
+"""Ask a producer to prefill a request and keep its KV for us.
 
 The producer receives the user's own request body with ``max_tokens=1`` and
 ``do_remote_decode``, so it tokenizes exactly as the consumer will; the lease
 it returns carries a fingerprint of those tokens, checked in the engine.
-The lease is parsed here once, signed with this node's key (the engine acts
-only on signed leases) and, if the engine will never see it, handed to the
+The lease is parsed here once, signed with this node's key and the address
+of the producer that issued it (the engine acts only on signed leases, and
+reads their KV there) and, if the engine will never see it, handed to the
 engine to release: the HTTP layer never talks to the KV side channel.
 """
 
@@ -14,11 +15,13 @@ import asyncio
 import copy
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
 from pdserve import metrics
+from pdserve.consumer.prefill_demand import demand_of
+from pdserve.consumer.producer_pool import Producer, ProducerPool
 from pdserve.lease import DO_REMOTE_DECODE, Lease, node_key
 from pdserve.log import init_logger
 from pdserve.settings import Settings
@@ -55,68 +58,116 @@ def prefill_body(path: str, payload: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+class Failure(NamedTuple):
+    """Why one producer gave no lease, and whose fault that was."""
+
+    reason: str
+    # The producer's (timeout, unreachable, 5xx): mark it down, try the next.
+    # Otherwise the request's (4xx, no lease): prefill locally at once.
+    producer_fault: bool
+
+
 class RemotePrefill:
-    def __init__(self, settings: Settings) -> None:
-        assert settings.producer_url is not None
+    """Asks the producers chosen by a ``ProducerPool``, in its order."""
+
+    def __init__(self, settings: Settings, pool: ProducerPool | None = None) -> None:
         self.settings = settings
-        self.url = settings.producer_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-        self.health = ProducerHealth(self.url)
+        self.pool = ProducerPool(settings) if pool is None else pool
         # Read once: a consumer started without pdserve's entrypoint has no
         # key and must fail at startup, not on its first request.
         self._key = node_key()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def _client_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(total=self.settings.prefill_timeout)
-            self._session = aiohttp.ClientSession(timeout=timeout)
-        return self._session
+        await self.pool.close()
 
     async def request_lease(
-        self, path: str, payload: dict[str, Any], headers: dict[str, str]
+        self,
+        path: str,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        prompt_tokens: int | None = None,
+        api_key: str | None = None,
     ) -> Lease | None:
-        """The producer's lease signed by this node, or None to prefill locally."""
-        if self.health.down:
-            return self._fallback("producer_down")
+        """A producer's lease signed by this node, or None to prefill locally.
+
+        ``api_key``: this node's key, for the metadata of producers that join."""
+        await self.pool.ready(api_key)
+        demand = demand_of(payload, prompt_tokens)
+        candidates = self.pool.order(demand)
+        if not candidates:
+            known = bool(self.pool.producers())
+            return self._fallback("producer_down" if known else "no_producer")
         forwarded = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
+        body = prefill_body(path, payload)
+        # One budget for all attempts: failover must not multiply the wait.
+        deadline = time.monotonic() + self.settings.prefill_timeout
+        for producer in candidates:
+            if producer.health.down:
+                continue  # another request found it down meanwhile
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with self.pool.sending(producer, demand):
+                outcome = await self._ask(producer, path, body, forwarded, remaining)
+            if isinstance(outcome, Lease):
+                return outcome.signed(self._key, kv_host=producer.address)
+            if not outcome.producer_fault:
+                return self._fallback(outcome.reason)
+            logger.warning("Producer %s failed: %s", producer.key, outcome.reason)
+            metrics.PRODUCER_FAILOVERS.labels(reason=outcome.reason).inc()
+            self.pool.mark_down(producer)
+        return self._fallback("all_producers_failed")
+
+    async def _ask(
+        self,
+        producer: Producer,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        timeout: float,
+    ) -> Lease | Failure:
         start = time.perf_counter()
         try:
-            async with self._client_session().post(
-                self.url + path, json=prefill_body(path, payload), headers=forwarded
+            async with self.pool.session.post(
+                producer.url + path,
+                json=body,
+                headers=headers | producer.endpoint.headers(),
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
+                if response.status >= 500:
+                    return Failure("http_5xx", True)
                 if response.status != 200:
-                    if response.status >= 500:
-                        self.health.mark_down(self._client_session())
-                    return self._fallback(f"producer_http_{response.status}")
+                    # Bounded labels: the class of status, not the code.
+                    return Failure(f"producer_http_{response.status // 100}xx", False)
                 answer = await response.json()
         except asyncio.TimeoutError:
-            self.health.mark_down(self._client_session())
-            return self._fallback("producer_timeout")
-        except (aiohttp.ClientError, ValueError, OSError):
-            self.health.mark_down(self._client_session())
-            return self._fallback("producer_unreachable")
+            return Failure("timeout", True)
+        except (aiohttp.ClientError, OSError):
+            return Failure("unreachable", True)
+        except ValueError:
+            return Failure("bad_answer", True)
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         lease = Lease.from_params(params)
         if lease is None:
-            return self._fallback("producer_gave_no_kv")
-        metrics.REMOTE_PREFILLS.inc()
-        seconds = time.perf_counter() - start
-        metrics.REMOTE_PREFILL_SECONDS.observe(seconds)
-        engine = lease.producer_queue_seconds + lease.producer_prefill_seconds
-        metrics.TTFT_PRODUCER_CALL.observe(max(0.0, seconds - engine))
-        metrics.TTFT_PRODUCER_QUEUE.observe(lease.producer_queue_seconds)
-        metrics.TTFT_PRODUCER_PREFILL.observe(lease.producer_prefill_seconds)
-        return lease.signed(self._key)
+            return Failure("producer_gave_no_kv", False)
+        observe(producer, lease, time.perf_counter() - start)
+        return lease
 
     @staticmethod
     def _fallback(reason: str) -> None:
         logger.warning("Prefilling locally: %s", reason)
         metrics.LOCAL_PREFILLS.labels(reason=reason).inc()
         return None
+
+
+def observe(producer: Producer, lease: Lease, seconds: float) -> None:
+    """Metrics of one remote prefill that gave a lease."""
+    metrics.REMOTE_PREFILLS.labels(producer=producer.key).inc()
+    metrics.REMOTE_PREFILL_SECONDS.observe(seconds)
+    engine = lease.producer_queue_seconds + lease.producer_prefill_seconds
+    metrics.TTFT_PRODUCER_CALL.observe(max(0.0, seconds - engine))
+    metrics.TTFT_PRODUCER_QUEUE.observe(lease.producer_queue_seconds)
+    metrics.TTFT_PRODUCER_PREFILL.observe(lease.producer_prefill_seconds)
 
 
 async def release_lease(engine_client: Any, lease: Lease, reason: str) -> None:
@@ -139,35 +190,3 @@ async def release_lease(engine_client: Any, lease: Lease, reason: str) -> None:
         logger.warning("Handing back a lease (%s) failed: %r", reason, exc)
         return
     metrics.LEASES_RELEASED.labels(reason=reason).inc()
-
-
-class ProducerHealth:
-    """After a failure, requests skip the producer (prefilling locally at
-    once) until a background probe of its /health succeeds again."""
-
-    PROBE_SECONDS = 2.0
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.down = False
-        self._probe: asyncio.Task | None = None
-
-    def mark_down(self, session: aiohttp.ClientSession) -> None:
-        if not self.down:
-            logger.warning("Producer %s is down; prefilling locally", self.url)
-        self.down = True
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._wait_up(session))
-
-    async def _wait_up(self, session: aiohttp.ClientSession) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.PROBE_SECONDS)
-        while True:
-            await asyncio.sleep(self.PROBE_SECONDS)
-            try:
-                async with session.get(self.url + "/health", timeout=timeout) as r:
-                    if r.status == 200:
-                        break
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                continue
-        logger.info("Producer %s is back; prefilling there again", self.url)
-        self.down = False

@@ -1,7 +1,7 @@
 """``python -m pdserve.entrypoints.api_server`` (also the ``pdserve`` command).
 
-Parses pdserve's flags, does the consumer's startup handshake with the
-producer, then runs ``vllm serve`` with our connector and middleware and every
+Parses pdserve's flags, does the consumer's startup handshake with its
+producers, then runs ``vllm serve`` with our connector and middleware and every
 other flag unchanged.
 """
 
@@ -12,7 +12,6 @@ import os
 import secrets
 import sys
 
-import pdserve
 from pdserve.entrypoints.cli_args import (
     _api_keys,
     build_parser,
@@ -20,15 +19,17 @@ from pdserve.entrypoints.cli_args import (
     parse,
     vllm_serve_args,
 )
-from pdserve.handshake import (
-    IncompatibleProducer,
-    check_kv_auth,
-    check_producer_metadata,
-    fetch_producer_metadata,
-)
+from pdserve.entrypoints.startup_producers import find_producers
+from pdserve.handshake import IncompatibleProducer
 from pdserve.lease import NODE_KEY_ENV_VAR, new_node_key
 from pdserve.log import init_logger
-from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, Settings, kv_secret
+from pdserve.settings import (
+    ENV_VAR,
+    KV_SECRET_ENV_VAR,
+    ProducerAddress,
+    Settings,
+    kv_secret,
+)
 
 logger = init_logger(__name__)
 
@@ -60,57 +61,45 @@ def print_help() -> None:
 
 
 def handshake(settings: Settings, api_key: str | None = None) -> None:
-    """Consumer: learn the producer's KV ports; refuse a mismatched producer.
+    """Consumer: find its producers and their KV ports; refuse to start on
+    an incompatible one (see ``startup_producers``).
 
-    ``api_key``: this node's own key, which the producer must accept too
-    (its metadata is behind ``--api-key`` like every other route)."""
-    import vllm
-
-    assert settings.producer_url is not None
+    ``api_key``: this node's own key, which producers must accept too
+    (their metadata is behind ``--api-key`` like every other route)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    theirs = fetch_producer_metadata(
-        settings.producer_url, settings.connect_timeout, headers
-    )
-    mine = {
-        "protocol_version": pdserve.PROTOCOL_VERSION,
-        "pdserve_version": pdserve.__version__,
-        "vllm_version": vllm.__version__,
-        "model": settings.model,
-        "dtype": settings.dtype,
-        "tensor_parallel_size": settings.tensor_parallel_size,
-    }
-    check_producer_metadata(mine, theirs)
-    settings.producer_kv_ports = list(theirs["kv_ports"])
+    found = find_producers(settings, headers)
+    settings.producers = [
+        ProducerAddress(host=f.endpoint.address, kv_ports=list(f.metadata.kv_ports))
+        for f in found
+    ]
     secret = kv_secret()
-    check_kv_auth(secret is not None, bool(theirs.get("kv_auth")))
-    if secret is not None:
-        try_kv_secret(settings, secret)
-    logger.info(
-        "Producer %s: %s, TP %s, KV ports %s",
-        settings.producer_url,
-        theirs["model"],
-        theirs["tensor_parallel_size"],
-        settings.producer_kv_ports,
-    )
+    for producer in settings.producers:
+        if secret is not None:
+            try_kv_secret(producer, settings.transfer_timeout, secret)
+    for f in found:
+        logger.info(
+            "Producer %s: %s, TP %s, KV ports %s",
+            f.endpoint.key,
+            f.metadata.model,
+            f.metadata.tensor_parallel_size,
+            f.metadata.kv_ports,
+        )
 
 
-def try_kv_secret(settings: Settings, secret: bytes) -> None:
+def try_kv_secret(producer: ProducerAddress, timeout: float, secret: bytes) -> None:
     """Prove the secret on the producer's first KV port before any engine
     starts: different secrets fail in seconds, not after a model load."""
     # The one use of the side channel outside the engine (the main process,
     # before vLLM starts); imported here so the HTTP layer never loads it.
     from pdserve.connector.kv_client import BlockingClient
 
-    assert settings.producer_kv_host is not None
-    port = settings.producer_kv_ports[0]
-    client = BlockingClient(
-        settings.producer_kv_host, port, settings.transfer_timeout, secret
-    )
+    port = producer.kv_ports[0]
+    client = BlockingClient(producer.host, port, timeout, secret)
     try:
         client.rank_info()
     except OSError as exc:
         # Unreachable from here: each rank's own handshake retries and decides.
-        logger.info("KV port %d not checked yet: %s", port, exc)
+        logger.info("KV port %s:%d not checked yet: %s", producer.host, port, exc)
 
 
 def export_kv_secret(args: argparse.Namespace) -> None:

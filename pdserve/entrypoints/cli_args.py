@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdserve",
         description=(
-            "Prefill/decode disaggregated vLLM server. Run one producer (prefill) "
-            "and one consumer (decode, the port clients call). Flags not listed "
+            "Prefill/decode disaggregated vLLM server. Run producers (prefill) "
+            "and consumers (decode, the port clients call). Flags not listed "
             "here are passed to `vllm serve` unchanged (listed after ours)."
         ),
         add_help=False,
@@ -45,7 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pd.add_argument(
         "--producer-url",
-        help="consumer only (required): the producer's HTTP address",
+        action="append",
+        default=[],
+        help="consumer only (required): a producer's HTTP address; repeat it "
+        "or separate URLs with commas for several producers. An http URL whose "
+        "host has several addresses (a headless Service) is one producer per "
+        "address",
+    )
+    pd.add_argument(
+        "--producer-saturation-requests",
+        type=int,
+        default=8,
+        help="consumer: a producer with more prefills than this outstanding is "
+        "saturated",
     )
     pd.add_argument(
         "--kv-transport",
@@ -153,12 +165,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = build_parser()
     args, rest = parser.parse_known_args([normalize_flag(a) for a in argv])
     args.kv_role = ROLES[args.kv_role]
+    args.producer_url = producer_urls(args.producer_url)
     if args.kv_role == "consumer" and not args.producer_url:
         parser.error("--producer-url is required with --kv-role consumer")
     if args.kv_role == "producer" and args.producer_url:
         parser.error("--producer-url is for consumers; a producer takes none")
-    if args.producer_url and not urlparse(args.producer_url).hostname:
-        parser.error(f"--producer-url {args.producer_url!r} has no host")
+    for url in args.producer_url:
+        if not urlparse(url).hostname:
+            parser.error(f"--producer-url {url!r} has no host")
     if not args.model:
         parser.error("--model is required")
     owned = "--kv-transfer-config"
@@ -166,6 +180,16 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"{owned} is set by pdserve; use the --kv-* flags instead")
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     return args, rest
+
+
+def producer_urls(given: list[str]) -> list[str]:
+    """Every --producer-url, commas split, blanks and repeats dropped."""
+    urls: list[str] = []
+    for value in given:
+        for url in value.split(","):
+            if url.strip() and url.strip() not in urls:
+                urls.append(url.strip())
+    return urls
 
 
 def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
@@ -179,7 +203,8 @@ def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
         transport=args.kv_transport,
         kv_host=args.kv_host,
         lease_seconds=args.kv_lease_seconds,
-        producer_url=args.producer_url,
+        producer_urls=args.producer_url,
+        producer_saturation_requests=args.producer_saturation_requests,
         connect_timeout=args.producer_connect_timeout,
         prefill_timeout=args.prefill_timeout,
         transfer_timeout=args.kv_transfer_timeout,
@@ -190,8 +215,6 @@ def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
             if args.kv_port
             else free_ports(args.kv_host, tp)
         )
-    else:
-        settings.producer_kv_host = urlparse(args.producer_url).hostname
     return settings
 
 

@@ -24,7 +24,7 @@ import pdserve
 from pdserve.consumer import client_body
 from pdserve.consumer.client_body import Body, BodyTooDeep
 from pdserve.consumer.remote_prefill import RemotePrefill, local_reason, release_lease
-from pdserve.entrypoints.auth import UNAUTHORIZED, authorized
+from pdserve.entrypoints.auth import UNAUTHORIZED, accepted_keys, authorized
 from pdserve.entrypoints.legacy_generate import (
     BufferedReply,
     StreamingReply,
@@ -175,11 +175,17 @@ class PDServeMiddleware:
         if self._guarded(route, method) and not authorized(scope):
             return await send_json(send, 401, UNAUTHORIZED)
         if (route, method) == (METADATA_PATH, "GET"):
-            return await send_json(send, 200, self.metadata)
+            return await send_json(send, 200, self._metadata())
         if (route, method) == (LEGACY_PATH, "POST") or self._inspects(method):
             return await self._with_body(scope, receive, send, route)
         # The producer serves its own requests (from this consumer) as is.
         await self.app(scope, receive, send)
+
+    def _metadata(self) -> dict[str, Any]:
+        if self.prefill is None:
+            return self.metadata
+        # The consumer's producers as it sees them now (for debugging).
+        return dict(self.metadata, producers=self.prefill.pool.describe())
 
     def _guarded(self, route: str, method: str) -> bool:
         """Routes whose key is checked here: vLLM's own check runs later, too
@@ -233,7 +239,11 @@ class PDServeMiddleware:
             for k, v in scope["headers"]
         }
         client = ClientWatch(receive)
-        lease = await client.during(self.prefill.request_lease(route, payload, headers))
+        # This node's key: producers that join are asked for their metadata
+        # with it, as at startup.
+        api_key = next(iter(accepted_keys(scope)), None)
+        asking = self.prefill.request_lease(route, payload, headers, api_key=api_key)
+        lease = await client.during(asking)
         if lease is None:
             return await self._forward(scope, client.receive, send, body, route)
         if client.left_early:

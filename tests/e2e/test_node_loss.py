@@ -64,7 +64,7 @@ def local(url: str, reason: str) -> float:
 
 
 def local_for_producer(url: str) -> dict[str, float]:
-    return {r: local(url, r) for r in ("producer_down", "producer_unreachable")}
+    return {r: local(url, r) for r in ("producer_down", "all_producers_failed")}
 
 
 def test_producer_killed_mid_load_then_back_on_same_ports(
@@ -97,8 +97,8 @@ def test_producer_killed_mid_load_then_back_on_same_ports(
         assert completion_tokens(consumer, body) == expected
     assert time.monotonic() - started < 10
     fell_back = local_for_producer(consumer)
-    assert fell_back["producer_down"] + fell_back["producer_unreachable"] == (
-        before["producer_down"] + before["producer_unreachable"] + 2
+    assert fell_back["producer_down"] + fell_back["all_producers_failed"] == (
+        before["producer_down"] + before["all_producers_failed"] + 2
     )
     assert fell_back["producer_down"] >= before["producer_down"] + 1
 

@@ -20,8 +20,7 @@ from pdserve.settings import ENV_VAR, Settings
 CONSUMER = Settings(
     role="consumer",
     model="m",
-    producer_url="http://producer.invalid:1",
-    producer_kv_host="producer.invalid",
+    producer_urls=["http://producer.invalid:1"],
 )
 PRODUCER = Settings(role="producer", model="m", kv_ports=[9000], instance_id="e1")
 
@@ -173,31 +172,73 @@ async def call(
     return Answer(starts[0]["status"], data)
 
 
+def producer_metadata(**changes: Any) -> dict[str, Any]:
+    """/pdserve/metadata of a producer that suits ``CONSUMER``."""
+    import vllm
+
+    import pdserve
+
+    return {
+        "role": "producer",
+        "model": "m",
+        "dtype": "auto",
+        "tensor_parallel_size": 1,
+        "kv_ports": [9000],
+        "instance_id": "e1",
+        "kv_auth": False,
+        "protocol_version": pdserve.PROTOCOL_VERSION,
+        "pdserve_version": pdserve.__version__,
+        "vllm_version": vllm.__version__,
+    } | changes
+
+
 @dataclass
 class FakeProducer:
-    """The producer's HTTP side: answers every prefill with ``answer``."""
+    """The producer's HTTP side: answers every prefill with ``answer`` (a
+    dict, or a ``web.Response`` for other statuses), /pdserve/metadata with
+    ``metadata`` and /health with ``health``."""
 
     answer: Callable[[dict], Any]
     url: str = ""
+    metadata: dict[str, Any] = field(default_factory=producer_metadata)
+    health: int = 200
     requests: list[tuple[str, dict, dict[str, str]]] = field(default_factory=list)
+    # Every GET: (path, headers).
+    gets: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         payload = await request.json()
         self.requests.append((request.path, payload, dict(request.headers)))
-        return web.json_response(self.answer(payload))
+        answer = self.answer(payload)
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        if isinstance(answer, web.StreamResponse):
+            return answer
+        return web.json_response(answer)
+
+    async def handle_get(self, request: web.Request) -> web.Response:
+        self.gets.append((request.path, dict(request.headers)))
+        if request.path == "/pdserve/metadata":
+            return web.json_response(self.metadata)
+        if request.path == "/health":
+            return web.Response(status=self.health)
+        return web.Response(status=404)
 
 
 @contextlib.asynccontextmanager
-async def fake_producer(answer: Callable[[dict], Any]) -> AsyncIterator[FakeProducer]:
+async def fake_producer(
+    answer: Callable[[dict], Any], host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[FakeProducer]:
     producer = FakeProducer(answer)
     app = web.Application()
     app.router.add_post("/{tail:.*}", producer.handle)
+    app.router.add_get("/{tail:.*}", producer.handle_get)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    producer.url = f"http://127.0.0.1:{port}"
+    producer.url = f"http://{host}:{port}"
     try:
         yield producer
     finally:

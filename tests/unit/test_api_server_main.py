@@ -13,9 +13,11 @@ import pytest
 import vllm
 
 import pdserve
+from pdserve import handshake
+from pdserve.consumer.producer_source import ProducerSource
 from pdserve.entrypoints import api_server
 from pdserve.lease import NODE_KEY_ENV_VAR
-from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, Settings
+from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, ProducerAddress, Settings
 
 PRODUCER = ["--kv-role", "producer", "--model", "m", "--kv-port", "9100"]
 CONSUMER = ["--kv-role", "consumer", "--model", "m", "--producer-url", "http://p:1"]
@@ -29,13 +31,18 @@ class Started:
         self.args: list[str] = []
         self.env: dict[str, str] = {}
         self.metadata_headers: list[dict[str, str]] = []
+        self.metadata_urls: list[str] = []
+        self.hosts: list[str | None] = []
 
     def serve(self, args: list[str]) -> None:
         self.args = list(args)
         self.env = dict(os.environ)
 
     def fetch(self, url: str, timeout: float, headers=None) -> dict:
-        self.metadata_headers.append(dict(headers or {}))
+        headers = dict(headers or {})
+        self.metadata_urls.append(url)
+        self.hosts.append(headers.pop("Host", None))
+        self.metadata_headers.append(headers)
         return {
             "role": "producer",
             "model": "m",
@@ -66,7 +73,9 @@ def started(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY")
     record = Started()
     monkeypatch.setattr(api_server, "run_vllm_serve", record.serve)
-    monkeypatch.setattr(api_server, "fetch_producer_metadata", record.fetch)
+    monkeypatch.setattr(handshake, "fetch_metadata_once", record.fetch)
+    # "p" (the consumer's --producer-url host) has one address.
+    monkeypatch.setattr(ProducerSource, "resolve_blocking", lambda self: ["10.0.0.7"])
     return record
 
 
@@ -132,12 +141,15 @@ def test_kv_secret_check_leaves_an_unreachable_port_to_the_ranks():
     # Refused connections are not a verdict: each rank retries at its start.
     with socket.create_server(("127.0.0.1", 0)) as s:
         port = s.getsockname()[1]
-    settings = Settings(
-        role="consumer",
-        model="m",
-        producer_url="http://127.0.0.1:1",
-        producer_kv_host="127.0.0.1",
-        producer_kv_ports=[port],
-        transfer_timeout=2,
-    )
-    api_server.try_kv_secret(settings, b"secret")
+    producer = ProducerAddress(host="127.0.0.1", kv_ports=[port])
+    api_server.try_kv_secret(producer, 2, b"secret")
+
+
+def test_consumer_starts_with_the_producers_found(started):
+    api_server.main(CONSUMER)
+    # The name's address is called, with the URL's own Host header.
+    assert started.metadata_urls == ["http://10.0.0.7:1"]
+    assert started.hosts == ["p:1"]
+    settings = started.settings
+    assert settings.producer_urls == ["http://p:1"]
+    assert settings.producers == [ProducerAddress(host="10.0.0.7", kv_ports=[9100])]

@@ -86,6 +86,33 @@ def test_producer_url_without_host_refused(capsys):
     assert "has no host" in err
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--producer-url", "http://a:1", "--producer-url", "http://b:2"],
+        ["--producer-url", "http://a:1,http://b:2"],
+        ["--producer-url", "http://a:1, http://b:2,", "--producer-url=http://a:1"],
+        ["--producer_url", "http://a:1", "--producer-url=http://b:2"],
+    ],
+)
+def test_several_producer_urls(flags):
+    settings, serve = launch(["--kv-role", "consumer", "--model", "m", *flags])
+    assert settings.producer_urls == ["http://a:1", "http://b:2"]
+    assert "--producer-url" not in serve and "http://a:1" not in serve
+
+
+def test_each_producer_url_needs_a_host(capsys):
+    argv = ["--kv-role", "consumer", "--model", "m"]
+    argv += ["--producer-url", "http://a:1,b:2"]
+    assert "'b:2' has no host" in parser_error(capsys, argv)
+
+
+def test_producer_saturation_setting():
+    settings, _ = launch([*CONSUMER, "--producer-saturation-requests", "3"])
+    assert settings.producer_saturation_requests == 3
+    assert launch(CONSUMER)[0].producer_saturation_requests == 8
+
+
 def test_model_required(capsys):
     err = parser_error(capsys, ["--kv-role", "producer"])
     assert "--model is required" in err
@@ -215,8 +242,9 @@ def test_settings_round_trip_through_kv_transfer_config():
     assert decoded.prefill_timeout == 7.5
     assert decoded.transfer_timeout == 3.0
     assert decoded.connect_timeout == 11.0
-    assert decoded.producer_url == "http://p:8100"
-    assert decoded.producer_kv_host == "p"
+    assert decoded.producer_urls == ["http://p:8100"]
+    # Found by the startup handshake, not by parsing.
+    assert decoded.producers == []
     assert decoded.kv_ports == []
 
 
@@ -228,7 +256,7 @@ def test_producer_settings_round_trip():
     assert decoded == settings
     assert decoded.kv_host == "127.0.0.1"
     assert decoded.lease_seconds == 5.0
-    assert decoded.producer_url is None and decoded.producer_kv_host is None
+    assert decoded.producer_urls == [] and decoded.producers == []
 
 
 @pytest.mark.parametrize("tp_flag", ["-tp", "--tensor-parallel-size"])

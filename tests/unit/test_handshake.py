@@ -250,7 +250,6 @@ def test_matching_metadata_passes():
     ("key", "mine", "theirs", "expected"),
     [
         ("model", "a/b", "c/d", "model: consumer='a/b' producer='c/d'"),
-        ("tensor_parallel_size", 1, 2, "tensor_parallel_size: consumer=1 producer=2"),
         (
             "dtype",
             "float16",
@@ -342,16 +341,8 @@ def test_fetch_times_out_on_closed_port():
     assert time.monotonic() - start < 5.0
 
 
-def test_tp_mismatch_says_how_to_fix_it():
-    message = metadata_mismatch(
+def test_tp_sizes_may_differ():
+    # Heterogeneous TP: the engine pairs ranks of different sizes.
+    check_producer_metadata(
         consumer_metadata(tensor_parallel_size=1), producer_metadata()
-    )
-    assert "same --tensor-parallel-size" in message
-    assert "same --tensor-parallel-size" not in str(
-        pytest.raises(
-            IncompatibleProducer,
-            check_producer_metadata,
-            consumer_metadata(model="x/y"),
-            producer_metadata(),
-        ).value
     )

@@ -169,7 +169,7 @@ def consumer_call(monkeypatch, headers, keys, path="/v1/completions", env_key=No
     async def scenario():
         answer = {"kv_transfer_params": make_lease().to_params()}
         async with fake_producer(lambda _: answer) as producer:
-            settings = msgspec.structs.replace(CONSUMER, producer_url=producer.url)
+            settings = msgspec.structs.replace(CONSUMER, producer_urls=[producer.url])
             monkeypatch.setenv(ENV_VAR, settings.to_json())
             app = FakeVLLM()
             mw = PDServeMiddleware(app)

@@ -254,7 +254,7 @@ def test_flag_wins_over_environment(monkeypatch):
 def test_secret_stays_out_of_settings(monkeypatch):
     # Settings travel in vLLM's --kv-transfer-config, which vLLM logs.
     monkeypatch.setenv(KV_SECRET_ENV_VAR, SECRET.decode())
-    settings = Settings(role="consumer", model="m", producer_url="http://p:1")
+    settings = Settings(role="consumer", model="m", producer_urls=["http://p:1"])
     assert SECRET.decode() not in settings.to_json()
 
 

@@ -22,11 +22,11 @@ class FakePrefill:
     def __init__(self, key: bytes) -> None:
         self.answer = asyncio.Event()
         self.asked = asyncio.Event()
-        self.lease = make_lease().signed(key)
+        self.lease = make_lease().signed(key, kv_host="10.0.0.1")
         self.engine = FakeEngine()
         self._counts = {reason: count(reason) for reason in REASONS}
 
-    async def request_lease(self, path, payload, headers):
+    async def request_lease(self, path, payload, headers, **kwargs):
         self.asked.set()
         await self.answer.wait()
         return self.lease

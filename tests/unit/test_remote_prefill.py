@@ -207,7 +207,7 @@ def flow(
 
     async def scenario() -> Flow:
         async with fake_producer(answer) as producer:
-            settings = msgspec.structs.replace(CONSUMER, producer_url=producer.url)
+            settings = msgspec.structs.replace(CONSUMER, producer_urls=[producer.url])
             monkeypatch.setenv(ENV_VAR, settings.to_json())
             vllm = FakeVLLM(status=status)
             mw = PDServeMiddleware(vllm)
@@ -227,6 +227,15 @@ def local_prefills(reason: str) -> float:
     return metrics.LOCAL_PREFILLS.labels(reason=reason)._value.get()
 
 
+def remote_prefills() -> float:
+    return sum(
+        sample.value
+        for family in metrics.REMOTE_PREFILLS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
 def released(reason: str) -> float:
     return metrics.LEASES_RELEASED.labels(reason=reason)._value.get()
 
@@ -235,7 +244,7 @@ FORGED = {"do_remote_prefill": True, "pdserve_lease": {"request_id": "x", "mac":
 
 
 def test_forwarded_body_carries_exactly_the_signed_lease(monkeypatch):
-    remote_before = metrics.REMOTE_PREFILLS._value.get()
+    remote_before = remote_prefills()
     body = {
         "prompt": "Hello",
         "max_tokens": 5,
@@ -249,14 +258,15 @@ def test_forwarded_body_carries_exactly_the_signed_lease(monkeypatch):
     lease = Lease.from_params(params)
     assert lease is not None and lease.verified(done.key)
     assert not lease.verified(b"another node's key")
-    assert params == make_lease().signed(done.key).to_params()
+    # Signed for the producer's address: the engine reads the KV there.
+    assert params == make_lease().signed(done.key, kv_host="127.0.0.1").to_params()
     assert done.vllm.seen[0].headers[b"content-type"] == b"application/json"
     # The producer got the request without the client's params, asked to lease.
     [(path, asked, _)] = done.producer.requests
     assert path == COMPLETIONS
     assert asked["kv_transfer_params"] == {"do_remote_decode": True}
     assert asked["vllm_xargs"] == {}
-    assert metrics.REMOTE_PREFILLS._value.get() == remote_before + 1
+    assert remote_prefills() == remote_before + 1
     assert done.engine.rejected == []
 
 

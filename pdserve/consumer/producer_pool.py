@@ -1,0 +1,262 @@
+"""The producers a consumer may send prefills to, and which one a request
+goes to.
+
+Producers come from ``--producer-url`` (see ``producer_source``): every
+``RESOLVE_SECONDS`` each URL's name is resolved again, so producers join and
+leave while the consumer runs. A new address serves nothing until its
+``/pdserve/metadata`` was fetched and found compatible; an incompatible one
+is logged and never used (while it keeps its address).
+
+A request goes to the producer its prompt prefix hashes to (rendezvous
+hashing over the healthy producers: requests sharing a prefix meet that
+producer's prefix cache, and only ~1/N of prefixes move when a producer
+joins or leaves), unless that producer is much busier than the least busy
+one; failover goes down the same ranking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from pdserve import metrics
+from pdserve.consumer import producer_metadata
+from pdserve.consumer.prefill_demand import Demand
+from pdserve.consumer.producer_health import ProducerHealth
+from pdserve.consumer.producer_metadata import ProducerMetadata, own_metadata
+from pdserve.consumer.producer_source import Endpoint, ProducerSource
+from pdserve.handshake import IncompatibleProducer
+from pdserve.log import init_logger
+from pdserve.settings import Settings
+
+logger = init_logger(__name__)
+
+# How often names are resolved again: a producer pod that joins a headless
+# Service serves within about this long.
+RESOLVE_SECONDS = 5.0
+# Bounds on one resolution and one metadata fetch of a new producer.
+RESOLVE_TIMEOUT_SECONDS = 5.0
+METADATA_TIMEOUT_SECONDS = 5.0
+# Affinity yields to load: a request leaves the producer its prefix hashes
+# to when that one's outstanding prefill work (estimated prompt tokens)
+# exceeds AFFINITY_LOAD_FACTOR x the least busy producer's plus
+# AFFINITY_SLACK_TOKENS. Below that a prefix-cache hit saves more than the
+# extra queueing costs; the slack, about one long prompt, keeps a few short
+# requests from breaking affinity on an otherwise idle pool.
+AFFINITY_LOAD_FACTOR = 2.0
+AFFINITY_SLACK_TOKENS = 4096.0
+
+
+@dataclass(eq=False)
+class Producer:
+    endpoint: Endpoint
+    metadata: ProducerMetadata
+    health: ProducerHealth
+    outstanding_requests: int = 0
+    outstanding_work: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.endpoint.key
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.base_url
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    @property
+    def kv_ports(self) -> list[int]:
+        return self.metadata.kv_ports
+
+    @property
+    def instance_id(self) -> str:
+        return self.metadata.instance_id
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "producer": self.key,
+            "instance_id": self.instance_id,
+            "kv_ports": self.kv_ports,
+            "down": self.health.down,
+            "outstanding_requests": self.outstanding_requests,
+            "outstanding_work": self.outstanding_work,
+        }
+
+
+class ProducerPool:
+    def __init__(self, settings: Settings) -> None:
+        self.sources = [ProducerSource(url) for url in settings.producer_urls]
+        self.saturation_requests = settings.producer_saturation_requests
+        self._mine = own_metadata(settings)
+        self._producers: dict[str, Producer] = {}
+        # Endpoints last found per source: kept while its name fails to resolve.
+        self._found: list[dict[str, Endpoint]] = [{} for _ in self.sources]
+        self._incompatible: set[str] = set()
+        self._unreachable_logged: set[str] = set()
+        self._headers: dict[str, str] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._refresher: asyncio.Task | None = None
+        self._first_refresh = asyncio.Event()
+
+    # ---- lifecycle ----
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The session every call to a producer goes through."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def ready(self, api_key: str | None = None) -> None:
+        """Start following the producers (on the first request: the event
+        loop is vLLM's); wait, bounded, until they were looked up once."""
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._follow())
+        if not self._first_refresh.is_set():
+            bound = RESOLVE_TIMEOUT_SECONDS + METADATA_TIMEOUT_SECONDS
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._first_refresh.wait(), bound)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for producer in self._producers.values():
+            producer.health.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # never let one bad round end the following
+                logger.exception("Looking up producers failed")
+            self._first_refresh.set()
+            await asyncio.sleep(RESOLVE_SECONDS)
+
+    # ---- membership ----
+
+    async def refresh(self) -> None:
+        """Resolve every URL once; admit new producers, drop gone ones."""
+        for index, source in enumerate(self.sources):
+            addresses = await self._resolve(source)
+            if addresses is not None:
+                endpoints = source.endpoints(addresses)
+                self._found[index] = {e.key: e for e in endpoints}
+        found = {k: e for by_source in self._found for k, e in by_source.items()}
+        for key in set(self._producers) - set(found):
+            self._drop(key)
+        # An address that left and comes back (a new pod) is checked anew.
+        self._incompatible &= set(found)
+        new = [
+            e
+            for k, e in found.items()
+            if k not in self._producers and k not in self._incompatible
+        ]
+        await asyncio.gather(*(self._admit(e) for e in new))
+
+    async def _resolve(self, source: ProducerSource) -> list[str] | None:
+        try:
+            return await asyncio.wait_for(source.resolve(), RESOLVE_TIMEOUT_SECONDS)
+        except (OSError, asyncio.TimeoutError) as exc:
+            # Keep what was found: a DNS hiccup must not empty the pool.
+            logger.warning("Cannot resolve %s: %r", source.url, exc)
+            return None
+
+    async def _admit(self, endpoint: Endpoint) -> None:
+        try:
+            theirs = await producer_metadata.fetch(
+                self.session, endpoint, self._headers, METADATA_TIMEOUT_SECONDS
+            )
+            metadata = producer_metadata.checked(self._mine, theirs)
+        except IncompatibleProducer as exc:
+            logger.error("Producer %s will not be used: %s", endpoint.key, exc)
+            self._incompatible.add(endpoint.key)
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            if endpoint.key not in self._unreachable_logged:
+                logger.info("Producer %s not reachable yet: %r", endpoint.key, exc)
+                self._unreachable_logged.add(endpoint.key)
+            return
+        self._unreachable_logged.discard(endpoint.key)
+        self._producers[endpoint.key] = Producer(
+            endpoint, metadata, ProducerHealth(endpoint)
+        )
+        logger.info(
+            "Producer %s joined: instance %s, KV ports %s",
+            endpoint.key,
+            metadata.instance_id,
+            metadata.kv_ports,
+        )
+
+    def _drop(self, key: str) -> None:
+        producer = self._producers.pop(key)
+        producer.health.close()
+        # Keeps the per-producer series bounded by the producers present.
+        with contextlib.suppress(KeyError):
+            metrics.REMOTE_PREFILLS.remove(key)
+        logger.info("Producer %s left", key)
+
+    # ---- choosing ----
+
+    def producers(self) -> list[Producer]:
+        return list(self._producers.values())
+
+    def healthy(self) -> list[Producer]:
+        return [p for p in self._producers.values() if not p.health.down]
+
+    def order(self, demand: Demand) -> list[Producer]:
+        """Healthy producers in the order this request tries them."""
+        ranked = sorted(
+            self.healthy(), key=lambda p: rendezvous(demand.affinity_key, p.key)
+        )
+        if not ranked:
+            return []
+        first = ranked[0]
+        least = min(ranked, key=lambda p: (p.outstanding_work, p.outstanding_requests))
+        limit = AFFINITY_LOAD_FACTOR * least.outstanding_work + AFFINITY_SLACK_TOKENS
+        if first.outstanding_work > limit:
+            first = least
+        return [first, *(p for p in ranked if p is not first)]
+
+    def saturated(self) -> bool:
+        """Whether every healthy producer has more than
+        ``producer_saturation_requests`` prefills outstanding (or none is
+        healthy): sending more only queues them there."""
+        return all(
+            p.outstanding_requests > self.saturation_requests for p in self.healthy()
+        )
+
+    @contextlib.contextmanager
+    def sending(self, producer: Producer, demand: Demand) -> Iterator[None]:
+        """Count a prefill as outstanding on ``producer`` while it runs."""
+        producer.outstanding_requests += 1
+        producer.outstanding_work += demand.work
+        try:
+            yield
+        finally:
+            producer.outstanding_requests -= 1
+            producer.outstanding_work -= demand.work
+
+    def mark_down(self, producer: Producer) -> None:
+        producer.health.mark_down(self.session)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [p.describe() for p in self._producers.values()]
+
+
+def rendezvous(affinity_key: bytes, producer_key: str) -> bytes:
+    """Rendezvous (highest random weight) rank, lowest first: a hash of
+    both, so each prefix ranks the producers in its own stable order."""
+    data = affinity_key + b"\0" + producer_key.encode()
+    return hashlib.blake2b(data, digest_size=8).digest()

@@ -1,0 +1,121 @@
+"""Two producers, one consumer (2P1D): greedy tokens equal plain vLLM's,
+requests spread over both producers, and when one producer is killed with
+SIGKILL under load every request still succeeds (failing over to the other
+producer, or recomputing locally a pull that was cut), and later requests
+all go to the survivor.
+
+Runs after the other modules but before the TP test: the session's producer
+is the first producer, its consumer is stopped (a third engine is already
+a lot for two cores)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pdserve.local_cluster import ServerProcess
+from pdserve.settings import KV_SECRET_ENV_VAR
+from tests.e2e.conftest import (
+    CONSUMER_MAX_LEN,
+    KV_SECRET,
+    PRODUCER_MAX_LEN,
+    consumer_env,
+    engine_args,
+    producer_env,
+    random_prompt,
+)
+from tests.e2e.helpers import completion_tokens, greedy, metric
+
+# Two producers share the producer cores: a stalled step must not turn into
+# an expired lease or a failed pull.
+SLOW_MACHINE = ["--kv-lease-seconds", "180", "--kv-transfer-timeout", "180"]
+
+
+def key(server: ServerProcess) -> str:
+    """The consumer's label for a producer: ADDRESS:PORT."""
+    return server.url.removeprefix("http://")
+
+
+def served(consumer: ServerProcess, producer: ServerProcess) -> float:
+    return metric(consumer.url, "pdserve:remote_prefills_total", producer=key(producer))
+
+
+@pytest.fixture(scope="module")
+def xpyd(cluster, log_dir):
+    cluster.consumer.stop()  # the rest of the suite is done with it
+    second = ServerProcess.pdserve(
+        "producer-2",
+        ["--model", cluster.model, "--kv-role", "producer", *SLOW_MACHINE]
+        + engine_args(cluster.model, PRODUCER_MAX_LEN),
+        log_dir,
+        env=producer_env(**{KV_SECRET_ENV_VAR: KV_SECRET}),
+    )
+    consumer = None
+    try:
+        second.wait_ready()
+        urls = f"{cluster.producer.url},{second.url}"
+        consumer = ServerProcess.pdserve(
+            "consumer-xpyd",
+            ["--model", cluster.model, "--kv-role", "consumer", *SLOW_MACHINE]
+            + ["--kv-secret", KV_SECRET, "--producer-url", urls]
+            + engine_args(cluster.model, CONSUMER_MAX_LEN),
+            log_dir,
+            env=consumer_env(),
+        )
+        consumer.wait_ready()
+        yield cluster.producer, second, consumer
+    finally:
+        for server in (consumer, second):
+            if server is not None:
+                server.stop()
+
+
+def test_tokens_exact_and_both_producers_serve(cluster, xpyd):
+    first, second, consumer = xpyd
+    # Distinct prompts hash to either producer: 12 all on one is ~1 in 2000.
+    bodies = [greedy(random_prompt(60 + 13 * i, seed=8000 + i)) for i in range(12)]
+    before = {p.name: served(consumer, p) for p in (first, second)}
+    local = metric(consumer.url, "pdserve:local_prefills_total")
+    prefills = {p.name: metric(p.url, "vllm:request_success_total") for p in xpyd[:2]}
+    for body in bodies:
+        assert completion_tokens(consumer.url, body) == completion_tokens(
+            cluster.baseline.url, body
+        )
+    after = {p.name: served(consumer, p) for p in (first, second)}
+    assert sum(after.values()) - sum(before.values()) == len(bodies)
+    assert metric(consumer.url, "pdserve:local_prefills_total") == local
+    for producer in (first, second):
+        assert after[producer.name] > before[producer.name], after
+        # The producer's own count agrees: it did prefill some.
+        done = metric(producer.url, "vllm:request_success_total")
+        assert done > prefills[producer.name]
+
+
+def test_producer_killed_under_load(cluster, xpyd):
+    first, second, consumer = xpyd
+    load = [greedy(random_prompt(150 + 11 * i, seed=8100 + i)) for i in range(12)]
+    later = [greedy(random_prompt(40 + 9 * i, seed=8200 + i)) for i in range(12)]
+    expected = {
+        id(b): completion_tokens(cluster.baseline.url, b) for b in [*load, *later]
+    }
+    failovers = metric(consumer.url, "pdserve:producer_failovers_total")
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = [pool.submit(completion_tokens, consumer.url, b) for b in load]
+        time.sleep(0.5)
+        second.kill()
+        assert [a.result() for a in answers] == [expected[id(b)] for b in load]
+
+    # Requests that still pick the dead producer fail over to the survivor
+    # (the first marks it down); none goes to it or prefills locally.
+    survivor = served(consumer, first)
+    dead = served(consumer, second)
+    local = metric(consumer.url, "pdserve:local_prefills_total")
+    for body in later:
+        assert completion_tokens(consumer.url, body) == expected[id(body)]
+    assert served(consumer, first) == survivor + len(later)
+    assert served(consumer, second) == dead
+    assert metric(consumer.url, "pdserve:local_prefills_total") == local
+    assert metric(consumer.url, "pdserve:producer_failovers_total") > failovers

@@ -1,0 +1,409 @@
+"""Several producers behind one consumer: which one a request goes to,
+failover to the next and then to a local prefill, health, producers that
+join and leave through DNS, incompatible ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+
+from pdserve import metrics
+from pdserve.consumer import producer_pool
+from pdserve.consumer.prefill_demand import (
+    AFFINITY_PREFIX_CHARS,
+    Demand,
+    demand_of,
+)
+from pdserve.consumer.producer_health import ProducerHealth
+from pdserve.consumer.producer_pool import Producer, ProducerPool
+from pdserve.consumer.producer_source import ProducerSource
+from pdserve.consumer.remote_prefill import RemotePrefill
+from pdserve.lease import Lease
+from tests.unit.http_fakes import (
+    CONSUMER,
+    FakeProducer,
+    fake_producer,
+    make_lease,
+    run,
+    use_node,
+)
+
+COMPLETIONS = "/v1/completions"
+
+
+def lease_answer(payload: dict) -> dict:
+    return {"kv_transfer_params": make_lease().to_params()}
+
+
+def status(code: int):
+    return lambda payload: web.Response(status=code)
+
+
+def failovers(reason: str) -> float:
+    return metrics.PRODUCER_FAILOVERS.labels(reason=reason)._value.get()
+
+
+def local_prefills(reason: str) -> float:
+    return metrics.LOCAL_PREFILLS.labels(reason=reason)._value.get()
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    """Short probe and resolve intervals; a node key for signing."""
+    monkeypatch.setattr(ProducerHealth, "PROBE_SECONDS", 0.05)
+    monkeypatch.setattr(producer_pool, "RESOLVE_SECONDS", 0.05)
+    use_node(monkeypatch, CONSUMER)
+
+
+@contextlib.asynccontextmanager
+async def producers(
+    count: int, answer=lease_answer
+) -> AsyncIterator[list[FakeProducer]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(fake_producer(answer)) for _ in range(count)
+        ]
+
+
+@contextlib.asynccontextmanager
+async def consumer(urls: list[str], **settings: Any) -> AsyncIterator[RemotePrefill]:
+    config = msgspec.structs.replace(CONSUMER, producer_urls=urls, **settings)
+    prefill = RemotePrefill(config)
+    try:
+        await prefill.pool.ready()
+        yield prefill
+    finally:
+        await prefill.close()
+
+
+def by_url(prefill: RemotePrefill, fake: FakeProducer) -> Producer:
+    [producer] = [p for p in prefill.pool.producers() if p.url == fake.url]
+    return producer
+
+
+def prompt_for(prefill: RemotePrefill, fake: FakeProducer, tag: str = "") -> dict:
+    """A completion whose prefix ranks ``fake`` first."""
+    for i in range(1000):
+        payload = {"prompt": f"{tag}prompt {i} " + "x" * 40}
+        if prefill.pool.order(demand_of(payload))[0].url == fake.url:
+            return payload
+    raise AssertionError("no prompt prefers this producer")
+
+
+async def ask(prefill: RemotePrefill, payload: dict, **kwargs: Any) -> Lease | None:
+    return await prefill.request_lease(COMPLETIONS, payload, {}, **kwargs)
+
+
+# --- the demand estimate ------------------------------------------------------
+
+
+def test_work_is_tokens_when_known_else_characters_over_four():
+    assert demand_of({"prompt": "x" * 400}).work == 100
+    assert demand_of({"prompt": list(range(37))}).work == 37
+    assert demand_of({"prompt": [list(range(5))]}).work == 5
+    assert demand_of({"prompt": "x" * 400}, prompt_tokens=7).work == 7
+
+
+def test_affinity_key_is_the_prompts_beginning():
+    long = "a" * AFFINITY_PREFIX_CHARS
+    assert demand_of({"prompt": long + "b"}).affinity_key == (
+        demand_of({"prompt": long + "c"}).affinity_key
+    )
+    chat = {"messages": [{"role": "system", "content": "You help."}]}
+    assert b"You help." in demand_of(chat).affinity_key
+
+
+# --- choosing -----------------------------------------------------------------
+
+
+def test_least_outstanding_work_wins(monkeypatch):
+    # No slack, no factor: the preferred producer must be among the least busy.
+    monkeypatch.setattr(producer_pool, "AFFINITY_SLACK_TOKENS", 0.0)
+    monkeypatch.setattr(producer_pool, "AFFINITY_LOAD_FACTOR", 1.0)
+
+    async def scenario() -> None:
+        async with producers(2) as (a, b), consumer([a.url, b.url]) as prefill:
+            payload = prompt_for(prefill, a)
+            with prefill.pool.sending(by_url(prefill, a), Demand(50, b"")):
+                assert (await ask(prefill, payload)).kv_host == "127.0.0.1"
+            assert (len(a.requests), len(b.requests)) == (0, 1)
+            await ask(prefill, payload)  # a is idle again: affinity holds
+            assert (len(a.requests), len(b.requests)) == (1, 1)
+
+    run(scenario())
+
+
+def test_same_prefix_same_producer_and_prefixes_spread():
+    async def scenario() -> None:
+        async with producers(2) as (a, b), consumer([a.url, b.url]) as prefill:
+            shared = "s" * AFFINITY_PREFIX_CHARS
+            for i in range(6):
+                await ask(prefill, {"prompt": f"{shared} question {i}"})
+            assert sorted([len(a.requests), len(b.requests)]) == [0, 6]
+            for i in range(30):
+                await ask(prefill, {"prompt": f"{i} unrelated prompt"})
+            assert len(a.requests) > 0 and len(b.requests) > 0
+
+    run(scenario())
+
+
+def test_affinity_yields_to_an_overloaded_producer():
+    release = asyncio.Event()
+
+    async def slow(payload: dict) -> dict:
+        await release.wait()
+        return lease_answer(payload)
+
+    async def scenario() -> None:
+        async with producers(2, slow) as (a, b), consumer([a.url, b.url]) as prefill:
+            payload = prompt_for(prefill, a)
+            big = producer_pool.AFFINITY_SLACK_TOKENS + 1
+            held = asyncio.ensure_future(ask(prefill, payload, prompt_tokens=big))
+            while not a.requests:
+                await asyncio.sleep(0.01)
+            # Same prefix, but a holds more than 2x b's work + the slack.
+            second = asyncio.ensure_future(ask(prefill, payload, prompt_tokens=10))
+            while not b.requests:
+                await asyncio.sleep(0.01)
+            release.set()
+            assert await held is not None and await second is not None
+            assert (len(a.requests), len(b.requests)) == (1, 1)
+
+    run(scenario())
+
+
+def test_saturated_when_every_healthy_producer_is_busy():
+    async def scenario() -> None:
+        urls = []
+        async with producers(2) as fakes:
+            urls = [f.url for f in fakes]
+            async with consumer(urls, producer_saturation_requests=1) as prefill:
+                pool = prefill.pool
+                first, second = pool.producers()
+                assert not pool.saturated()
+                with contextlib.ExitStack() as busy:
+                    for _ in range(2):
+                        busy.enter_context(pool.sending(first, Demand(1, b"")))
+                    assert not pool.saturated()
+                    for _ in range(2):
+                        busy.enter_context(pool.sending(second, Demand(1, b"")))
+                    assert pool.saturated()
+                assert not pool.saturated()
+
+    run(scenario())
+
+
+# --- failover -----------------------------------------------------------------
+
+
+def test_failover_to_the_next_producer_then_local():
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(fake_producer(status(503)))
+            b = await stack.enter_async_context(fake_producer(lease_answer))
+            prefill = await stack.enter_async_context(consumer([a.url, b.url]))
+            payload = prompt_for(prefill, a)
+            before = failovers("http_5xx")
+            lease = await ask(prefill, payload)
+            assert lease is not None and len(b.requests) == 1
+            assert failovers("http_5xx") == before + 1
+            assert by_url(prefill, a).health.down
+
+            # a recovers; b dies (connection refused): failover the other way.
+            a.health = 503
+            unreachable = failovers("unreachable")
+            local = local_prefills("all_producers_failed")
+            b_payload = prompt_for(prefill, b, "b")
+            await stack.aclose()  # both fakes stop
+            assert await ask(prefill, b_payload) is None
+            assert failovers("unreachable") == unreachable + 1
+            assert local_prefills("all_producers_failed") == local + 1
+
+    run(scenario())
+
+
+def test_every_producer_fails_means_local_prefill():
+    async def scenario() -> None:
+        async with (
+            producers(2, status(502)) as (a, b),
+            consumer([a.url, b.url]) as prefill,
+        ):
+            before = failovers("http_5xx")
+            local = local_prefills("all_producers_failed")
+            assert await ask(prefill, {"prompt": "hello"}) is None
+            assert (len(a.requests), len(b.requests)) == (1, 1)
+            assert failovers("http_5xx") == before + 2
+            assert local_prefills("all_producers_failed") == local + 1
+            # Both known down now: no producer is even tried.
+            down = local_prefills("producer_down")
+            assert await ask(prefill, {"prompt": "again"}) is None
+            assert local_prefills("producer_down") == down + 1
+            assert (len(a.requests), len(b.requests)) == (1, 1)
+
+    run(scenario())
+
+
+def test_4xx_is_the_requests_fault_no_failover():
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(fake_producer(status(400)))
+            b = await stack.enter_async_context(fake_producer(lease_answer))
+            prefill = await stack.enter_async_context(consumer([a.url, b.url]))
+            payload = prompt_for(prefill, a)
+            before = {r: failovers(r) for r in ("http_5xx", "unreachable")}
+            local = local_prefills("producer_http_4xx")
+            assert await ask(prefill, payload) is None
+            assert local_prefills("producer_http_4xx") == local + 1
+            assert {r: failovers(r) for r in before} == before
+            assert b.requests == [] and not by_url(prefill, a).health.down
+
+    run(scenario())
+
+
+def test_down_producer_skipped_until_its_health_recovers():
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(fake_producer(status(500)))
+            b = await stack.enter_async_context(fake_producer(lease_answer))
+            prefill = await stack.enter_async_context(consumer([a.url, b.url]))
+            payload = prompt_for(prefill, a)
+            a.health = 503
+            await ask(prefill, payload)
+            assert by_url(prefill, a).health.down
+            for _ in range(3):
+                assert (await ask(prefill, payload)) is not None
+            assert (len(a.requests), len(b.requests)) == (1, 4)
+            await asyncio.sleep(0.2)  # probes keep failing: still down
+            assert by_url(prefill, a).health.down
+
+            a.answer, a.health = lease_answer, 200
+            while by_url(prefill, a).health.down:
+                await asyncio.sleep(0.02)
+            assert (await ask(prefill, payload)) is not None
+            assert (len(a.requests), len(b.requests)) == (2, 4)
+            assert any(path == "/health" for path, _ in a.gets)
+
+    run(scenario())
+
+
+def test_lease_is_signed_for_the_producer_it_came_from():
+    async def scenario() -> None:
+        async with producers(1) as (a,), consumer([a.url]) as prefill:
+            before = metrics.REMOTE_PREFILLS.labels(producer=by_url(prefill, a).key)
+            count = before._value.get()
+            lease = await ask(prefill, {"prompt": "hi"})
+            assert lease is not None and lease.kv_host == "127.0.0.1"
+            assert lease.verified(prefill._key)
+            assert before._value.get() == count + 1
+
+    run(scenario())
+
+
+# --- membership ---------------------------------------------------------------
+
+
+def test_producers_follow_the_name(monkeypatch):
+    addresses = ["127.0.0.1"]
+
+    async def resolve(self: ProducerSource) -> list[str]:
+        return list(addresses)
+
+    monkeypatch.setattr(ProducerSource, "resolve", resolve)
+
+    async def wait_for(prefill: RemotePrefill, count: int) -> None:
+        while len(prefill.pool.producers()) != count:
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        async with fake_producer(lease_answer) as first:
+            port = int(first.url.rsplit(":", 1)[1])
+            try:
+                second_context = fake_producer(lease_answer, "127.0.0.2", port)
+                second = await second_context.__aenter__()
+            except OSError:
+                pytest.skip("cannot listen on 127.0.0.2 here")
+            try:
+                url = f"http://producers.test:{port}"
+                async with consumer([url]) as prefill:
+                    assert [p.address for p in prefill.pool.producers()] == [
+                        "127.0.0.1"
+                    ]
+                    addresses.append("127.0.0.2")
+                    await wait_for(prefill, 2)
+                    for i in range(20):
+                        await ask(prefill, {"prompt": f"{i} spread"})
+                    assert first.requests and second.requests
+                    for fake in (first, second):
+                        hosts = {h["Host"] for _, _, h in fake.requests}
+                        assert hosts == {f"producers.test:{port}"}
+                    addresses.remove("127.0.0.1")
+                    await wait_for(prefill, 1)
+                    served = len(first.requests)
+                    for i in range(5):
+                        lease = await ask(prefill, {"prompt": f"{i} after"})
+                        assert lease is not None and lease.kv_host == "127.0.0.2"
+                    assert len(first.requests) == served
+            finally:
+                await second_context.__aexit__(None, None, None)
+
+    run(scenario())
+
+
+def test_incompatible_producer_is_never_used(caplog):
+    logger = logging.getLogger("pdserve")
+    logger.addHandler(caplog.handler)
+
+    async def scenario() -> None:
+        async with producers(2) as (a, b):
+            b.metadata = dict(b.metadata, model="another/model")
+            async with consumer([a.url, b.url]) as prefill:
+                assert [p.url for p in prefill.pool.producers()] == [a.url]
+                for i in range(10):
+                    await ask(prefill, {"prompt": f"{i} prompt"})
+                await asyncio.sleep(0.2)  # a few more lookups
+                assert len(a.requests) == 10 and b.requests == []
+                assert [p.url for p in prefill.pool.producers()] == [a.url]
+
+    try:
+        run(scenario())
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "will not be used" in caplog.text and "another/model" in caplog.text
+    # Logged once, not at every lookup.
+    logged = {id(r) for r in caplog.records if "will not be used" in r.getMessage()}
+    assert len(logged) == 1
+
+
+def test_no_producer_reachable_means_local_prefill():
+    async def scenario() -> None:
+        async with producers(1) as (a,):
+            url = a.url
+        async with consumer([url]) as prefill:
+            before = local_prefills("no_producer")
+            assert await ask(prefill, {"prompt": "hi"}) is None
+            assert local_prefills("no_producer") == before + 1
+
+    run(scenario())
+
+
+def test_pool_is_described_for_the_metadata_route():
+    async def scenario() -> None:
+        async with producers(1) as (a,), consumer([a.url]) as prefill:
+            [entry] = prefill.pool.describe()
+            assert entry["producer"] == a.url.removeprefix("http://")
+            assert entry["instance_id"] == "e1" and entry["down"] is False
+
+    run(scenario())
+
+
+def test_pool_needs_no_running_loop_to_be_made():
+    # The middleware makes it in vLLM's app factory.
+    pool = ProducerPool(CONSUMER)
+    assert pool.producers() == []
