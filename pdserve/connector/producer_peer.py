@@ -114,11 +114,13 @@ class ProducerPeer:
                     f"{remote.tp_size}, expected {rank} of {len(self.kv_ports)}"
                 )
             self.pairs[rank] = self._pair(client, remote)
+        names = sorted({pair.transport.name for pair in self.pairs.values()})
         logger.info(
-            "pdserve consumer rank %d paired with %s over %s",
+            "pdserve consumer rank %d paired with %s over %s (its ranks %s)",
             self.info.tp_rank,
             self,
-            ", ".join(f"rank {r}: {p.transport.name}" for r, p in self.pairs.items()),
+            "/".join(names),
+            sorted(self.pairs),
         )
 
     def _slices(self) -> list[HeadSlice]:
