@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pdserve.consumer.prefill_demand import demand_of
+from pdserve.consumer.producer_pool import rendezvous
 from pdserve.local_cluster import ServerProcess
 from pdserve.settings import KV_SECRET_ENV_VAR
 from tests.e2e.conftest import (
@@ -36,6 +38,22 @@ SLOW_MACHINE = ["--kv-lease-seconds", "180", "--kv-transfer-timeout", "180"]
 def key(server: ServerProcess) -> str:
     """The consumer's label for a producer: ADDRESS:PORT."""
     return server.url.removeprefix("http://")
+
+
+def bodies_for(
+    producer: ServerProcess, others: list[ServerProcess], count: int, seed: int
+) -> list[dict]:
+    """Greedy prompts whose prefix ranks ``producer`` first among all: the
+    consumer sends them there first (while no producer is overloaded)."""
+    keys = [key(p) for p in (producer, *others)]
+    bodies: list[dict] = []
+    while len(bodies) < count:
+        seed += 1
+        body = greedy(random_prompt(60 + seed % 97, seed=seed))
+        affinity = demand_of(body).affinity_key
+        if min(keys, key=lambda k: rendezvous(affinity, k)) == keys[0]:
+            bodies.append(body)
+    return bodies
 
 
 def served(consumer: ServerProcess, producer: ServerProcess) -> float:
@@ -74,8 +92,7 @@ def xpyd(cluster, log_dir):
 
 def test_tokens_exact_and_both_producers_serve(cluster, xpyd):
     first, second, consumer = xpyd
-    # Distinct prompts hash to either producer: 12 all on one is ~1 in 2000.
-    bodies = [greedy(random_prompt(60 + 13 * i, seed=8000 + i)) for i in range(12)]
+    bodies = bodies_for(first, [second], 6, 8000) + bodies_for(second, [first], 6, 8000)
     before = {p.name: served(consumer, p) for p in (first, second)}
     local = metric(consumer.url, "pdserve:local_prefills_total")
     prefills = {p.name: metric(p.url, "vllm:request_success_total") for p in xpyd[:2]}
@@ -87,7 +104,7 @@ def test_tokens_exact_and_both_producers_serve(cluster, xpyd):
     assert sum(after.values()) - sum(before.values()) == len(bodies)
     assert metric(consumer.url, "pdserve:local_prefills_total") == local
     for producer in (first, second):
-        assert after[producer.name] > before[producer.name], after
+        assert after[producer.name] - before[producer.name] == 6, after
         # The producer's own count agrees: it did prefill some.
         done = metric(producer.url, "vllm:request_success_total")
         assert done > prefills[producer.name]
@@ -95,8 +112,10 @@ def test_tokens_exact_and_both_producers_serve(cluster, xpyd):
 
 def test_producer_killed_under_load(cluster, xpyd):
     first, second, consumer = xpyd
-    load = [greedy(random_prompt(150 + 11 * i, seed=8100 + i)) for i in range(12)]
-    later = [greedy(random_prompt(40 + 9 * i, seed=8200 + i)) for i in range(12)]
+    load = bodies_for(first, [second], 6, 8100) + bodies_for(second, [first], 6, 8100)
+    # All rank the dead producer first: the first to meet it fails over (or
+    # it was found dead under load already), the rest skip it.
+    later = bodies_for(second, [first], 12, 8200)
     expected = {
         id(b): completion_tokens(cluster.baseline.url, b) for b in [*load, *later]
     }
