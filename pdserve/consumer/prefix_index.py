@@ -35,6 +35,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 import uuid
 from array import array
 from collections import OrderedDict
@@ -268,6 +269,7 @@ class KVEventSubscriber:
 
     POLL_MS = 200
     REPLAY_TIMEOUT_MS = 2000
+    SYNC_SECONDS = 1.0
 
     def __init__(
         self,
@@ -285,6 +287,7 @@ class KVEventSubscriber:
         self.replayed = 0
         self.errors = 0
         self._next_seq: int | None = None
+        self._sync_at = 0.0
         self._decoder: msgspec.msgpack.Decoder | None = None
         self._ctx = zmq.Context()
         self._stop = threading.Event()
@@ -315,18 +318,44 @@ class KVEventSubscriber:
             self._ready.set()
             while not self._stop.is_set():
                 if not sub.poll(self.POLL_MS):
+                    # Idle: PUB drops what it sent before our subscription
+                    # reached it, and a lost last batch shows no gap. Ask the
+                    # replay for anything newer than what we hold.
+                    if self.replay_endpoint and time.monotonic() >= self._sync_at:
+                        self._sync_at = time.monotonic() + self.SYNC_SECONDS
+                        self._guarded(self._catch_up)
                     continue
                 frames = sub.recv_multipart()
-                try:
-                    self._on_message(frames)
-                except Exception:  # never let the thread die: forget instead
-                    self.errors += 1
-                    logger.exception("KV event handling failed; prefix index cleared")
-                    self.index.clear()
+                self._sync_at = time.monotonic() + self.SYNC_SECONDS
+                self._guarded(self._on_message, frames)
         except zmq.ContextTerminated:
             pass
         finally:
             sub.close(linger=0)
+
+    def _guarded(self, work: Any, *args: Any) -> None:
+        try:
+            work(*args)
+        except zmq.ContextTerminated:
+            raise
+        except Exception:  # never let the thread die: forget instead
+            self.errors += 1
+            logger.exception("KV event handling failed; prefix index cleared")
+            self.index.clear()
+
+    def _catch_up(self) -> None:
+        """Apply whatever the replay holds from the next expected batch on."""
+        for seq, payload in self._replay(self._next_seq or 0):
+            expected = self._next_seq or 0
+            if seq < expected:
+                continue
+            if seq > expected:
+                logger.warning(
+                    "Missed KV events from %d; prefix index cleared", expected
+                )
+                self.index.clear()
+            self._apply(seq, payload)
+            self.replayed += 1
 
     def _on_message(self, frames: list[bytes]) -> None:
         if len(frames) != 3:

@@ -204,6 +204,26 @@ def test_over_zmq_with_replay_of_what_came_before_subscribing(short_tmp):
         pub.shutdown()
 
 
+def test_a_lone_batch_published_before_subscribing_is_caught_up(short_tmp):
+    pub = _publisher(short_tmp)
+    index = PrefixIndex(BS)
+    sub = KVEventSubscriber(
+        index, f"ipc://{short_tmp}/ev.sock", f"ipc://{short_tmp}/replay.sock"
+    )
+    try:
+        pub.publish(_batch(stored([1, 2], None, PROMPT[:8])))
+        time.sleep(0.3)
+        sub.start()
+        # Nothing else is published: only the idle catch-up can find it.
+        _wait(lambda: index.cached_tokens(PROMPT) == 8)
+        pub.publish(_batch(removed([1])))
+        _wait(lambda: index.cached_tokens(PROMPT) == 0)
+        assert sub.errors == 0
+    finally:
+        sub.close()
+        pub.shutdown()
+
+
 def test_gap_without_replay_clears_the_index(short_tmp):
     index = PrefixIndex(BS)
     sub = KVEventSubscriber(index, "ipc:///nonexistent/none.sock")
