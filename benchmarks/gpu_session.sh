@@ -2,7 +2,7 @@
 # One GPU-box experiment per device call (see ../shared/gpu/README.md for the
 # staging): installs the carried vLLM, runs one experiment, and packs every log
 # and result into $OUT/results.tar.gz (only a few files come back).
-#   bash benchmarks/gpu_session.sh micro|exact|restart|e2e-aggregated|e2e-pdserve ...
+#   bash benchmarks/gpu_session.sh micro|exact|restart|xpyd|e2e-aggregated|e2e-pdserve ...
 # (several experiments run one after another in the same call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,9 @@ case $what in
   restart)
     python3 benchmarks/gpu_restart.py --model "$TINY" --transports "${TRANSPORTS:-ipc,nccl}" \
       --out "$OUT/r/restart" 2>&1 | tee "$OUT/r/restart.txt" || status=1 ;;
+  xpyd)
+    python3 benchmarks/gpu_xpyd.py --model "$TINY" --transport "${TRANSPORT:-ipc}" \
+      --out "$OUT/r/xpyd" 2>&1 | tee "$OUT/r/xpyd.txt" || status=1 ;;
   e2e-*)
     python3 benchmarks/gpu_e2e.py --model "$QWEN" --setups "${what#e2e-}" \
       --rates "${RATES:-4,16,32,inf}" --num-prompts 200 --seconds-per-rate 50 \

@@ -50,6 +50,12 @@ class Settings(msgspec.Struct, kw_only=True):
     # Consumer: a producer with more prefills than this outstanding is
     # saturated; when all are, placement may prefill locally instead.
     producer_saturation_requests: int = 8
+    # Consumer: prefill locally when at most this many prompt tokens are not
+    # in its own prefix cache; -1: from the measured cost model.
+    local_prefill_max_tokens: int = -1
+    # Consumer: where its HTTP layer follows its engine's KV cache events
+    # (KVEventsSource as JSON; "" = no prefix index).
+    kv_events: str = ""
     prefill_timeout: float = 60.0
     transfer_timeout: float = 30.0
 

@@ -231,10 +231,12 @@ class ProducerPool:
 
     def saturated(self) -> bool:
         """Whether every healthy producer has more than
-        ``producer_saturation_requests`` prefills outstanding (or none is
-        healthy): sending more only queues them there."""
-        return all(
-            p.outstanding_requests > self.saturation_requests for p in self.healthy()
+        ``producer_saturation_requests`` prefills outstanding: sending more
+        only queues them there. None healthy is not saturated: that is a
+        failure, counted as such."""
+        healthy = self.healthy()
+        return bool(healthy) and all(
+            p.outstanding_requests > self.saturation_requests for p in healthy
         )
 
     @contextlib.contextmanager

@@ -80,6 +80,12 @@ class RemotePrefill:
     async def close(self) -> None:
         await self.pool.close()
 
+    async def producers_saturated(self, api_key: str | None = None) -> bool:
+        """Whether every healthy producer is saturated (placement may then
+        prefill here); ``api_key`` as for ``request_lease``."""
+        await self.pool.ready(api_key)
+        return self.pool.saturated()
+
     async def request_lease(
         self,
         path: str,

@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 
+from pdserve.consumer.prefix_index import KVEventsConfigError, consumer_kv_events
 from pdserve.entrypoints.cli_args import (
     _api_keys,
     build_parser,
@@ -102,6 +103,14 @@ def try_kv_secret(producer: ProducerAddress, timeout: float, secret: bytes) -> N
         logger.info("KV port %s:%d not checked yet: %s", producer.host, port, exc)
 
 
+def follow_kv_events(settings: Settings, rest: list[str]) -> list[str]:
+    """Consumer: vLLM publishes its KV cache events where the HTTP layer
+    follows them (its prefix index for placement); the args that add it."""
+    extra, source = consumer_kv_events(rest)
+    settings.kv_events = source.to_json() if source is not None else ""
+    return extra
+
+
 def export_kv_secret(args: argparse.Namespace) -> None:
     """--kv-secret wins over the environment; engine processes inherit it."""
     if args.kv_secret:
@@ -130,8 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         # copied into every engine process).
         api_key = next(iter(_api_keys(rest)), None)
         try:
+            rest = rest + follow_kv_events(settings, rest)
             handshake(settings, api_key)
-        except (IncompatibleProducer, TimeoutError) as exc:
+        except (IncompatibleProducer, TimeoutError, KVEventsConfigError) as exc:
             logger.error("pdserve consumer cannot start: %s", exc)
             sys.exit(f"pdserve: {exc}")
     os.environ[ENV_VAR] = settings.to_json()

@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         "saturated",
     )
     pd.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=-1,
+        help="consumer: prefill locally when at most this many prompt tokens are "
+        "missing from its own prefix cache; -1 (default) derives it from measured "
+        "local prefill and remote overhead; 0 never prefills locally for that reason",
+    )
+    pd.add_argument(
         "--kv-transport",
         default="auto",
         choices=list(CHOICES),
@@ -205,6 +213,7 @@ def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
         lease_seconds=args.kv_lease_seconds,
         producer_urls=args.producer_url,
         producer_saturation_requests=args.producer_saturation_requests,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
         connect_timeout=args.producer_connect_timeout,
         prefill_timeout=args.prefill_timeout,
         transfer_timeout=args.kv_transfer_timeout,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ import vllm
 import pdserve
 from pdserve.consumer import client_body
 from pdserve.consumer.client_body import Body, BodyTooDeep
+from pdserve.consumer.placer import Placer
 from pdserve.consumer.remote_prefill import RemotePrefill, local_reason, release_lease
 from pdserve.entrypoints.auth import UNAUTHORIZED, accepted_keys, authorized
 from pdserve.entrypoints.legacy_generate import (
@@ -167,6 +169,7 @@ class PDServeMiddleware:
         self.settings = settings
         self.metadata = node_metadata(settings)
         self.prefill = RemotePrefill(settings) if settings.role == "consumer" else None
+        self.placer = Placer(settings) if settings.role == "consumer" else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -233,19 +236,48 @@ class PDServeMiddleware:
         if (reason := local_reason(route, payload)) is not None:
             LOCAL_PREFILLS.labels(reason=reason).inc()
             return await self._forward(scope, receive, send, body, route)
-        assert self.prefill is not None
+        assert self.prefill is not None and self.placer is not None
+        with self.placer.serving():
+            await self._placed(scope, receive, send, body, route, payload)
+
+    async def _placed(
+        self,
+        scope: dict,
+        receive: Any,
+        send: Any,
+        body: Body,
+        route: str,
+        payload: dict[str, Any],
+    ) -> None:
+        """Prefill here if that is cheaper (placement), else on a producer."""
+        assert self.prefill is not None and self.placer is not None
+        # This node's key: producers that join are asked for their metadata
+        # with it, as at startup.
+        api_key = next(iter(accepted_keys(scope)), None)
+        saturated = await self.prefill.producers_saturated(api_key)
+        decision, ids = await self.placer.place(scope, route, payload, saturated)
+        if decision is not None and decision.local:
+            LOCAL_PREFILLS.labels(reason=decision.reason).inc()
+            streamed = bool(payload.get("stream"))
+            timed = self.placer.timed_local(send, decision.new_tokens, streamed)
+            return await self._forward(scope, receive, timed, body, route)
         headers = {
             k.decode("latin-1").lower(): v.decode("latin-1")
             for k, v in scope["headers"]
         }
         client = ClientWatch(receive)
-        # This node's key: producers that join are asked for their metadata
-        # with it, as at startup.
-        api_key = next(iter(accepted_keys(scope)), None)
-        asking = self.prefill.request_lease(route, payload, headers, api_key=api_key)
+        asking = self.prefill.request_lease(
+            route,
+            payload,
+            headers,
+            prompt_tokens=len(ids) if ids is not None else None,
+            api_key=api_key,
+        )
+        started = time.perf_counter()
         lease = await client.during(asking)
         if lease is None:
             return await self._forward(scope, client.receive, send, body, route)
+        self.placer.observe_remote(time.perf_counter() - started, lease)
         if client.left_early:
             # Gone while the producer prefilled: do not start the request.
             return await self._release(scope, lease, "client_disconnected")

@@ -27,6 +27,12 @@ KV_SECRET = "e2e-kv-secret-4f1c"
 PRODUCER_CORES, CONSUMER_CORES = split_cores()
 
 
+# Consumers of the suite prefill every prompt remotely (placement would keep
+# short or locally cached prompts here): the tests prove the remote path.
+# Placement itself is tested with its own consumer (test_zzy_xpyd).
+ALWAYS_REMOTE = ["--local-prefill-max-tokens", "0"]
+
+
 def producer_env(**extra: str) -> dict[str, str]:
     return cpu_env(cores=PRODUCER_CORES) | extra
 
@@ -78,6 +84,7 @@ def cluster(tiny_model, log_dir):
     consumer = ServerProcess.pdserve(
         "consumer",
         ["--model", tiny_model, "--kv-role", "consumer", "--kv-secret", KV_SECRET]
+        + ALWAYS_REMOTE
         + ["--producer-url", producer.url]
         + engine_args(tiny_model, CONSUMER_MAX_LEN),
         log_dir,

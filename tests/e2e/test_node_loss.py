@@ -14,7 +14,13 @@ import pytest
 import requests
 
 from pdserve.local_cluster import ServerProcess, free_port
-from tests.e2e.conftest import consumer_env, engine_args, producer_env, random_prompt
+from tests.e2e.conftest import (
+    ALWAYS_REMOTE,
+    consumer_env,
+    engine_args,
+    producer_env,
+    random_prompt,
+)
 from tests.e2e.helpers import (
     TIMEOUT,
     completion_tokens,
@@ -45,7 +51,7 @@ def pair(cluster, tiny_model, log_dir):
     producer.wait_ready()
     consumer = ServerProcess.pdserve(
         "consumer-loss",
-        ["--model", tiny_model, "--kv-role", "consumer"]
+        ["--model", tiny_model, "--kv-role", "consumer", *ALWAYS_REMOTE]
         + ["--producer-url", producer.url, *engine_args(tiny_model, 1024)],
         log_dir,
         env=consumer_env(),

@@ -2,7 +2,9 @@
 requests spread over both producers, and when one producer is killed with
 SIGKILL under load every request still succeeds (failing over to the other
 producer, or recomputing locally a pull that was cut), and later requests
-all go to the survivor.
+all go to the survivor. The consumer places prefills per request: a short
+prompt, or one its own prefix cache holds (known from vLLM's KV events), is
+prefilled locally.
 
 Runs after the other modules but before the TP test: the session's producer
 is the first producer, its consumer is stopped (a third engine is already
@@ -20,6 +22,7 @@ from pdserve.consumer.producer_pool import rendezvous
 from pdserve.local_cluster import ServerProcess
 from pdserve.settings import KV_SECRET_ENV_VAR
 from tests.e2e.conftest import (
+    BLOCK_SIZE,
     CONSUMER_MAX_LEN,
     KV_SECRET,
     PRODUCER_MAX_LEN,
@@ -33,6 +36,9 @@ from tests.e2e.helpers import completion_tokens, greedy, metric
 # Two producers share the producer cores: a stalled step must not turn into
 # an expired lease or a failed pull.
 SLOW_MACHINE = ["--kv-lease-seconds", "180", "--kv-transfer-timeout", "180"]
+# Prompts with at most this many tokens missing from the consumer's prefix
+# cache are prefilled there; every other prompt here is longer.
+LOCAL_MAX = 40
 
 
 def key(server: ServerProcess) -> str:
@@ -78,6 +84,7 @@ def xpyd(cluster, log_dir):
             "consumer-xpyd",
             ["--model", cluster.model, "--kv-role", "consumer", *SLOW_MACHINE]
             + ["--kv-secret", KV_SECRET, "--producer-url", urls]
+            + ["--local-prefill-max-tokens", str(LOCAL_MAX)]
             + engine_args(cluster.model, CONSUMER_MAX_LEN),
             log_dir,
             env=consumer_env(),
@@ -108,6 +115,42 @@ def test_tokens_exact_and_both_producers_serve(cluster, xpyd):
         # The producer's own count agrees: it did prefill some.
         done = metric(producer.url, "vllm:request_success_total")
         assert done > prefills[producer.name]
+
+
+def local_prefills(consumer: ServerProcess, reason: str) -> float:
+    return metric(consumer.url, "pdserve:local_prefills_total", reason=reason)
+
+
+def test_short_and_locally_cached_prompts_are_prefilled_here(cluster, xpyd):
+    _, _, consumer = xpyd
+    short = greedy(random_prompt(LOCAL_MAX - 5, seed=8300))
+    before = local_prefills(consumer, "short_prompt")
+    remote = metric(consumer.url, "pdserve:remote_prefills_total")
+    assert completion_tokens(consumer.url, short) == completion_tokens(
+        cluster.baseline.url, short
+    )
+    assert local_prefills(consumer, "short_prompt") == before + 1
+    assert metric(consumer.url, "pdserve:remote_prefills_total") == remote
+
+    # 7 blocks of 32: prefilled remotely, its pulled blocks then sit in the
+    # consumer's prefix cache; the same prompt plus a few tokens misses only
+    # those few there, so it is prefilled here.
+    long = random_prompt(7 * BLOCK_SIZE, seed=8301)
+    first, again = greedy(long), greedy(long + random_prompt(10, seed=8302))
+    assert completion_tokens(consumer.url, first) == completion_tokens(
+        cluster.baseline.url, first
+    )
+    assert metric(consumer.url, "pdserve:remote_prefills_total") == remote + 1
+    cached = local_prefills(consumer, "prefix_cached")
+    deadline = time.monotonic() + 30  # the KV events reach the index
+    while True:
+        assert completion_tokens(consumer.url, again) == completion_tokens(
+            cluster.baseline.url, again
+        )
+        if local_prefills(consumer, "prefix_cached") == cached + 1:
+            break
+        assert time.monotonic() < deadline, "the cached prompt went remote"
+        time.sleep(0.5)
 
 
 def test_producer_killed_under_load(cluster, xpyd):

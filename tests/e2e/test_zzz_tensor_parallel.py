@@ -18,6 +18,7 @@ import pytest
 
 from pdserve.local_cluster import ServerProcess, cpu_env
 from tests.e2e.conftest import (
+    ALWAYS_REMOTE,
     BLOCK_SIZE,
     CONSUMER_MAX_LEN,
     PRODUCER_MAX_LEN,
@@ -78,6 +79,7 @@ def consumer_args(model: str, producer: ServerProcess, tp: int) -> list[str]:
     return tp_args(model, "consumer", CONSUMER_MAX_LEN, tp) + [
         "--producer-url",
         producer.url,
+        *ALWAYS_REMOTE,
     ]
 
 
@@ -201,8 +203,14 @@ def one_to_two(cluster, producer_tp2, two_to_one, log_dir):
     )
     consumer = None
     try:
+        # Each node on its own core (both consumer ranks on core 1): a TP 1
+        # producer sharing a core with a rank of a TP 2 consumer that spins
+        # waiting for its KV was seen to stall for minutes on this machine.
         consumer = start(
-            "consumer-tp2-of-tp1", consumer_args(cluster.model, producer, TP), log_dir
+            "consumer-tp2-of-tp1",
+            consumer_args(cluster.model, producer, TP),
+            log_dir,
+            env=cpu_env(cores="1|1"),
         )
         warm_up(producer, consumer)
         yield producer, consumer

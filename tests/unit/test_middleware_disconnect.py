@@ -26,6 +26,9 @@ class FakePrefill:
         self.engine = FakeEngine()
         self._counts = {reason: count(reason) for reason in REASONS}
 
+    async def producers_saturated(self, api_key=None) -> bool:
+        return False
+
     async def request_lease(self, path, payload, headers, **kwargs):
         self.asked.set()
         await self.answer.wait()

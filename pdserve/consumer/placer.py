@@ -1,0 +1,147 @@
+"""Per request, on the consumer: prefill here or on a producer.
+
+Ties the pieces together for the HTTP layer: the prompt's token ids as this
+node's vLLM will see them (``prompt_tokens``), what this node's own prefix
+cache holds of them (``PrefixIndex``, fed by vLLM's KV cache events), the
+producers' load (``ProducerPool.saturated``), this node's own requests in
+flight, and the measured cost model (``CostEstimator``). The decision itself
+is ``placement.decide``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pdserve.consumer.placement import CostEstimator, Decision, decide
+from pdserve.consumer.prefix_index import (
+    KVEventsSource,
+    KVEventSubscriber,
+    PrefixIndex,
+)
+from pdserve.consumer.prompt_tokens import prompt_token_ids
+from pdserve.lease import Lease
+from pdserve.log import init_logger
+from pdserve.settings import Settings
+
+logger = init_logger(__name__)
+
+# Used until vLLM's config is at hand (the first request brings it).
+DEFAULT_BLOCK_SIZE = 16
+
+
+class Placer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.estimator = CostEstimator(
+            DEFAULT_BLOCK_SIZE, fixed_threshold=settings.local_prefill_max_tokens
+        )
+        self.index: PrefixIndex | None = None
+        self._subscriber: KVEventSubscriber | None = None
+        self._started = False
+        self.inflight = 0  # requests this node serves now
+        self.max_inflight = 0  # its engine's --max-num-seqs, once known
+
+    def _start(self, scope: dict) -> None:
+        """On the first request: vLLM's app state is there by now."""
+        self._started = True
+        config = getattr(getattr(scope.get("app"), "state", None), "vllm_config", None)
+        block_size = getattr(getattr(config, "cache_config", None), "block_size", None)
+        if block_size:
+            self.estimator = CostEstimator(
+                int(block_size), fixed_threshold=self.settings.local_prefill_max_tokens
+            )
+        scheduler = getattr(config, "scheduler_config", None)
+        self.max_inflight = int(getattr(scheduler, "max_num_seqs", 0) or 0)
+        if self.settings.kv_events:
+            source = KVEventsSource.from_json(self.settings.kv_events)
+            self.index = PrefixIndex(block_size)
+            # Not waited for: its thread catches up by itself (replay).
+            self._subscriber = KVEventSubscriber(
+                self.index,
+                source.endpoint,
+                source.replay_endpoint,
+                source.topic,
+            ).start(wait=0)
+
+    def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.close()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    async def place(
+        self, scope: dict, route: str, payload: dict[str, Any], saturated: bool
+    ) -> tuple[Decision | None, list[int] | None]:
+        """Where to prefill, and the prompt's token ids; (None, None) when the
+        prompt is unknown (it goes to a producer)."""
+        if not self._started:
+            self._start(scope)
+        ids = await prompt_token_ids(scope, route, payload)
+        if ids is None:
+            return None, None
+        cached = 0
+        if self.index is not None and not _keyed_beyond_tokens(payload):
+            cached = self.index.cached_tokens(ids, payload.get("cache_salt"))
+        decision = decide(
+            len(ids),
+            cached,
+            self.estimator.threshold(),
+            producers_saturated=saturated,
+            inflight=self.inflight,
+            max_inflight=self.max_inflight,
+        )
+        return decision, ids
+
+    # ---- measurements ----
+
+    def observe_remote(self, seconds: float, lease: Lease) -> None:
+        self.estimator.observe_remote(
+            seconds, lease.producer_queue_seconds, lease.producer_prefill_seconds
+        )
+
+    def timed_local(self, send: Any, new_tokens: int, streamed: bool) -> Any:
+        """``send`` that measures a local prefill's time to first token: the
+        first body chunk of a streamed answer (a buffered one arrives whole,
+        after the decode)."""
+        if not streamed:
+            return send
+        started = time.perf_counter()
+        seen = False
+
+        async def timed(message: dict) -> None:
+            nonlocal seen
+            if not seen and message["type"] == "http.response.body":
+                if message.get("body"):
+                    seen = True
+                    self.estimator.observe_local(
+                        new_tokens, time.perf_counter() - started
+                    )
+            await send(message)
+
+        return timed
+
+
+def _keyed_beyond_tokens(payload: dict[str, Any]) -> bool:
+    """LoRA adapters and multimodal inputs enter vLLM's block hashes; the
+    index cannot reproduce those keys, so it assumes nothing cached."""
+    if payload.get("lora_request") or payload.get("multi_modal_data"):
+        return True
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and any(
+                isinstance(part, dict) and part.get("type") not in (None, "text")
+                for part in content
+            ):
+                return True
+    return False
