@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     random_prompt,
 )
 from tests.e2e.helpers import completion_tokens, greedy, metric
+from tests.e2e.nginx import start_nginx
 
 # Two producers share the producer cores: a stalled step must not turn into
 # an expired lease or a failed pull.
@@ -66,6 +67,16 @@ def served(consumer: ServerProcess, producer: ServerProcess) -> float:
     return metric(consumer.url, "pdserve:remote_prefills_total", producer=key(producer))
 
 
+def consumer_args(model: str, producers: list[ServerProcess]) -> list[str]:
+    urls = ",".join(p.url for p in producers)
+    return (
+        ["--model", model, "--kv-role", "consumer", *SLOW_MACHINE]
+        + ["--kv-secret", KV_SECRET, "--producer-url", urls]
+        + ["--local-prefill-max-tokens", str(LOCAL_MAX)]
+        + engine_args(model, CONSUMER_MAX_LEN)
+    )
+
+
 @pytest.fixture(scope="module")
 def xpyd(cluster, log_dir):
     cluster.consumer.stop()  # the rest of the suite is done with it
@@ -79,13 +90,9 @@ def xpyd(cluster, log_dir):
     consumer = None
     try:
         second.wait_ready()
-        urls = f"{cluster.producer.url},{second.url}"
         consumer = ServerProcess.pdserve(
             "consumer-xpyd",
-            ["--model", cluster.model, "--kv-role", "consumer", *SLOW_MACHINE]
-            + ["--kv-secret", KV_SECRET, "--producer-url", urls]
-            + ["--local-prefill-max-tokens", str(LOCAL_MAX)]
-            + engine_args(cluster.model, CONSUMER_MAX_LEN),
+            consumer_args(cluster.model, [cluster.producer, second]),
             log_dir,
             env=consumer_env(),
         )
@@ -151,6 +158,52 @@ def test_short_and_locally_cached_prompts_are_prefilled_here(cluster, xpyd):
             break
         assert time.monotonic() < deadline, "the cached prompt went remote"
         time.sleep(0.5)
+
+
+def test_two_consumers_behind_nginx(cluster, xpyd, log_dir):
+    """2P2D: consumers are stateless peers behind any HTTP load balancer.
+    nginx (round robin) in front of two consumers of both producers: every
+    answer equals the baseline's, each consumer serves half, every prompt
+    prefilled remotely on the producer its prefix ranks first."""
+    first, second, consumer = xpyd
+    other = ServerProcess.pdserve(
+        "consumer-xpyd-2",
+        consumer_args(cluster.model, [first, second]),
+        log_dir,
+        env=consumer_env(),
+    )
+    stop_nginx = None
+    try:
+        other.wait_ready()
+        url, stop_nginx = start_nginx([consumer.url, other.url], log_dir)
+        bodies = bodies_for(first, [second], 4, 8400) + bodies_for(
+            second, [first], 4, 8400
+        )
+        by_consumer = {c.name: served_total(c) for c in (consumer, other)}
+        by_producer = {p.name: producer_total(p, (consumer, other)) for p in xpyd[:2]}
+        for body in bodies:
+            assert completion_tokens(url, body) == completion_tokens(
+                cluster.baseline.url, body
+            )
+        moved = {
+            c.name: served_total(c) - by_consumer[c.name] for c in (consumer, other)
+        }
+        assert moved == {consumer.name: 4, other.name: 4}
+        for producer in (first, second):
+            total = producer_total(producer, (consumer, other))
+            assert total - by_producer[producer.name] == 4
+    finally:
+        if stop_nginx is not None:
+            stop_nginx()
+        other.stop()
+
+
+def served_total(consumer: ServerProcess) -> float:
+    return metric(consumer.url, "pdserve:remote_prefills_total")
+
+
+def producer_total(producer: ServerProcess, consumers) -> float:
+    return sum(served(c, producer) for c in consumers)
 
 
 def test_producer_killed_under_load(cluster, xpyd):
