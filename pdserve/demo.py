@@ -91,7 +91,10 @@ def main() -> None:
         log_dir,
         cpu_env(cores=producer_cores),
     )
+    # The demo shows the remote path: its short prompt would otherwise be
+    # prefilled on the consumer (placement), which is cheaper.
     consumer_args = ["--model", model, "--kv-role", "consumer"]
+    consumer_args += ["--local-prefill-max-tokens", "0"]
     consumer_args += ["--producer-url", producer.url, *ENGINE_ARGS]
     consumer = ServerProcess.pdserve(
         "consumer", consumer_args, log_dir, cpu_env(cores=consumer_cores)

@@ -146,6 +146,8 @@ def test_tp2_concurrent_requests(cluster, tp_pair):
 def assert_pd_tokens_and_bytes(cluster, producer, consumer, consumer_tp: int) -> None:
     """Greedy tokens equal the baseline's; every request prefilled remotely,
     one pull per consumer rank, the whole model's KV bytes moved once."""
+    # Counted from here: a warm-up pull may have stalled on the shared cores.
+    expired = metric(producer.url, "pdserve:kv_leases_expired_total")
     for length in (1, BLOCK_SIZE + 1, 300):
         body = greedy(random_prompt(length, seed=7300 + length), max_tokens=8)
         before = pd_counters(consumer.url)
@@ -165,7 +167,7 @@ def assert_pd_tokens_and_bytes(cluster, producer, consumer, consumer_tp: int) ->
         assert wait_idle(producer.url, timeout=200) == (0, 0, 0)
         sent = metric(producer.url, "pdserve:kv_bytes_sent_total") - sent_before
         assert sent == expected
-    assert metric(producer.url, "pdserve:kv_leases_expired_total") == 0
+    assert metric(producer.url, "pdserve:kv_leases_expired_total") == expired
 
 
 @pytest.fixture(scope="module")
