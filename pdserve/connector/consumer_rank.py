@@ -94,17 +94,20 @@ class ConsumerRank:
         does not match refuses the start; one that went away meanwhile is
         paired with on its first lease."""
         unreachable = []
+        # One deadline for all: producers that vanished while the model
+        # loaded must not cost a wait each.
+        deadline = time.monotonic() + self.settings.connect_timeout
         for address in self.settings.producers:
             try:
-                self._connect(address)
-            except TimeoutError as exc:
+                self._connect(address, max(1.0, deadline - time.monotonic()))
+            except (TimeoutError, OSError) as exc:
                 logger.warning("pdserve: %s", exc)
                 unreachable.append(address)
         if unreachable and len(unreachable) == len(self.settings.producers):
             raise TimeoutError(f"no producer reachable: {unreachable}")
         self._start_watch()
 
-    def _connect(self, address: ProducerAddress) -> None:
+    def _connect(self, address: ProducerAddress, timeout: float) -> None:
         # Ask the producer rank of our index (rank 0 if it has fewer) who
         # it is, waiting for it to start.
         own = self.tp_rank if self.tp_rank < len(address.kv_ports) else 0
@@ -114,11 +117,15 @@ class ConsumerRank:
             self.settings.transfer_timeout,
             self._secret,
         )
-        first = wait_for_rank_info(client, self.settings.connect_timeout)
+        first = wait_for_rank_info(client, timeout)
         peer = self._new_peer(address.host, address.kv_ports, first.epoch)
-        peer.open(
-            self.settings.transfer_timeout, first if own == self.tp_rank else None
-        )
+        try:
+            peer.open(
+                self.settings.transfer_timeout, first if own == self.tp_rank else None
+            )
+        except BaseException:
+            peer.close("pairing failed")  # no half-open session or mapping
+            raise
         self._add(peer)
 
     def _new_peer(self, host: str, kv_ports: list[int], epoch: str) -> ProducerPeer:
@@ -204,6 +211,10 @@ class ConsumerRank:
                 with self._lock:
                     if self.peers.get(peer.key) is peer:
                         self._forget(peer)
+            with self._lock:
+                for peer in list(self.peers.values()):
+                    for load in peer.flush_releases():
+                        self._record(load)
 
     def _producer_alive(self, peer: ProducerPeer) -> bool:
         """False only when we know: nobody listens, or another instance."""
@@ -302,6 +313,7 @@ class ConsumerRank:
         pull.remaining -= 1
         if pull.remaining <= 0:
             del self._pulls[load.spec.request_id]
+            pull.peer.release_unread(pull.spec.lease)
             self._finish(pull, load.started)
 
     def _finish(self, pull: _Pull, started: float) -> None:

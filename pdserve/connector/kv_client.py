@@ -179,6 +179,9 @@ class ProducerLink:
             Release(lease.request_id, lease.token, lease.prompt_hash, needed)
         )
 
+    def has_releases(self) -> bool:
+        return bool(self._releases)
+
     def busy(self) -> bool:
         return bool(self._waiting or self._inflight or self._copying)
 

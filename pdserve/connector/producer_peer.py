@@ -58,9 +58,13 @@ class RankPair:
     link: ProducerLink
     transport: KVTransport
     session: str
-    # Consumer ranks (of all of this node's) that read this producer rank.
+    # Consumer ranks (of all of this node's) that release this producer
+    # rank's part of a lease: the last of them ends it.
     readers: int = 1
     copy_failures: int = 0  # in a row, of the current transport
+    # Released only, never read: it holds copies of heads another producer
+    # rank serves (fewer KV heads than producer ranks).
+    release_only: bool = False
 
 
 class ProducerPeer:
@@ -100,7 +104,8 @@ class ProducerPeer:
         rank info of the producer rank of our index, already fetched.
         Raises IncompatibleProducer or OSError."""
         self.slices = self._slices()
-        for rank in sorted({s.producer_rank for s in self.slices}):
+        read = {s.producer_rank for s in self.slices}
+        for rank in sorted(read | self._released_here()):
             client = self.client(rank, timeout)
             remote = first if first is not None and rank == self.info.tp_rank else None
             remote = remote or client.rank_info()
@@ -113,7 +118,7 @@ class ProducerPeer:
                     f"KV port {client.port} serves TP rank {remote.tp_rank} of "
                     f"{remote.tp_size}, expected {rank} of {len(self.kv_ports)}"
                 )
-            self.pairs[rank] = self._pair(client, remote)
+            self.pairs[rank] = self._pair(client, remote, release_only=rank not in read)
         names = sorted({pair.transport.name for pair in self.pairs.values()})
         logger.info(
             "pdserve consumer rank %d paired with %s over %s (its ranks %s)",
@@ -137,15 +142,38 @@ class ProducerPeer:
                 f"producer TP {producer_tp}, consumer TP {consumer_tp}: {exc}"
             ) from exc
 
+    def _unread(self) -> set[int]:
+        """Producer ranks no rank of this node reads (their heads' copies
+        are read from other producer ranks)."""
+        producer_tp, consumer_tp = len(self.kv_ports), self.info.tp_size
+        if producer_tp == consumer_tp:
+            return set()
+        total = self.info.total_kv_heads
+        read = {
+            s.producer_rank
+            for rank in range(consumer_tp)
+            for s in head_slices(total, producer_tp, consumer_tp, rank)
+        }
+        return set(range(producer_tp)) - read
+
+    def _released_here(self) -> set[int]:
+        """Unread producer ranks this rank releases leases on: vLLM frees a
+        lease's blocks only once every producer rank has let go."""
+        consumer_tp = self.info.tp_size
+        return {p for p in self._unread() if p % consumer_tp == self.info.tp_rank}
+
     def _whole(self, remote: RankInfo) -> bool:
         if remote.tp_size == self.info.tp_size:
             return True
         heads = rank_heads(self.info.total_kv_heads, remote.tp_size, remote.tp_rank)
         return whole_blocks(self.slices, self.kv.num_heads, len(heads))
 
-    def _pair(self, client: BlockingClient, remote: RankInfo) -> RankPair:
+    def _pair(
+        self, client: BlockingClient, remote: RankInfo, release_only: bool = False
+    ) -> RankPair:
         whole = self._whole(remote)
         check_compatible(local=self.info, remote=remote, whole=whole)
+        self._check_heads(remote)
         link = ProducerLink(
             self.host,
             client.port,
@@ -153,9 +181,28 @@ class ProducerPeer:
             self.settings.transfer_timeout,
             self._secret,
         )
+        if release_only:
+            # No reads: no transport session (nor a GPU mapping) for it.
+            return RankPair(remote, link, get_transport("tcp"), "", 1, 0, True)
         transport, session = self._open_transport(client, remote, whole)
         readers = self._readers_of(remote.tp_rank)
         return RankPair(remote, link, transport, session, readers)
+
+    def _check_heads(self, remote: RankInfo) -> None:
+        """The producer rank holds as many heads as the mapping says: were
+        vLLM to split heads otherwise, bytes would fit and heads be wrong."""
+        if remote.tp_size == self.info.tp_size:
+            return
+        expected = len(
+            rank_heads(self.info.total_kv_heads, remote.tp_size, remote.tp_rank)
+        )
+        for layer in remote.layers:
+            if layer.head_dim < 0 or layer.shape[layer.head_dim] != expected:
+                raise IncompatibleProducer(
+                    f"producer rank {remote.tp_rank} layer {layer.name} holds "
+                    f"{layer.shape} with heads in dim {layer.head_dim}; expected "
+                    f"{expected} KV heads there"
+                )
 
     def _readers_of(self, producer_rank: int) -> int:
         """How many of this node's ranks read ``producer_rank``: each
@@ -227,6 +274,22 @@ class ProducerPeer:
         for pair in self.pairs.values():
             pair.link.release(lease, pair.readers)
 
+    def flush_releases(self) -> list[Load]:
+        """Send what release-only links hold (the watch thread, each second:
+        the engine may not step again after a request's last pull)."""
+        finished: list[Load] = []
+        for pair in self.pairs.values():
+            if pair.release_only and pair.link.has_releases():
+                finished += pair.link.pump()
+        return finished
+
+    def release_unread(self, lease: Lease) -> None:
+        """A pull of ``lease`` ended: the producer ranks it did not read
+        from let go too (the ones it read were released by their loads)."""
+        for pair in self.pairs.values():
+            if pair.release_only:
+                pair.link.release(lease, pair.readers)
+
     def pump(self) -> list[Load]:
         finished: list[Load] = []
         for pair in self.pairs.values():
@@ -237,7 +300,7 @@ class ProducerPeer:
                 self.stats.add("kv_connector_errors")
                 finished += pair.link.close(f"unexpected error: {exc!r}")
         for pair in self.pairs.values():
-            if not pair.transport.healthy(pair.session):
+            if not pair.release_only and not pair.transport.healthy(pair.session):
                 self._fall_back_to_tcp(pair, "its session broke")
         return finished
 

@@ -83,14 +83,27 @@ class Placer:
     ) -> tuple[Decision | None, list[int] | None]:
         """Where to prefill, and the prompt's token ids; (None, None) when the
         prompt is unknown (it goes to a producer)."""
+        try:
+            return await self._place(scope, route, payload, saturated)
+        except Exception:  # a bug or an input nobody foresaw: go remote
+            logger.exception("pdserve: placement failed; prefilling remotely")
+            return None, None
+
+    async def _place(
+        self, scope: dict, route: str, payload: dict[str, Any], saturated: bool
+    ) -> tuple[Decision | None, list[int] | None]:
         if not self._started:
             self._start(scope)
+        if _keyed_beyond_tokens(payload):
+            # Multimodal inputs: not rendered twice (images fetched) for this.
+            return None, None
         ids = await prompt_token_ids(scope, route, payload)
         if ids is None:
             return None, None
         cached = 0
-        if self.index is not None and not _keyed_beyond_tokens(payload):
-            cached = self.index.cached_tokens(ids, payload.get("cache_salt"))
+        salt = payload.get("cache_salt")
+        if self.index is not None and (salt is None or isinstance(salt, str)):
+            cached = self.index.cached_tokens(ids, salt)
         decision = decide(
             len(ids),
             cached,
@@ -131,9 +144,10 @@ class Placer:
 
 
 def _keyed_beyond_tokens(payload: dict[str, Any]) -> bool:
-    """LoRA adapters and multimodal inputs enter vLLM's block hashes; the
-    index cannot reproduce those keys, so it assumes nothing cached."""
-    if payload.get("lora_request") or payload.get("multi_modal_data"):
+    """Multimodal inputs enter vLLM's block hashes; the index cannot
+    reproduce those keys. (A LoRA adapter, chosen by ``model``, would match
+    the base model's blocks: a local prefill too many, never wrong KV.)"""
+    if payload.get("multi_modal_data"):
         return True
     messages = payload.get("messages")
     if isinstance(messages, list):

@@ -40,6 +40,9 @@ def prompt_text(payload: dict[str, Any]) -> str:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt
+    if isinstance(prompt, list):
+        # Only the beginning counts: no need to dump a huge prompt whole.
+        prompt = prompt[:AFFINITY_PREFIX_CHARS]
     try:
         return json.dumps(prompt, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError, RecursionError):

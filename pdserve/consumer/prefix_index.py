@@ -528,6 +528,8 @@ def consumer_kv_events(
     if "--no-enable-prefix-caching" in rest:
         return [], None
     dp_given, dp = _flag_value(rest, "--data-parallel-size")
+    if not dp_given:
+        dp_given, dp = _flag_value(rest, "-dp")
     if dp_given and dp not in (None, "1"):
         logger.warning("Data parallelism: no prefix index on this consumer")
         return [], None

@@ -25,16 +25,20 @@ class ProducerHealth:
         self.endpoint = endpoint
         self.down = False
         self._probe: asyncio.Task | None = None
+        self._closed = False
 
     def mark_down(self, session: aiohttp.ClientSession) -> None:
         if not self.down:
             logger.warning("Producer %s is down", self.endpoint.key)
         self.down = True
+        if self._closed:
+            return  # it left the pool: a request in flight failed there
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._wait_up(session))
 
     def close(self) -> None:
         """Stop probing (the producer left the pool, or the pool closes)."""
+        self._closed = True
         if self._probe is not None:
             self._probe.cancel()
 

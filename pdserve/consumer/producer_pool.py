@@ -158,6 +158,7 @@ class ProducerPool:
             self._drop(key)
         # An address that left and comes back (a new pod) is checked anew.
         self._incompatible &= set(found)
+        self._unreachable_logged &= set(found)
         new = [
             e
             for k, e in found.items()
@@ -189,6 +190,13 @@ class ProducerPool:
                 self._unreachable_logged.add(endpoint.key)
             return
         self._unreachable_logged.discard(endpoint.key)
+        twin = self._instance(metadata.instance_id)
+        if twin is not None:
+            # One producer under two addresses (IPv4 and IPv6, or two URLs):
+            # counted twice it would get twice its share.
+            logger.info("Producer %s is %s", endpoint.key, twin.key)
+            self._incompatible.add(endpoint.key)
+            return
         self._producers[endpoint.key] = Producer(
             endpoint, metadata, ProducerHealth(endpoint)
         )
@@ -198,6 +206,16 @@ class ProducerPool:
             metadata.instance_id,
             metadata.kv_ports,
         )
+
+    def _instance(self, instance_id: str) -> Producer | None:
+        for producer in self._producers.values():
+            if producer.instance_id == instance_id:
+                return producer
+        return None
+
+    def has(self, producer: Producer) -> bool:
+        """Whether ``producer`` is (still) in the pool."""
+        return self._producers.get(producer.key) is producer
 
     def _drop(self, key: str) -> None:
         producer = self._producers.pop(key)

@@ -24,6 +24,7 @@ from pdserve.log import init_logger
 logger = init_logger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
+MAX_TOKEN_ID = 1 << 31
 COMPLETIONS_PATH = "/v1/completions"
 
 
@@ -80,4 +81,8 @@ async def prompt_token_ids(
     components = extract_prompt_components(renderer.model_config, inputs[0])
     if components.embeds is not None or components.token_ids is None:
         return None
-    return list(components.token_ids)
+    ids = list(components.token_ids)
+    # Ids no vocabulary has: vLLM's handler refuses them; nothing to place.
+    if not all(isinstance(i, int) and 0 <= i < MAX_TOKEN_ID for i in ids):
+        return None
+    return ids

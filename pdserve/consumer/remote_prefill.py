@@ -113,9 +113,12 @@ class RemotePrefill:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            asked = time.perf_counter()
             with self.pool.sending(producer, demand):
                 outcome = await self._ask(producer, path, body, forwarded, remaining)
             if isinstance(outcome, Lease):
+                if self.pool.has(producer):  # a gone one's series stays gone
+                    observe(producer, outcome, time.perf_counter() - asked)
                 return outcome.signed(self._key, kv_host=producer.address)
             if not outcome.producer_fault:
                 return self._fallback(outcome.reason)
@@ -132,7 +135,6 @@ class RemotePrefill:
         headers: dict[str, str],
         timeout: float,
     ) -> Lease | Failure:
-        start = time.perf_counter()
         try:
             async with self.pool.session.post(
                 producer.url + path,
@@ -156,7 +158,6 @@ class RemotePrefill:
         lease = Lease.from_params(params)
         if lease is None:
             return Failure("producer_gave_no_kv", False)
-        observe(producer, lease, time.perf_counter() - start)
         return lease
 
     @staticmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -200,7 +201,11 @@ class FakeProducer:
 
     answer: Callable[[dict], Any]
     url: str = ""
-    metadata: dict[str, Any] = field(default_factory=producer_metadata)
+    # Each fake is its own producer instance (one instance under two
+    # addresses counts once).
+    metadata: dict[str, Any] = field(
+        default_factory=lambda: producer_metadata(instance_id=uuid.uuid4().hex)
+    )
     health: int = 200
     requests: list[tuple[str, dict, dict[str, str]]] = field(default_factory=list)
     # Every GET: (path, headers).

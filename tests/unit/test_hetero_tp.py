@@ -27,9 +27,9 @@ NUM_BLOCKS = 13
 HEAD_DIM = 3  # of [K/V, blocks, tokens, heads, head size]
 
 
-def full_kv(seed: int = 0) -> list[torch.Tensor]:
+def full_kv(seed: int = 0, heads: int = HEADS) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, NUM_BLOCKS, 16, HEADS, 8, generator=gen) for _ in range(2)]
+    return [torch.randn(2, NUM_BLOCKS, 16, heads, 8, generator=gen) for _ in range(2)]
 
 
 def rank_kv(layers: list[torch.Tensor], heads: range) -> PagedKVCache:
@@ -43,21 +43,23 @@ def rank_kv(layers: list[torch.Tensor], heads: range) -> PagedKVCache:
     return kv
 
 
-def info(kv: PagedKVCache, tp_size: int, tp_rank: int, epoch: str = EPOCH):
+def info(kv: PagedKVCache, tp_size: int, tp_rank: int, epoch: str = EPOCH, heads=HEADS):
     return msgspec.structs.replace(
         rank_info_for(kv, epoch),
         tp_size=tp_size,
         tp_rank=tp_rank,
-        total_kv_heads=HEADS,
+        total_kv_heads=heads,
     )
 
 
-def producer(layers: list[torch.Tensor], tp: int, closing) -> list[KVServer]:
+def producer(
+    layers: list[torch.Tensor], tp: int, closing, heads: int = HEADS
+) -> list[KVServer]:
     servers = []
     for rank in range(tp):
-        kv = rank_kv(layers, rank_heads(HEADS, tp, rank))
+        kv = rank_kv(layers, rank_heads(heads, tp, rank))
         server = KVServer(
-            "127.0.0.1", 0, kv, info(kv, tp, rank), LeaseTable(30),
+            "127.0.0.1", 0, kv, info(kv, tp, rank, heads=heads), LeaseTable(30),
             {"tcp": get_transport("tcp")}, node_key=NODE_KEY,
         )  # fmt: skip
         closing(server)
@@ -65,7 +67,9 @@ def producer(layers: list[torch.Tensor], tp: int, closing) -> list[KVServer]:
     return servers
 
 
-def consumer(tp: int, ports: list[int], closing) -> list[ConsumerRank]:
+def consumer(
+    tp: int, ports: list[int], closing, heads: int = HEADS
+) -> list[ConsumerRank]:
     settings = Settings(
         role="consumer",
         model="m",
@@ -75,9 +79,11 @@ def consumer(tp: int, ports: list[int], closing) -> list[ConsumerRank]:
     )
     ranks = []
     for rank in range(tp):
-        zeros = [torch.zeros(2, NUM_BLOCKS, 16, HEADS, 8)] * 2
-        kv = rank_kv(zeros, rank_heads(HEADS, tp, rank))
-        consumer_rank = ConsumerRank(settings, kv, info(kv, tp, rank, ""), rank, None)
+        zeros = [torch.zeros(2, NUM_BLOCKS, 16, heads, 8)] * 2
+        kv = rank_kv(zeros, rank_heads(heads, tp, rank))
+        consumer_rank = ConsumerRank(
+            settings, kv, info(kv, tp, rank, "", heads), rank, None
+        )
         closing(consumer_rank)
         consumer_rank.close = consumer_rank.shutdown
         consumer_rank.connect()
@@ -109,13 +115,16 @@ def pull(ranks: list[ConsumerRank], servers: list[KVServer], lease, local) -> No
         assert rank.stats.data["kv_loads"] == 1
 
 
-def settle(servers: list[KVServer]) -> list[int]:
-    """Leases each producer rank still holds once releases are in."""
-    for _ in range(20):
+def settle(servers: list[KVServer], seconds: float = 0.1) -> list[int]:
+    """Leases each producer rank still holds after ``seconds`` of steps."""
+    deadline = time.monotonic() + seconds
+    while True:
         for server in servers:
             server.step()
+        held = [len(server.leases) for server in servers]
+        if not any(held) or time.monotonic() > deadline:
+            return held
         time.sleep(0.005)
-    return [len(server.leases) for server in servers]
 
 
 def heads_of(layers, rank_kv_cache: PagedKVCache, heads: range, blocks, local):
@@ -153,7 +162,27 @@ def test_each_consumer_rank_gets_exactly_its_heads(closing, producer_tp, consume
         # Nothing but the pulled blocks was written.
         untouched = [b for b in range(NUM_BLOCKS) if b not in local]
         assert not ranks[rank].kv.layers[0][:, untouched].any()
-    assert settle(servers) == [0] * producer_tp
+    assert settle(servers, seconds=5) == [0] * producer_tp
+
+
+@pytest.mark.parametrize(("producer_tp", "consumer_tp"), [(4, 1), (4, 2), (2, 1)])
+def test_fewer_heads_than_producer_ranks_every_rank_lets_go(
+    closing, producer_tp, consumer_tp
+):
+    """Two KV heads over TP 4: ranks 0,1 hold head 0, ranks 2,3 head 1. A
+    TP 1 consumer reads from ranks 0 and 2 only, yet vLLM frees the blocks
+    only once every producer rank has let go: ranks 1 and 3 are released."""
+    heads = 2
+    layers = full_kv(heads=heads)
+    servers = producer(layers, producer_tp, closing, heads)
+    ranks = consumer(consumer_tp, [s.port for s in servers], closing, heads)
+    lease = grant(servers, [2, 5])
+    pull(ranks, servers, lease, [7, 8])
+    for rank in range(consumer_tp):
+        wanted = rank_heads(heads, consumer_tp, rank)
+        heads_of(layers, ranks[rank].kv, wanted, [2, 5], [7, 8])
+    # Within a few seconds, with no consumer step: the watch sends them.
+    assert settle(servers, seconds=5) == [0] * producer_tp
 
 
 def test_heads_map_to_the_ranks_that_hold_them():

@@ -65,7 +65,8 @@ def test_cache_of_multimodal_or_adapter_requests_is_not_trusted(monkeypatch):
     placed = placer(monkeypatch, 200, 192)
     image = {"type": "image_url", "image_url": {"url": "data:"}}
     chat = {"messages": [{"role": "user", "content": [image]}]}
-    assert not place(placed, payload=chat)[0].local
+    # Not rendered again for placement (images fetched): it goes remote.
+    assert place(placed, payload=chat) == (None, None)
 
 
 def test_unknown_prompt_goes_remote(monkeypatch):

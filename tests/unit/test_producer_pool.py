@@ -235,6 +235,8 @@ def test_every_producer_fails_means_local_prefill():
             producers(2, status(502)) as (a, b),
             consumer([a.url, b.url]) as prefill,
         ):
+            # Their probes must not bring them back mid-test (a slow run).
+            a.health = b.health = 503
             before = failovers("http_5xx")
             local = local_prefills("all_producers_failed")
             assert await ask(prefill, {"prompt": "hello"}) is None
@@ -398,7 +400,8 @@ def test_pool_is_described_for_the_metadata_route():
         async with producers(1) as (a,), consumer([a.url]) as prefill:
             [entry] = prefill.pool.describe()
             assert entry["producer"] == a.url.removeprefix("http://")
-            assert entry["instance_id"] == "e1" and entry["down"] is False
+            assert entry["instance_id"] == a.metadata["instance_id"]
+            assert entry["down"] is False
 
     run(scenario())
 
@@ -407,3 +410,17 @@ def test_pool_needs_no_running_loop_to_be_made():
     # The middleware makes it in vLLM's app factory.
     pool = ProducerPool(CONSUMER)
     assert pool.producers() == []
+
+
+def test_one_producer_under_two_addresses_counts_once():
+    """A dual-stack name (IPv4 and IPv6) or two URLs of one producer: one
+    instance id, one producer (else it takes twice its share)."""
+
+    async def scenario() -> None:
+        async with producers(2) as (a, b):
+            b.metadata = dict(a.metadata)
+            async with consumer([a.url, b.url]) as prefill:
+                await prefill.pool.ready()
+                assert len(prefill.pool.producers()) == 1
+
+    run(scenario())
