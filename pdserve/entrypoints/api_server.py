@@ -8,8 +8,10 @@ other flag unchanged.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import secrets
+import shutil
 import sys
 
 from pdserve.consumer.prefix_index import KVEventsConfigError, consumer_kv_events
@@ -108,6 +110,10 @@ def follow_kv_events(settings: Settings, rest: list[str]) -> list[str]:
     follows them (its prefix index for placement); the args that add it."""
     extra, source = consumer_kv_events(rest)
     settings.kv_events = source.to_json() if source is not None else ""
+    if extra and source is not None:
+        # Our own private socket directory: gone with this node.
+        directory = os.path.dirname(source.endpoint.removeprefix("ipc://"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return extra
 
 
