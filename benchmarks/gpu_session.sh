@@ -2,11 +2,13 @@
 # One GPU-box experiment per device call (see ../shared/gpu/README.md for the
 # staging): installs the carried vLLM, runs one experiment, and packs every log
 # and result into $OUT/results.tar.gz (only a few files come back).
-#   bash benchmarks/gpu_session.sh micro|exact|restart|xpyd|e2e-aggregated|e2e-pdserve ...
+#   bash benchmarks/gpu_session.sh micro|exact|restart|xpyd|placement|e2e-aggregated|e2e-pdserve ...
 # (several experiments run one after another in the same call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT/r"
+# Leftovers of an earlier call (one that ran out of time) hold GPU memory.
+pkill -9 -f "[p]dserve.entrypoints.api_server|[p]lain_vllm|[V]LLM::" 2>/dev/null
 bash /tmp/stage/tools/device_install.sh > "$OUT/r/install.log" 2>&1 || {
   tail -20 "$OUT/r/install.log"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -32,6 +34,9 @@ case $what in
   xpyd)
     python3 benchmarks/gpu_xpyd.py --model "$TINY" --transport "${TRANSPORT:-ipc}" \
       --out "$OUT/r/xpyd" 2>&1 | tee "$OUT/r/xpyd.txt" || status=1 ;;
+  placement)
+    python3 benchmarks/gpu_placement.py --model "$TINY" --out "$OUT/r/placement" 2>&1 \
+      | tee "$OUT/r/placement.txt" || status=1 ;;
   e2e-*)
     python3 benchmarks/gpu_e2e.py --model "$QWEN" --setups "${what#e2e-}" \
       --rates "${RATES:-4,16,32,inf}" --num-prompts 200 --seconds-per-rate 50 \
