@@ -9,6 +9,10 @@ Setups (each started, measured and stopped in turn):
   pdserve      pdserve producer on GPU 0, consumer on GPU 1 (both see both
                GPUs, listed own-GPU first, so the ipc transport can map)
   pdserve-nccl pdserve with each node seeing only its own GPU, nccl transport
+  pdserve-XpYd X producers and Y consumers (one GPU each, TP 1), every consumer
+               of every producer, consumers behind the round-robin proxy; its
+               KV/TTFT-split columns are the first consumer's
+  aggregated-N N plain vLLM replicas (one GPU each) behind the proxy
 
 Every rate runs `vllm bench serve` (random dataset) with its own seed, so
 prefix caching never turns a run into cache hits. KV bytes and transfer time
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -93,6 +98,17 @@ class Deployment:
     def __init__(self, setup: str, model: str, engine: list[str], logs: Path):
         self.setup = setup
         self.servers: list[ServerProcess] = []
+        if match := re.fullmatch(r"pdserve-(\d)p(\d)d", setup):
+            producers, consumers = int(match[1]), int(match[2])
+            self.url, self.decode_url = self._xpyd(
+                model, engine, logs, producers, consumers
+            )
+            return
+        if match := re.fullmatch(r"aggregated-(\d)", setup):
+            self.url, self.decode_url = self._aggregated(
+                model, engine, logs, int(match[1])
+            )
+            return
         start = getattr(self, "_" + setup.replace("-", "_"))
         self.url, self.decode_url = start(model, engine, logs)
 
@@ -102,20 +118,56 @@ class Deployment:
         )
         return server.url, server.url
 
-    def _aggregated(self, model, engine, logs):
+    def _aggregated(self, model, engine, logs, gpus: int = 2):
         replicas = [
             self._add(
                 ServerProcess.plain_vllm(f"replica{gpu}", [model, *engine], logs,
                                          gpu_env(str(gpu)))
             )
-            for gpu in range(2)
+            for gpu in range(gpus)
         ]  # fmt: skip
+        return self._behind_proxy(replicas, logs), replicas[0].url
+
+    def _behind_proxy(self, backends: list[ServerProcess], logs: Path) -> str:
         port = free_port()
         argv = [sys.executable, str(HERE / "rr_proxy.py"), "--port", str(port)]
-        for replica in replicas:
-            argv += ["--backend", replica.url]
+        for backend in backends:
+            argv += ["--backend", backend.url]
         proxy = self._add(ServerProcess("rr-proxy", argv, port, logs, gpu_env("")))
-        return proxy.url, replicas[0].url
+        return proxy.url
+
+    def _xpyd(self, model, engine, logs, producers: int, consumers: int):
+        """P producers on GPUs 0..P-1 and D consumers on the next D GPUs,
+        each consumer of every producer, consumers behind the round-robin
+        proxy. Every node sees every GPU, its own first (ipc)."""
+        gpus = producers + consumers
+        visible = [",".join(map(str, [g, *(o for o in range(gpus) if o != g)]))
+                   for g in range(gpus)]  # fmt: skip
+        made = [
+            self._add(
+                ServerProcess.pdserve(
+                    f"producer{g}",
+                    ["--model", model, "--kv-role", "producer", *engine],
+                    logs, gpu_env(visible[g]),
+                )
+            )
+            for g in range(producers)
+        ]  # fmt: skip
+        for server in made:  # consumers find them at startup
+            server.wait_ready(600)
+        urls = ",".join(p.url for p in made)
+        decoders = [
+            self._add(
+                ServerProcess.pdserve(
+                    f"consumer{g}",
+                    ["--model", model, "--kv-role", "consumer", "--producer-url", urls,
+                     *engine],
+                    logs, gpu_env(visible[g]),
+                )
+            )
+            for g in range(producers, gpus)
+        ]  # fmt: skip
+        return self._behind_proxy(decoders, logs), decoders[0].url
 
     def _nixl(self, model, engine, logs):
         connector = [*engine, "--kv-transfer-config", NIXL_CONFIG]
