@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
 from pdserve.connector.kv_client import BlockingClient, Load
 from pdserve.connector.metadata import LoadSpec
+from pdserve.connector.orphan_releases import OrphanReleases
 from pdserve.connector.producer_peer import PeerKey, ProducerPeer, peer_key
 from pdserve.connector.stats import PDServeStats
 from pdserve.handshake import IncompatibleProducer, wait_for_rank_info
@@ -82,6 +83,7 @@ class ConsumerRank:
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
         self._pulls: dict[str, _Pull] = {}
+        self._orphans = OrphanReleases(kv, settings.transfer_timeout, secret)
         self._done: set[str] = set()
         self._failed_blocks: set[int] = set()
         self.stats = PDServeStats()
@@ -215,6 +217,7 @@ class ConsumerRank:
                 for peer in list(self.peers.values()):
                     for load in peer.flush_releases():
                         self._record(load)
+                self._orphans.pump()
 
     def _producer_alive(self, peer: ProducerPeer) -> bool:
         """False only when we know: nobody listens, or another instance."""
@@ -266,21 +269,29 @@ class ConsumerRank:
                 self.stats.add("kv_connector_errors")
                 self._fail(spec, f"unexpected error: {exc!r}")
         for lease in releases:
-            peer = self.peers.get(peer_key(lease))
-            if peer is not None and peer.epoch == lease.epoch:
-                peer.release(lease)
-            # A lease of an unknown or older instance opened nothing here.
+            self._release(lease)
+
+    def _release(self, lease: Lease) -> None:
+        peer = self.peers.get(peer_key(lease))
+        if peer is not None and peer.epoch == lease.epoch:
+            peer.release(lease)
+        else:
+            # Not paired with its instance: a short-lived link (the producer
+            # acts only on leases it issued, by their token).
+            self._orphans.release(lease)
 
     def _start_load(self, spec: LoadSpec) -> None:
         try:
             peer = self._peer_for(spec.lease)
         except IncompatibleProducer as exc:
+            self._release(spec.lease)
             return self._fail(spec, f"producer unusable: {exc}")
         if any(
             max(spec.remote_block_ids, default=0) >= pair.remote.num_blocks
             for pair in peer.pairs.values()
         ):
             # A device copy would read past the producer's cache.
+            self._release(spec.lease)
             return self._fail(spec, "the lease names blocks the producer lacks")
         deadline = time.monotonic() + self.settings.transfer_timeout
         self._pulls[spec.request_id] = _Pull(spec, peer, 0)
@@ -294,6 +305,7 @@ class ConsumerRank:
         for peer in list(self.peers.values()):
             for load in peer.pump():
                 self._record(load)
+        self._orphans.pump()
         if any(peer.busy() for peer in self.peers.values()):
             pace(self.kv.device, CONSUMER_WAIT_SECONDS)
 
@@ -358,3 +370,4 @@ class ConsumerRank:
             for peer in list(self.peers.values()):
                 self._drop(peer, "shutting down")
             self.peers.clear()
+            self._orphans.close()

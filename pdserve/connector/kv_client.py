@@ -182,6 +182,12 @@ class ProducerLink:
     def has_releases(self) -> bool:
         return bool(self._releases)
 
+    def drained(self) -> bool:
+        """Nothing queued, nothing left in the socket's way out."""
+        return not (self._waiting or self._inflight or self._releases) and (
+            self.channel is None or self.channel.pending_out == 0
+        )
+
     def busy(self) -> bool:
         return bool(self._waiting or self._inflight or self._copying)
 

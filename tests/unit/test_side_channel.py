@@ -396,3 +396,20 @@ def test_producer_that_is_down_fails_fast_and_is_not_retried_at_once(closing):
     assert "failed recently" in run_load(rank, server, lease, [2])
     assert time.monotonic() - started < 5
     assert len(rank.peers) == 1
+
+
+def test_lease_of_a_producer_that_cannot_be_paired_is_released(closing):
+    """Pairing fails (here: the lease names another instance than the one
+    serving): the pull fails at once, and the producer's blocks are let go
+    now, not when the lease expires."""
+    _, server, rank = paired_rank(closing)
+    lease = make_lease("o", [2, 3], server.port, epoch="not-this-one")
+    server.leases.grant("o", [2, 3], lease.prompt_hash)
+    assert "producer unusable" in run_load(rank, server, lease, [1, 2])
+    deadline = time.monotonic() + 5
+    while len(server.leases):
+        assert time.monotonic() < deadline, "lease kept until it expires"
+        rank.poll()
+        server.step()
+        time.sleep(0.005)
+    assert server.leases.take_released() == 1
