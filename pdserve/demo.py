@@ -95,6 +95,7 @@ def main() -> None:
     # prefilled on the consumer (placement), which is cheaper.
     consumer_args = ["--model", model, "--kv-role", "consumer"]
     consumer_args += ["--local-prefill-max-tokens", "0"]
+    consumer_args += ["--producer-saturation-requests", "1000000"]
     consumer_args += ["--producer-url", producer.url, *ENGINE_ARGS]
     consumer = ServerProcess.pdserve(
         "consumer", consumer_args, log_dir, cpu_env(cores=consumer_cores)

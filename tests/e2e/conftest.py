@@ -28,9 +28,13 @@ PRODUCER_CORES, CONSUMER_CORES = split_cores()
 
 
 # Consumers of the suite prefill every prompt remotely (placement would keep
-# short or locally cached prompts here): the tests prove the remote path.
-# Placement itself is tested with its own consumer (test_zzy_xpyd).
-ALWAYS_REMOTE = ["--local-prefill-max-tokens", "0"]
+# short or locally cached prompts here, or take a busy producer's work): the
+# tests prove the remote path. Placement itself is tested with its own
+# consumer (test_zzy_xpyd).
+ALWAYS_REMOTE = [
+    "--local-prefill-max-tokens", "0",
+    "--producer-saturation-requests", "1000000",
+]  # fmt: skip
 
 
 def producer_env(**extra: str) -> dict[str, str]:

@@ -73,6 +73,8 @@ def consumer_args(model: str, producers: list[ServerProcess]) -> list[str]:
         ["--model", model, "--kv-role", "consumer", *SLOW_MACHINE]
         + ["--kv-secret", KV_SECRET, "--producer-url", urls]
         + ["--local-prefill-max-tokens", str(LOCAL_MAX)]
+        # Counts below assume no saturation rule (tested in unit tests).
+        + ["--producer-saturation-requests", "1000000"]
         + engine_args(model, CONSUMER_MAX_LEN)
     )
 
