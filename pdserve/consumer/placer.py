@@ -97,6 +97,11 @@ class Placer:
         if _keyed_beyond_tokens(payload):
             # Multimodal inputs: not rendered twice (images fetched) for this.
             return None, None
+        if self.settings.local_prefill_max_tokens == 0 and not (
+            saturated and self.inflight < self.max_inflight
+        ):
+            # No rule can keep it here: not worth rendering the prompt.
+            return None, None
         ids = await prompt_token_ids(scope, route, payload)
         if ids is None:
             return None, None

@@ -107,7 +107,12 @@ def try_kv_secret(producer: ProducerAddress, timeout: float, secret: bytes) -> N
 
 def follow_kv_events(settings: Settings, rest: list[str]) -> list[str]:
     """Consumer: vLLM publishes its KV cache events where the HTTP layer
-    follows them (its prefix index for placement); the args that add it."""
+    follows them (its prefix index for placement); the args that add it.
+    None with ``--local-prefill-max-tokens 0``: the index would serve nothing
+    (a prompt is never all cached: its last token is always computed)."""
+    if settings.local_prefill_max_tokens == 0:
+        settings.kv_events = ""
+        return []
     extra, source = consumer_kv_events(rest)
     settings.kv_events = source.to_json() if source is not None else ""
     if extra and source is not None:

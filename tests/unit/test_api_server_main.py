@@ -153,3 +153,15 @@ def test_consumer_starts_with_the_producers_found(started):
     settings = started.settings
     assert settings.producer_urls == ["http://p:1"]
     assert settings.producers == [ProducerAddress(host="10.0.0.7", kv_ports=[9100])]
+
+
+def test_kv_events_only_where_placement_can_use_them(tmp_path, monkeypatch):
+    from pdserve.entrypoints import api_server
+    from pdserve.settings import Settings
+
+    never = Settings(role="consumer", model="m", local_prefill_max_tokens=0)
+    assert api_server.follow_kv_events(never, []) == []
+    assert never.kv_events == ""
+    measured = Settings(role="consumer", model="m")
+    extra = api_server.follow_kv_events(measured, [])
+    assert extra[0] == "--kv-events-config" and measured.kv_events

@@ -97,3 +97,13 @@ def test_local_time_to_first_token_is_measured_on_streams_only(monkeypatch):
     asyncio.run(run(streamed=True))
     assert placed.estimator._local.samples == 1  # the first chunk only
     assert len(seen) == 6
+
+
+def test_nothing_rendered_when_no_rule_can_keep_the_prompt_here(monkeypatch):
+    placed = placer(monkeypatch, 30, 0, limit=0)
+
+    async def never(scope, route, payload):
+        raise AssertionError("rendered")
+
+    monkeypatch.setattr(placer_module, "prompt_token_ids", never)
+    assert place(placed) == (None, None)
