@@ -103,11 +103,15 @@ def test_legacy_generate_streaming(cluster):
         ) as response,
     ):
         assert response.status_code == 200
+        # The streaming format (a buffered answer is one application/json).
+        assert response.headers["content-type"] == "application/x-ndjson"
         lines = [json.loads(line) for line in response.iter_lines() if line]
     texts = [line["text"][0] for line in lines]
     assert texts[-1] == expected
     assert all(text.startswith(PROMPT) for text in texts)
-    assert len(texts) >= 2  # it streamed, not one final answer
+    # Each line the whole text so far. How many lines is vLLM's to say: it
+    # merges a stream's pending tokens into one chunk when its reader is
+    # behind, which a starved 2-core machine can make all 10 (CI run 4).
     assert [len(t) for t in texts] == sorted(len(t) for t in texts)
 
 
