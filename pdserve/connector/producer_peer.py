@@ -65,6 +65,9 @@ class RankPair:
     # Released only, never read: it holds copies of heads another producer
     # rank serves (fewer KV heads than producer ranks).
     release_only: bool = False
+    # Blocks move whole (the ranks hold the same heads), decided at pairing;
+    # otherwise each read names its run of heads.
+    whole: bool = True
 
 
 class ProducerPeer:
@@ -183,10 +186,10 @@ class ProducerPeer:
         )
         if release_only:
             # No reads: no transport session (nor a GPU mapping) for it.
-            return RankPair(remote, link, get_transport("tcp"), "", 1, 0, True)
+            return RankPair(remote, link, get_transport("tcp"), "", 1, 0, True, whole)
         transport, session = self._open_transport(client, remote, whole)
         readers = self._readers_of(remote.tp_rank)
-        return RankPair(remote, link, transport, session, readers)
+        return RankPair(remote, link, transport, session, readers, whole=whole)
 
     def _check_heads(self, remote: RankInfo) -> None:
         """The producer rank holds as many heads as the mapping says: were
@@ -257,7 +260,7 @@ class ProducerPeer:
         returns how many loads were started."""
         for part in self.slices:
             pair = self.pairs[part.producer_rank]
-            whole = self._whole(pair.remote)
+            whole = pair.whole
             load = Load(
                 spec,
                 pair.transport,
