@@ -22,22 +22,12 @@ from pathlib import Path
 from gpu_e2e import gpu_env, own_first
 from gpu_token_exact import engine_args, random_prompt, tokens
 
-from pdserve.local_cluster import ServerProcess, scrape_metrics
+from pdserve.local_cluster import ServerProcess, scrape_by_label, scrape_metrics
 
 
 def local(url: str) -> dict[str, float]:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    return {
-        sample.labels.get("reason", ""): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "pdserve:local_prefills_total"
-    }
+    """Local prefills by reason."""
+    return scrape_by_label(url, "pdserve:local_prefills_total", "reason")
 
 
 def main() -> None:

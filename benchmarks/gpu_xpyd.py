@@ -29,7 +29,12 @@ from gpu_token_exact import engine_args, random_prompt, tokens
 
 from pdserve.consumer.prefill_demand import demand_of
 from pdserve.consumer.producer_pool import rendezvous
-from pdserve.local_cluster import ServerProcess, free_port, scrape_metrics
+from pdserve.local_cluster import (
+    ServerProcess,
+    free_port,
+    scrape_by_label,
+    scrape_metrics,
+)
 
 
 def key(server: ServerProcess) -> str:
@@ -50,18 +55,7 @@ def prompts_for(first: str, other: str, count: int, seed: int) -> list[list[int]
 
 def served(consumer: ServerProcess) -> dict[str, float]:
     """Remote prefills by producer (ADDRESS:PORT), as the consumer counts them."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(consumer.url + "/metrics", timeout=30) as response:
-        text = response.read().decode()
-    return {
-        sample.labels.get("producer", ""): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "pdserve:remote_prefills_total"
-    }
+    return scrape_by_label(consumer.url, "pdserve:remote_prefills_total", "producer")
 
 
 def counter(url: str, name: str) -> float:

@@ -34,6 +34,20 @@ def scrape_metrics(url: str) -> dict[str, float]:
     return totals
 
 
+def scrape_by_label(url: str, name: str, label: str) -> dict[str, float]:
+    """The samples of metric ``name`` on ``url``'s /metrics, by ``label``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {
+        sample.labels.get(label, ""): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
