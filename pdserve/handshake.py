@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from pdserve.identity import identity_pairs
 from pdserve.log import init_logger
 from pdserve.protocol import LayerInfo, RankInfo
 
@@ -70,6 +71,7 @@ def check_compatible(local: RankInfo, remote: RankInfo, whole: bool = True) -> N
         ("block size", local.block_size, remote.block_size),
         ("KV cache dtype", local.kv_cache_dtype, remote.kv_cache_dtype),
         ("number of KV layers", len(local.layers), len(remote.layers)),
+        *identity_pairs(local.identity, remote.identity),
         *_layout_pairs(local, remote, whole),
     ]
     # Which producer rank holds which heads is the pairing's business

@@ -30,6 +30,9 @@ import msgspec
 DO_REMOTE_DECODE = "do_remote_decode"
 DO_REMOTE_PREFILL = "do_remote_prefill"
 LEASE_KEY = "pdserve_lease"
+# A producer's answer without a lease says why (a short snake_case reason):
+# the consumer prefills locally at once.
+REFUSED_KEY = "pdserve_refused"
 
 NODE_KEY_ENV_VAR = "PDSERVE_NODE_KEY"
 
@@ -85,6 +88,12 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         except (msgspec.ValidationError, TypeError, ValueError):
             return None
 
+    @classmethod
+    def checked(cls, lease: Lease) -> Lease:
+        """``lease`` as a consumer will parse it; raises ValidationError if
+        it would not parse there (structs are not validated when built)."""
+        return msgspec.convert(msgspec.to_builtins(lease), type=cls)
+
     # ---- the consumer's MAC ----
 
     def signed(self, key: bytes, kv_host: str) -> Lease:
@@ -103,6 +112,11 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
+
+
+def refusal(reason: str) -> dict[str, Any]:
+    """kv_transfer_params of a prefill answered without a lease."""
+    return {REFUSED_KEY: reason}
 
 
 def request_wants_lease(params: object) -> bool:

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from pdserve.identity import ModelIdentity
 from pdserve.kv_layout import KVLayout
 
 # Control messages are small; anything larger is a hostile or broken peer.
@@ -82,6 +83,8 @@ class RankInfo(msgspec.Struct, tag=True):
     # The model's KV heads over all ranks (0: unknown): with the TP sizes it
     # tells which heads each rank holds (ranks of different TP sizes).
     total_kv_heads: int = 0
+    # What else decides the KV and tokens: revision, quantization, RoPE...
+    identity: ModelIdentity = ModelIdentity()
 
 
 class ServerHello(msgspec.Struct, tag=True):
@@ -277,8 +280,9 @@ def recv_message(
     return decode_body(bytes(body))
 
 
-def prompt_hash(token_ids: Sequence[int]) -> str:
-    """Fingerprint of the prompt tokens whose KV a lease holds."""
+def prompt_hash(token_ids: Sequence[int], adapter: str = "") -> str:
+    """Fingerprint of the prompt tokens whose KV a lease holds (and of the
+    LoRA adapter they ran with: ``pdserve.fingerprint``)."""
     digest = hashlib.blake2b(digest_size=16)
     try:
         digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
@@ -286,6 +290,8 @@ def prompt_hash(token_ids: Sequence[int]) -> str:
         # Not a tokenizer's ids (out of int64): a fingerprint no real
         # prompt has, rather than an exception.
         digest.update(b"invalid:" + repr(list(token_ids)).encode())
+    if adapter:
+        digest.update(b"\0adapter:" + adapter.encode("utf-8", "replace"))
     return digest.hexdigest()
 
 

@@ -37,6 +37,9 @@ class Settings(msgspec.Struct, kw_only=True):
     kv_host: str = "0.0.0.0"
     kv_ports: list[int] = []
     lease_seconds: float = 30.0
+    # Producer: leases hold at most this share of its KV cache blocks; past
+    # it a prefill is answered without a lease (the consumer prefills).
+    max_leased_fraction: float = 0.5
     # Producer: this instance's id (epoch); a restarted producer has a new one.
     # Made once where Settings are made; every engine process reads the same.
     instance_id: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
@@ -58,6 +61,9 @@ class Settings(msgspec.Struct, kw_only=True):
     kv_events: str = ""
     prefill_timeout: float = 60.0
     transfer_timeout: float = 30.0
+    # Consumer: this node's private directory, shared by its HTTP layer and
+    # engine ranks (which producers each rank has paired with); "" = none.
+    run_dir: str = ""
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -61,6 +61,7 @@ class PDServeConnector(KVConnectorBase_V1):
                 vllm_config.cache_config.block_size,
                 vllm_config.parallel_config.tensor_parallel_size,
                 node_key(),
+                num_blocks=kv_cache_config.num_blocks,
             )
         else:
             self._worker = PDServeWorker(

@@ -3,10 +3,12 @@ issued it, then releases the lease.
 
 It knows every producer (``ProducerPeer``: address, KV ports, instance) it
 has paired with. A lease names its producer (the address the consumer's HTTP
-layer reached it at, its KV ports, its instance id): one not paired with yet,
-or a new instance of a known one (a restart), is paired with (a handshake)
-before the read. Pairing with a producer that is down fails fast and is not
-tried again for a second.
+layer reached it at, its KV ports, its instance id). Pairing never runs on
+the engine's thread (``Pairer``): a lease of a producer not paired with yet,
+or of a new instance of a known one (a restart), fails at once (its prompt
+is recomputed here) and starts the pairing in the background. Producers the
+HTTP layer found (``pdserve.pairings``) are paired with before it sends them
+any work, so that is rare.
 
 A dead producer's GPU memory stays allocated while this rank maps it (ipc),
 so its restart on that GPU would not fit: a watch thread asks each producer
@@ -24,23 +26,22 @@ from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
 from pdserve.connector.kv_client import BlockingClient, Load
 from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.orphan_releases import OrphanReleases
+from pdserve.connector.pairing import Pairer
 from pdserve.connector.producer_peer import PeerKey, ProducerPeer, peer_key
 from pdserve.connector.stats import PDServeStats
 from pdserve.handshake import IncompatibleProducer, wait_for_rank_info
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
+from pdserve.pairings import PairingTarget, targets_reader
 from pdserve.protocol import RankInfo
 from pdserve.settings import ProducerAddress, Settings
 
 logger = init_logger(__name__)
 
-# After a failed pairing with a producer, its loads fail at once (prefilled
-# locally) for this long instead of trying again every step.
+# After a failed pairing with a producer, it is not tried again for this
+# long, counted from the end of the failed attempt.
 REHANDSHAKE_BACKOFF_SECONDS = 1.0
-# Pairing on the engine's thread: a producer that does not answer this fast
-# is treated as down (its requests are prefilled locally).
-PAIR_TIMEOUT_SECONDS = 5.0
 # How often the watch thread checks the producers, and how long it waits.
 WATCH_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 2.0
@@ -77,7 +78,10 @@ class ConsumerRank:
         self._secret = secret
         self.peers: dict[PeerKey, ProducerPeer] = {}
         self._used: dict[PeerKey, float] = {}
-        self._pair_failed_at: dict[PeerKey, float] = {}
+        self.pairer = Pairer(
+            tp_rank, self._pair, REHANDSHAKE_BACKOFF_SECONDS, settings.run_dir
+        )
+        self._targets = targets_reader(settings.run_dir) if settings.run_dir else None
         # The engine's thread and the watch thread never act at once.
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -92,10 +96,11 @@ class ConsumerRank:
     # ---- pairing ----
 
     def connect(self) -> None:
-        """Startup: pair with the producers the entrypoint found. One that
-        does not match refuses the start; one that went away meanwhile is
-        paired with on its first lease."""
-        unreachable = []
+        """Startup, before the engine serves: pair with the producers the
+        entrypoint found. One that does not match refuses the start; one
+        that is not reachable is paired with in the background once the
+        HTTP layer asks for it (the node serves meanwhile, prefilling
+        locally)."""
         # One deadline for all: producers that vanished while the model
         # loaded must not cost a wait each.
         deadline = time.monotonic() + self.settings.connect_timeout
@@ -103,10 +108,7 @@ class ConsumerRank:
             try:
                 self._connect(address, max(1.0, deadline - time.monotonic()))
             except (TimeoutError, OSError) as exc:
-                logger.warning("pdserve: %s", exc)
-                unreachable.append(address)
-        if unreachable and len(unreachable) == len(self.settings.producers):
-            raise TimeoutError(f"no producer reachable: {unreachable}")
+                logger.warning("pdserve: %s; prefilling locally meanwhile", exc)
         self._start_watch()
 
     def _connect(self, address: ProducerAddress, timeout: float) -> None:
@@ -129,6 +131,22 @@ class ConsumerRank:
             peer.close("pairing failed")  # no half-open session or mapping
             raise
         self._add(peer)
+        self.pairer.paired(_target_of(peer))
+
+    def _pair(self, target: PairingTarget) -> ProducerPeer:
+        """Pair with ``target`` (on a pairing thread, never the engine's)."""
+        peer = self._new_peer(target.host, list(target.kv_ports), target.epoch)
+        try:
+            peer.open(self.settings.transfer_timeout)
+        except BaseException:
+            peer.close("pairing failed")  # no half-open session or mapping
+            raise
+        return peer
+
+    def _install_paired(self) -> None:
+        """Peers the pairing threads finished (engine thread, under lock)."""
+        for peer in self.pairer.take_ready():
+            self._add(peer)
 
     def _new_peer(self, host: str, kv_ports: list[int], epoch: str) -> ProducerPeer:
         return ProducerPeer(
@@ -155,6 +173,9 @@ class ConsumerRank:
             )
         self.peers[peer.key] = peer
         self._used[peer.key] = time.monotonic()
+        if peer.setup_fallbacks:
+            self.stats.add("kv_transport_fallbacks", peer.setup_fallbacks)
+            peer.setup_fallbacks = 0
 
     def _least_recently_used(self) -> PeerKey:
         idle = [k for k, p in self.peers.items() if not p.busy()] or list(self.peers)
@@ -164,10 +185,12 @@ class ConsumerRank:
         for load in peer.close(reason):
             self._record(load)
         self._used.pop(peer.key, None)
+        self.pairer.forget(_target_of(peer))
 
     def _peer_for(self, lease: Lease) -> ProducerPeer:
-        """The paired producer that issued ``lease``; pairs with it first if
-        it is new (or a new instance). Raises IncompatibleProducer."""
+        """The paired producer that issued ``lease``. Raises
+        IncompatibleProducer when there is none yet (a pairing is started:
+        the engine never waits for one)."""
         key = peer_key(lease)
         peer = self.peers.get(key)
         if peer is not None and peer.epoch == lease.epoch:
@@ -175,24 +198,11 @@ class ConsumerRank:
             return peer
         if not lease.kv_host:
             raise IncompatibleProducer("the lease names no producer address")
-        now = time.monotonic()
-        if now - self._pair_failed_at.get(key, -REHANDSHAKE_BACKOFF_SECONDS) < (
-            REHANDSHAKE_BACKOFF_SECONDS
-        ):
-            raise IncompatibleProducer("pairing with this producer failed recently")
-        peer = self._new_peer(lease.kv_host, lease.kv_ports, lease.epoch)
-        try:
-            peer.open(min(PAIR_TIMEOUT_SECONDS, self.settings.transfer_timeout))
-        except (OSError, IncompatibleProducer) as exc:
-            self._pair_failed_at[key] = now
-            if len(self._pair_failed_at) > MAX_PEERS:
-                self._pair_failed_at.pop(next(iter(self._pair_failed_at)))
-            peer.close("pairing failed")
-            logger.warning("pdserve: pairing with %s failed: %s", peer, exc)
-            raise IncompatibleProducer(str(exc)) from exc
-        self._pair_failed_at.pop(key, None)
-        self._add(peer)
-        return peer
+        target = PairingTarget(lease.kv_host, tuple(lease.kv_ports), lease.epoch)
+        if (error := self.pairer.failed_recently(target)) is not None:
+            raise IncompatibleProducer(f"pairing failed recently: {error}")
+        self.pairer.want(target)
+        raise IncompatibleProducer("not paired yet (pairing in the background)")
 
     # ---- the watch ----
 
@@ -207,6 +217,7 @@ class ConsumerRank:
 
     def _watch_producers(self) -> None:
         while not self._stopped.wait(WATCH_SECONDS):
+            self._pair_with_targets()
             for peer in list(self.peers.values()):
                 if self._producer_alive(peer):
                     continue
@@ -218,6 +229,16 @@ class ConsumerRank:
                     for load in peer.flush_releases():
                         self._record(load)
                 self._orphans.pump()
+
+    def _pair_with_targets(self) -> None:
+        """Pair ahead with the producers the HTTP layer found: it sends one
+        work only once every rank has paired with it."""
+        if self._targets is None:
+            return
+        for target in self._targets.read() or ():
+            peer = self.peers.get(target.key)
+            if peer is None or peer.epoch != target.epoch:
+                self.pairer.want(target)
 
     def _producer_alive(self, peer: ProducerPeer) -> bool:
         """False only when we know: nobody listens, or another instance."""
@@ -258,6 +279,7 @@ class ConsumerRank:
         releases: list[Lease],
         failed: list[tuple[str, list[int]]],
     ) -> None:
+        self._install_paired()
         for request_id, block_ids in failed:
             self.stats.add("kv_load_failures")
             self._failed_blocks.update(block_ids)
@@ -366,8 +388,13 @@ class ConsumerRank:
 
     def shutdown(self) -> None:
         self._stopped.set()
+        self.pairer.close()
         with self._lock:
             for peer in list(self.peers.values()):
                 self._drop(peer, "shutting down")
             self.peers.clear()
             self._orphans.close()
+
+
+def _target_of(peer: ProducerPeer) -> PairingTarget:
+    return PairingTarget(peer.host, tuple(peer.kv_ports), peer.epoch)

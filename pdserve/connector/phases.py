@@ -30,6 +30,10 @@ class PhaseClock:
     def __init__(self, stats: PDServeStats) -> None:
         self.stats = stats
         self._first_scheduled: dict[str, float] = {}
+        # Consumer: requests whose pull was scheduled and not yet done (only
+        # those are tracked further: a pull reported done for a request
+        # already gone, aborted meanwhile, must not leave an entry behind).
+        self._pulling: set[str] = set()
         self._loaded: dict[str, float] = {}
         self._computing: dict[str, float] = {}
 
@@ -57,19 +61,23 @@ class PhaseClock:
 
     def forget(self, request_id: str) -> None:
         self._first_scheduled.pop(request_id, None)
+        self._pulling.discard(request_id)
         self._loaded.pop(request_id, None)
         self._computing.pop(request_id, None)
 
     # ---- consumer ----
 
-    def pull_scheduled(self, arrival: float) -> float:
+    def pull_scheduled(self, request_id: str, arrival: float) -> float:
         """The pull of a request was scheduled now; returns now."""
         now = time.time()
         self.stats.observe("ttft_consumer_queue_seconds", max(0.0, now - arrival))
+        if len(self._pulling) < MAX_TRACKED:
+            self._pulling.add(request_id)
         return now
 
     def pulls_done(self, request_ids: set[str] | None) -> None:
         now = time.time()
         for request_id in request_ids or ():
-            if len(self._loaded) < MAX_TRACKED:
+            if request_id in self._pulling:
+                self._pulling.discard(request_id)
                 self._loaded[request_id] = now

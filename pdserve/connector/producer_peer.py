@@ -92,6 +92,9 @@ class ProducerPeer:
         self.stats = stats
         self.slices: list[HeadSlice] = []
         self.pairs: dict[int, RankPair] = {}
+        # Transports given up while pairing (on a pairing thread): counted
+        # into ``stats`` by the engine's thread when it takes the peer.
+        self.setup_fallbacks = 0
 
     @property
     def key(self) -> PeerKey:
@@ -241,7 +244,7 @@ class ProducerPeer:
                     name,
                     exc,
                 )
-                self.stats.add("kv_transport_fallbacks")
+                self.setup_fallbacks += 1
         return get_transport("tcp"), ""
 
     @property

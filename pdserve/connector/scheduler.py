@@ -17,14 +17,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 from vllm.v1.request import RequestStatus
 
 from pdserve.connector.metadata import LeaseGrant, LoadSpec, PDServeMetadata
 from pdserve.connector.phases import PhaseClock
 from pdserve.connector.stats import PDServeStats
-from pdserve.lease import DO_REMOTE_PREFILL, Lease, lease_token, request_wants_lease
+from pdserve.fingerprint import kv_fingerprint, uncovered
+from pdserve.lease import (
+    DO_REMOTE_PREFILL,
+    Lease,
+    lease_token,
+    refusal,
+    request_wants_lease,
+)
 from pdserve.log import init_logger
-from pdserve.protocol import prompt_hash
 from pdserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -65,13 +72,23 @@ class _Pending:
 
 class PDServeScheduler:
     def __init__(
-        self, settings: Settings, block_size: int, tp_size: int, node_key: bytes
+        self,
+        settings: Settings,
+        block_size: int,
+        tp_size: int,
+        node_key: bytes,
+        num_blocks: int = 0,
     ) -> None:
         self.settings = settings
         self.block_size = block_size
         self.tp_size = tp_size
         self._key = node_key
         self._pending: dict[str, _Pending] = {}
+        # Producer: blocks held by leases, by request, and their cap (a share
+        # of the KV cache: leases must never starve the producer's prefills).
+        self._leased: dict[str, int] = {}
+        self._leased_blocks = 0
+        self.lease_cap_blocks = int(settings.max_leased_fraction * num_blocks)
         self._meta = PDServeMetadata()
         self._stats = PDServeStats()
         self._clock = PhaseClock(self._stats)
@@ -107,8 +124,18 @@ class PDServeScheduler:
         lease = self._signed_lease(params)
         if lease is None:
             return None
+        if (reason := uncovered(request)) is not None:
+            logger.warning(
+                "Request %s: leased KV cannot be checked against its inputs (%s); "
+                "prefilling locally",
+                request.request_id,
+                reason,
+            )
+            self._stats.add("kv_leases_refused")
+            self._give_back(lease)
+            return None
         prompt = list(request.prompt_token_ids or ())
-        if lease.prompt_hash != prompt_hash(prompt):
+        if lease.prompt_hash != kv_fingerprint(request):
             logger.warning(
                 "Request %s: producer KV was computed for other prompt tokens; "
                 "prefilling locally",
@@ -177,7 +204,9 @@ class PDServeScheduler:
                 "Request %s: blocks do not match the lease", request.request_id
             )
             return self._fail_pull(request.request_id, blocks, pending.lease)
-        scheduled_at = self._clock.pull_scheduled(request.arrival_time)
+        scheduled_at = self._clock.pull_scheduled(
+            request.request_id, request.arrival_time
+        )
         self._meta.loads.append(
             LoadSpec(
                 request.request_id, pending.lease, remote_ids, local_ids, scheduled_at
@@ -208,6 +237,8 @@ class PDServeScheduler:
     @never_raises(default=None)
     def update_connector_output(self, connector_output: Any) -> None:
         self._clock.pulls_done(getattr(connector_output, "finished_recving", None))
+        for request_id in getattr(connector_output, "finished_sending", None) or ():
+            self._leased_blocks -= self._leased.pop(request_id, 0)
 
     @never_raises(default=(False, None))
     def request_finished(
@@ -218,18 +249,43 @@ class PDServeScheduler:
         if self.settings.role == "consumer":
             self._consumer_finished(request, params)
             return False, None
+        return self._producer_finished(request, list(block_ids), params)
+
+    def _producer_finished(
+        self, request: Request, block_ids: list[int], params: object
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Keep a finished prefill's blocks and lease them, if it asked and
+        can be leased; the answer says why not otherwise (the consumer then
+        prefills locally at once)."""
         if not request_wants_lease(params) or not block_ids:
             return False, None
-        if (
-            request.status
-            not in (
-                RequestStatus.FINISHED_LENGTH_CAPPED,
-                RequestStatus.FINISHED_STOPPED,
-            )
-            or request.prompt_token_ids is None
+        if request.status not in (
+            RequestStatus.FINISHED_LENGTH_CAPPED,
+            RequestStatus.FINISHED_STOPPED,
         ):
             return False, None
-        return True, self._issue(request, list(block_ids)).to_params()
+        if (reason := uncovered(request)) is not None:
+            self._stats.add("kv_leases_withheld")
+            return False, refusal(reason)
+        if self._leased_blocks + len(block_ids) > self.lease_cap_blocks:
+            logger.warning(
+                "pdserve: not leasing %s: leases hold %d of at most %d blocks",
+                request.request_id,
+                self._leased_blocks,
+                self.lease_cap_blocks,
+            )
+            self._stats.add("kv_leases_withheld")
+            return False, refusal("lease_cap")
+        lease = self._issue(request, block_ids)
+        if lease is None:
+            self._stats.add("kv_leases_withheld")
+            return False, refusal("unleasable")
+        self._leased[request.request_id] = len(block_ids)
+        self._leased_blocks += len(block_ids)
+        self._meta.grants.append(
+            LeaseGrant(request.request_id, block_ids, lease.prompt_hash)
+        )
+        return True, lease.to_params()
 
     def _consumer_finished(self, request: Request, params: object) -> None:
         """A request that ends before its pull: its lease goes back. So does
@@ -242,24 +298,31 @@ class PDServeScheduler:
             if (lease := self._signed_lease(params)) is not None:
                 self._give_back(lease)
 
-    def _issue(self, request: Request, block_ids: list[int]) -> Lease:
-        prompt = list(request.prompt_token_ids or ())
-        digest = prompt_hash(prompt)
+    def _issue(self, request: Request, block_ids: list[int]) -> Lease | None:
+        """The lease of a finished prefill, or None if its consumer could not
+        take it (an id or a size past the lease's bounds): a lease nobody can
+        release would pin its blocks until it expires."""
+        digest = kv_fingerprint(request)
+        assert digest is not None  # uncovered requests are not leased
         queue, prefill = self._clock.producer_phases(
             request.request_id, request.arrival_time
         )
-        self._meta.grants.append(LeaseGrant(request.request_id, block_ids, digest))
-        return Lease(
-            request_id=request.request_id,
-            token=lease_token(self._key, request.request_id, digest),
-            epoch=self.settings.instance_id,
-            block_ids=block_ids,
-            prompt_hash=digest,
-            num_prompt_tokens=len(prompt),
-            kv_ports=list(self.settings.kv_ports),
-            producer_queue_seconds=queue,
-            producer_prefill_seconds=prefill,
-        )
+        try:
+            lease = Lease(
+                request_id=request.request_id,
+                token=lease_token(self._key, request.request_id, digest),
+                epoch=self.settings.instance_id,
+                block_ids=block_ids,
+                prompt_hash=digest,
+                num_prompt_tokens=len(request.prompt_token_ids or ()),
+                kv_ports=list(self.settings.kv_ports),
+                producer_queue_seconds=queue,
+                producer_prefill_seconds=prefill,
+            )
+            return Lease.checked(lease)
+        except msgspec.ValidationError as exc:
+            logger.warning("pdserve: not leasing %r: %s", request.request_id[:64], exc)
+            return None
 
     def take_stats(self) -> PDServeStats | None:
         return self._stats.take()

@@ -22,7 +22,11 @@ COUNTERS = {
     "kv_leases_released": "Producer leases that consumers released (read or given up).",
     "kv_transport_fallbacks": "KV transports given up: at handshake (the next "
     "tried) or later, broken or failing copies (tcp used from then on).",
-    "kv_leases_refused": "Leases not loaded: not signed by this node, or malformed.",
+    "kv_leases_refused": "Leases not loaded: not signed by this node, malformed, or "
+    "for inputs the fingerprint does not cover.",
+    "kv_leases_withheld": "Prefills not leased (the consumer prefilled locally): "
+    "leased blocks at their cap, inputs the fingerprint does not cover, or a "
+    "request id past the lease's bounds.",
     "kv_reads_refused": "Reads refused: unknown or ended lease, bad block ids.",
     "kv_connector_errors": "Unexpected connector errors (prompt prefilled locally).",
 }

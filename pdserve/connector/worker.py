@@ -14,6 +14,7 @@ from pdserve.connector.consumer_rank import ConsumerRank
 from pdserve.connector.metadata import PDServeMetadata
 from pdserve.connector.producer_rank import ProducerRank
 from pdserve.connector.stats import PDServeStats
+from pdserve.identity import engine_identity
 from pdserve.kv_cache import PagedKVCache, dtype_name
 from pdserve.kv_layout import (
     KVLayout,
@@ -77,6 +78,7 @@ class PDServeWorker:
             epoch=self.settings.instance_id,
             kv_layout=self.layout,
             total_kv_heads=_total_kv_heads(model_config),
+            identity=engine_identity(model_config),
         )
 
     def view_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> PagedKVCache:

@@ -17,9 +17,11 @@ from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.producer_peer import ProducerPeer, RankPair
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease, lease_token
+from pdserve.pairings import PairingTarget
 from pdserve.protocol import RankInfo, prompt_hash
 from pdserve.settings import ProducerAddress, Settings
 from pdserve.transport import get_transport
+from tests.eventually import eventually
 
 NODE_KEY = b"k" * 32
 EPOCH = "epoch-1"
@@ -197,6 +199,19 @@ def run_load(
     if rank.stats.data["kv_load_failures"] == failures_before:
         return None
     return rank.last_error
+
+
+def pair_with(rank: ConsumerRank, port: int, epoch: str = EPOCH) -> None:
+    """What the HTTP layer has every rank do before it sends a producer work:
+    pair with it (in the background), then the engine takes the pairing."""
+    target = PairingTarget("127.0.0.1", (port,), epoch)
+    rank.pairer.want(target)
+    eventually(
+        lambda: (peer := rank.peers.get(target.key)) and peer.epoch == epoch,
+        10,
+        f"rank paired with {target}",
+        step=lambda: rank.start([], [], []),
+    )
 
 
 def only_peer(rank: ConsumerRank) -> ProducerPeer:

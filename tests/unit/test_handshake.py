@@ -21,6 +21,7 @@ from pdserve.handshake import (
     check_producer_metadata,
     fetch_producer_metadata,
 )
+from pdserve.identity import ModelIdentity, engine_identity
 from pdserve.protocol import LayerInfo, RankInfo
 from pdserve.settings import Settings
 
@@ -143,6 +144,30 @@ def test_num_blocks_ignored_in_any_block_dim(shape, block_dim):
             "vLLM version: consumer='0.32.0' producer='0.31.0'",
         ),
         ({"layers": layers(count=3)}, "number of KV layers: consumer=2 producer=3"),
+        (
+            {"identity": ModelIdentity(revision="abc123")},
+            "model revision: consumer='' producer='abc123'",
+        ),
+        (
+            {"identity": ModelIdentity(quantization="awq")},
+            "quantization: consumer='' producer='awq'",
+        ),
+        (
+            {"identity": ModelIdentity(rope='{"rope_scaling": {"factor": 4.0}}')},
+            "RoPE scaling: consumer='' producer='{\"rope_scaling\"",
+        ),
+        (
+            {"identity": ModelIdentity(hf_overrides='{"num_layers": 2}')},
+            "--hf-overrides: consumer='' producer='{\"num_layers\": 2}'",
+        ),
+        (
+            {"identity": ModelIdentity(tokenizer="other/tok")},
+            "tokenizer: consumer='' producer='other/tok'",
+        ),
+        (
+            {"identity": ModelIdentity(generation_defaults='{"temperature": 0.7}')},
+            "generation defaults (generation config): consumer=''",
+        ),
     ],
 )
 def test_mismatch_names_both_values(change, expected):
@@ -346,3 +371,30 @@ def test_tp_sizes_may_differ():
     check_producer_metadata(
         consumer_metadata(tensor_parallel_size=1), producer_metadata()
     )
+
+
+def test_identity_is_read_from_vllms_resolved_config():
+    """What vLLM loaded, not how the flags were spelled."""
+
+    class HfConfig:
+        rope_scaling = {"rope_type": "yarn", "factor": 4.0}
+        rope_theta = 1e6
+
+    class ModelConfig:
+        revision = "main"
+        quantization = "fp8"
+        hf_config = HfConfig()
+        hf_overrides = {"max_position_embeddings": 65536}
+        tokenizer = "Qwen/Qwen2-7B-Instruct"
+        tokenizer_revision = None
+
+        def get_diff_sampling_param(self):
+            return {"top_p": 0.8, "temperature": 0.7}
+
+    identity = engine_identity(ModelConfig())
+    assert identity.quantization == "fp8"
+    assert '"factor": 4.0' in identity.rope
+    assert '"rope_theta": 1000000.0' in identity.rope
+    assert identity.hf_overrides == '{"max_position_embeddings": 65536}'
+    assert identity.generation_defaults == '{"temperature": 0.7, "top_p": 0.8}'
+    assert identity.tokenizer_revision == ""

@@ -32,6 +32,15 @@ class FakeRequest:
     kv_transfer_params: Any
     status: RequestStatus = RequestStatus.WAITING
     arrival_time: float = field(default_factory=time.time)
+    mm_features: list = field(default_factory=list)
+    prompt_embeds: Any = None
+    lora_request: Any = None
+
+
+@dataclass
+class FakeLora:
+    lora_name: str
+    lora_path: str
 
 
 @dataclass
@@ -47,9 +56,17 @@ def consumer(tp: int = 1) -> PDServeScheduler:
     return PDServeScheduler(settings, BLOCK, tp, KEY)
 
 
-def producer() -> PDServeScheduler:
+def producer(num_blocks: int = 1000) -> PDServeScheduler:
     settings = Settings(role="producer", model="m", kv_ports=[7001])
-    return PDServeScheduler(settings, BLOCK, 1, PRODUCER_KEY)
+    return PDServeScheduler(settings, BLOCK, 1, PRODUCER_KEY, num_blocks=num_blocks)
+
+
+def finished_prefill(rid: str = "prod-1", **fields) -> FakeRequest:
+    req = request({DO_REMOTE_DECODE: True}, rid=rid)
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    for name, value in fields.items():
+        setattr(req, name, value)
+    return req
 
 
 def lease(prompt=PROMPT, blocks=(11, 12, 13, 14), **changes) -> Lease:
@@ -230,6 +247,74 @@ def test_producer_leases_finished_prefills():
     assert grant.block_ids == [11, 12, 13, 14]
 
 
+def test_leased_blocks_are_capped_and_freed_when_leases_end():
+    """Anyone reaching a producer must not pin all its KV: past the cap a
+    prefill is answered without a lease (the consumer prefills locally)."""
+    sched = producer(num_blocks=16)  # cap: 8 blocks
+    assert sched.request_finished(finished_prefill("a"), [1, 2, 3, 4])[0]
+    assert sched.request_finished(finished_prefill("b"), [5, 6, 7, 8])[0]
+    assert sched.request_finished(finished_prefill("c"), [9]) == (
+        False,
+        {"pdserve_refused": "lease_cap"},
+    )
+
+    sched.update_connector_output(Output(set(), finished_sending={"a"}))
+    assert sched.request_finished(finished_prefill("c"), [9])[0]
+
+
+def test_no_lease_is_issued_that_its_consumer_could_not_take():
+    """A 300-character request id (a client's X-Request-Id on a producer
+    called directly) would give a lease the consumer cannot parse, pinned
+    until it expired: none is issued, the blocks are freed at once."""
+    sched = producer()
+    assert sched.request_finished(finished_prefill("x" * 300), [1, 2]) == (
+        False,
+        {"pdserve_refused": "unleasable"},
+    )
+    assert sched.build_connector_meta(None).grants == []
+    assert sched.request_finished(finished_prefill("ok"), [1, 2])[0]
+
+
+def test_multimodal_prefills_are_never_leased():
+    """Placeholder ids are the same for any image of a size: the token ids
+    cannot tell whose KV it is."""
+    sched = producer()
+    assert sched.request_finished(finished_prefill(mm_features=[object()]), [1]) == (
+        False,
+        {"pdserve_refused": "multimodal"},
+    )
+
+
+def test_consumer_refuses_leases_for_inputs_the_fingerprint_does_not_cover():
+    sched = consumer()
+    req = request(signed_params())
+    req.mm_features = [object()]
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert sched.build_connector_meta(None).releases == [
+        lease().signed(KEY, "10.0.0.1")
+    ]
+
+
+def test_lease_covers_the_lora_adapter():
+    """The same tokens under another adapter have other KV: refused."""
+    sched = producer()
+    lora = FakeLora("sql", "/adapters/sql")
+    _, params = sched.request_finished(finished_prefill(lora_request=lora), [1, 2])
+    issued = Lease.from_params(params)
+    assert issued.prompt_hash == prompt_hash(PROMPT, "sql\0/adapters/sql")
+    assert issued.prompt_hash != prompt_hash(PROMPT)
+
+    sched = consumer()
+    other = FakeLora("sql", "/elsewhere/sql")
+    signed = lease(prompt_hash=issued.prompt_hash).signed(KEY, "10.0.0.1")
+    req = request(signed.to_params())
+    req.lora_request = other
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    req = request(signed.to_params(), rid="req-2")
+    req.lora_request = lora
+    assert sched.get_num_new_matched_tokens(req, 0) == (50, True)
+
+
 @pytest.mark.parametrize(
     "params", [{"do_remote_decode": "yes"}, {"do_remote_decode": 1}, None, [], "x"]
 )
@@ -343,6 +428,30 @@ def test_ttft_phases_are_measured():
     assert len(data["ttft_first_token_seconds"]) == 1
 
 
+def test_requests_aborted_during_their_pull_leave_no_phase_behind(monkeypatch):
+    """Each request aborted while its KV was pulled used to leave an entry:
+    once the table was full, no first-token phase was recorded again."""
+    from pdserve.connector import phases
+
+    monkeypatch.setattr(phases, "MAX_TRACKED", 4)
+    cons = consumer()
+    for i in range(6):
+        req = request(signed_params(), rid=f"gone-{i}")
+        cons.get_num_new_matched_tokens(req, 0)
+        cons.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 50)
+        cons.build_connector_meta(Scheduled({}))
+        cons.request_finished(req, [1, 2, 3, 4])  # aborted mid-pull
+        cons.update_connector_output(Output({f"gone-{i}"}))  # its pull ends
+    req = request(signed_params(), rid="kept")
+    cons.get_num_new_matched_tokens(req, 0)
+    cons.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 50)
+    cons.build_connector_meta(Scheduled({}))
+    cons.update_connector_output(Output({"kept"}))
+    cons.build_connector_meta(Scheduled({"kept": 1}))
+    cons.build_connector_meta(Scheduled({"kept": 1}))
+    assert len(cons.take_stats().data["ttft_first_token_seconds"]) == 1
+
+
 @dataclass
 class Scheduled:
     num_scheduled_tokens: dict
@@ -351,3 +460,4 @@ class Scheduled:
 @dataclass
 class Output:
     finished_recving: set
+    finished_sending: set = field(default_factory=set)

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from pdserve.connector.leases import LeaseTable
+from pdserve.connector.metadata import LoadSpec
 from pdserve.lease import Lease
+from pdserve.pairings import PairingTarget
+from tests.eventually import eventually
 from tests.unit.side_channel import (
     EPOCH,
     NUM_BLOCKS,
@@ -25,6 +28,7 @@ from tests.unit.side_channel import (
     only_pair,
     only_peer,
     paged_kv,
+    pair_with,
     paired_rank,
     pump,
     run_load,
@@ -262,8 +266,19 @@ def test_restarted_producer_is_a_new_producer(closing):
     assert "unknown lease" in run_load(rank, new, old_lease, [2])
     assert only_peer(rank).epoch == "old"  # a dead instance's lease changes nothing
 
-    new_lease = make_lease("b", [6, 7], port, node_key=b"2" * 32, epoch="new")
-    new.leases.grant("b", [6, 7], new_lease.prompt_hash)
+    # The new instance's first lease is not waited for: recomputed, and the
+    # pairing starts in the background.
+    first = make_lease("b", [6, 7], port, node_key=b"2" * 32, epoch="new")
+    new.leases.grant("b", [6, 7], first.prompt_hash)
+    assert "not paired yet" in run_load(rank, new, first, [3, 4])
+    eventually(
+        lambda: only_peer(rank).epoch == "new",
+        10,
+        "pairing with the new instance",
+        step=lambda: rank.start([], [], []),
+    )
+    new_lease = make_lease("c", [6, 7], port, node_key=b"2" * 32, epoch="new")
+    new.leases.grant("c", [6, 7], new_lease.prompt_hash)
     assert run_load(rank, new, new_lease, [3, 4]) is None
     assert only_peer(rank).epoch == "new"
     assert blocks_equal(new.kv, [6, 7], consumer, [3, 4])
@@ -315,6 +330,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     # Back on the same port (same instance, here): paired again, then read.
     again = start_server(producer, port=port)
     closing(again)
+    pair_with(rank, port)
     lease = make_lease("a", [3, 5], port)
     again.leases.grant("a", [3, 5], lease.prompt_hash)
     consumer = rank.kv
@@ -365,6 +381,7 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     a.leases.grant("x", [2, 3], lease_a.prompt_hash)
     b.leases.grant("y", [4, 5], lease_b.prompt_hash)
     assert run_load(rank, a, lease_a, [10, 11]) is None
+    pair_with(rank, b.port, "b")
     assert run_load(rank, b, lease_b, [12, 13]) is None
     assert sorted(peer.epoch for peer in rank.peers.values()) == ["a", "b"]
     assert blocks_equal(first, [2, 3], rank.kv, [10, 11])
@@ -382,8 +399,9 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
 
 
 def test_producer_that_is_down_fails_fast_and_is_not_retried_at_once(closing):
-    """A lease naming a producer nobody answers for: the load fails within
-    the pairing bound, and the next one fails at once (backoff)."""
+    """A lease naming a producer nobody answers for: the load fails at once
+    (the pairing runs in the background and fails), and after that failure
+    the next one fails at once without a new attempt (backoff)."""
     import socket
 
     _, server, rank = paired_rank(closing)
@@ -391,11 +409,33 @@ def test_producer_that_is_down_fails_fast_and_is_not_retried_at_once(closing):
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
     lease = make_lease("d", [1], dead_port, epoch="gone")
-    started = time.monotonic()
-    assert "producer unusable" in run_load(rank, server, lease, [1])
+    target = PairingTarget("127.0.0.1", (dead_port,), "gone")
+    assert "not paired yet" in run_load(rank, server, lease, [1])
+    eventually(lambda: rank.pairer.failed_recently(target), 5, "the attempt to fail")
     assert "failed recently" in run_load(rank, server, lease, [2])
-    assert time.monotonic() - started < 5
+    assert not rank.pairer.want(target)  # still backing off
     assert len(rank.peers) == 1
+
+
+def test_pairing_never_holds_the_engine_thread(closing):
+    """A producer that accepts connections and never answers (hung, or a
+    slow NCCL setup): leases naming it cost the engine's step nothing, each
+    one is recomputed at once while the pairing waits on its own thread."""
+    import socket
+
+    _, server, rank = paired_rank(closing)
+    hung = socket.create_server(("127.0.0.1", 0))
+    closing(hung)
+    port = hung.getsockname()[1]
+    for i in range(3):
+        lease = make_lease(f"h{i}", [1], port, epoch="hung")
+        started = time.monotonic()
+        rank.start([LoadSpec(f"c-h{i}", lease, [1], [i + 1])], [], [])
+        assert time.monotonic() - started < 0.1
+        done, failed = rank.take_done()
+        assert done == {f"c-h{i}"} and failed == {i + 1}
+    assert "not paired yet" in rank.last_error
+    assert rank.stats.data["kv_load_failures"] == 3
 
 
 def test_lease_of_a_producer_that_cannot_be_paired_is_released(closing):
