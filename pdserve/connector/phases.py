@@ -14,6 +14,7 @@ run).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,8 +28,11 @@ MAX_TRACKED = 1 << 16
 
 
 class PhaseClock:
-    def __init__(self, stats: PDServeStats) -> None:
+    def __init__(
+        self, stats: PDServeStats, clock: Callable[[], float] = time.time
+    ) -> None:
         self.stats = stats
+        self._now = clock
         self._first_scheduled: dict[str, float] = {}
         # Consumer: requests whose pull was scheduled and not yet done (only
         # those are tracked further: a pull reported done for a request
@@ -39,7 +43,7 @@ class PhaseClock:
 
     def step(self, scheduler_output: SchedulerOutput) -> None:
         """Called as each step is scheduled (build_connector_meta)."""
-        now = time.time()
+        now = self._now()
         # Requests whose first-token step was scheduled last time: it has run.
         for loaded_at in self._computing.values():
             self.stats.observe("ttft_first_token_seconds", now - loaded_at)
@@ -55,7 +59,7 @@ class PhaseClock:
 
     def producer_phases(self, request_id: str, arrival: float) -> tuple[float, float]:
         """(queue, prefill) seconds of a finished prefill."""
-        now = time.time()
+        now = self._now()
         scheduled = self._first_scheduled.pop(request_id, now)
         return max(0.0, scheduled - arrival), max(0.0, now - scheduled)
 
@@ -69,14 +73,14 @@ class PhaseClock:
 
     def pull_scheduled(self, request_id: str, arrival: float) -> float:
         """The pull of a request was scheduled now; returns now."""
-        now = time.time()
+        now = self._now()
         self.stats.observe("ttft_consumer_queue_seconds", max(0.0, now - arrival))
         if len(self._pulling) < MAX_TRACKED:
             self._pulling.add(request_id)
         return now
 
     def pulls_done(self, request_ids: set[str] | None) -> None:
-        now = time.time()
+        now = self._now()
         for request_id in request_ids or ():
             if request_id in self._pulling:
                 self._pulling.discard(request_id)

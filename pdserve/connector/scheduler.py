@@ -13,6 +13,7 @@ escapes into vLLM's scheduler (it would take the engine down).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,6 +79,7 @@ class PDServeScheduler:
         tp_size: int,
         node_key: bytes,
         num_blocks: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.block_size = block_size
@@ -91,7 +93,7 @@ class PDServeScheduler:
         self.lease_cap_blocks = int(settings.max_leased_fraction * num_blocks)
         self._meta = PDServeMetadata()
         self._stats = PDServeStats()
-        self._clock = PhaseClock(self._stats)
+        self._clock = PhaseClock(self._stats, clock)
 
     # ---- consumer ----
 
@@ -245,11 +247,15 @@ class PDServeScheduler:
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params
-        self._clock.forget(request.request_id)
-        if self.settings.role == "consumer":
-            self._consumer_finished(request, params)
-            return False, None
-        return self._producer_finished(request, list(block_ids), params)
+        try:
+            if self.settings.role == "consumer":
+                self._consumer_finished(request, params)
+                return False, None
+            return self._producer_finished(request, list(block_ids), params)
+        finally:
+            # After the lease took its phases (forgetting first read 0 s of
+            # prefill and put it all in the queue).
+            self._clock.forget(request.request_id)
 
     def _producer_finished(
         self, request: Request, block_ids: list[int], params: object

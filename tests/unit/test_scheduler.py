@@ -56,9 +56,11 @@ def consumer(tp: int = 1) -> PDServeScheduler:
     return PDServeScheduler(settings, BLOCK, tp, KEY)
 
 
-def producer(num_blocks: int = 1000) -> PDServeScheduler:
+def producer(num_blocks: int = 1000, clock=time.time) -> PDServeScheduler:
     settings = Settings(role="producer", model="m", kv_ports=[7001])
-    return PDServeScheduler(settings, BLOCK, 1, PRODUCER_KEY, num_blocks=num_blocks)
+    return PDServeScheduler(
+        settings, BLOCK, 1, PRODUCER_KEY, num_blocks=num_blocks, clock=clock
+    )
 
 
 def finished_prefill(rid: str = "prod-1", **fields) -> FakeRequest:
@@ -403,14 +405,16 @@ def test_error_while_scheduling_a_pull_fails_it_instead_of_hanging():
 def test_ttft_phases_are_measured():
     """Producer: queue and prefill ride in the lease. Consumer: queue, and
     the first-token step after the pull."""
-    prod = producer()
+    now = [1000.0]
+    prod = producer(clock=lambda: now[0])
     req = request({DO_REMOTE_DECODE: True}, rid="prod-1")
-    req.arrival_time = time.time() - 0.5
+    req.arrival_time = 999.5
     prod.build_connector_meta(Scheduled({"prod-1": 50}))
+    now[0] += 0.05  # the prefill's forward
     req.status = RequestStatus.FINISHED_LENGTH_CAPPED
     issued = Lease.from_params(prod.request_finished(req, [11, 12, 13, 14])[1])
-    assert 0.4 < issued.producer_queue_seconds < 1.0
-    assert issued.producer_prefill_seconds < 0.5
+    assert issued.producer_queue_seconds == pytest.approx(0.5)
+    assert issued.producer_prefill_seconds == pytest.approx(0.05)
 
     cons = consumer()
     creq = request(signed_params())
