@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -47,6 +48,45 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Digest = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
+# Non-finite logprobs (a token masked to -inf) have no JSON number form.
+NonFinite = Literal["inf", "-inf", "nan"]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
+# vLLM caps logprobs per token (--max-logprobs, 20 by default); a row wider
+# than this is refused rather than carried.
+MAX_LOGPROBS_ROW = 1025
+
+
+class LogprobsRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The producer engine's logprobs of its first token, as vLLM's sampler
+    gave them (its ``LogprobsLists`` row): the sampled token first, then the
+    top ones; float32 values round-trip exactly through JSON."""
+
+    token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_LOGPROBS_ROW)]
+    logprobs: Annotated[
+        list[float | NonFinite], msgspec.Meta(max_length=MAX_LOGPROBS_ROW)
+    ]
+    rank: Annotated[int, msgspec.Meta(ge=0)]
+
+    @classmethod
+    def of(cls, token_ids: list[int], logprobs: list[float], rank: int) -> LogprobsRow:
+        return cls(list(token_ids), [_finite_or_name(v) for v in logprobs], rank)
+
+    def values(self) -> list[float]:
+        return [float(v) for v in self.logprobs]
+
+
+def _finite_or_name(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+class FirstToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The token the producer sampled after the prompt: the consumer emits it
+    as the request's first output and continues from it."""
+
+    token_id: TokenId
+    logprobs: LogprobsRow | None = None
+
+
 class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """KV blocks a producer holds for one consumer request."""
 
@@ -62,13 +102,20 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_prompt_tokens: Annotated[int, msgspec.Meta(ge=1)]
     # One side-channel port per producer TP rank.
     kv_ports: Annotated[list[Port], msgspec.Meta(min_length=1, max_length=MAX_PORTS)]
-    # Where the producer's part of the time to first token went.
+    # Where the producer's part of the time to first token went, and when
+    # (wall clock) it issued the lease: the answer's way back is timed from it.
     producer_queue_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     producer_prefill_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    issued_at: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # The producer's first output token (and its logprobs, when asked).
+    first_token: FirstToken | None = None
     # Where the consumer reaches the producer's KV ports (an IP address):
     # set by the consumer's HTTP layer, which chose the producer, before it
     # signs; whatever a producer puts here is replaced.
     kv_host: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] = ""
+    # When (wall clock) the consumer's HTTP layer handed the request to its
+    # own vLLM: the engine times its frontend from it. Set before signing.
+    handed_at: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # The consumer's MAC; empty until its HTTP layer adds it.
     mac: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
@@ -96,9 +143,11 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     # ---- the consumer's MAC ----
 
-    def signed(self, key: bytes, kv_host: str) -> Lease:
+    def signed(self, key: bytes, kv_host: str, handed_at: float = 0.0) -> Lease:
         """This consumer's lease: the producer's, read at ``kv_host``."""
-        lease = msgspec.structs.replace(self, kv_host=kv_host, mac="")
+        lease = msgspec.structs.replace(
+            self, kv_host=kv_host, handed_at=handed_at, mac=""
+        )
         return msgspec.structs.replace(lease, mac=lease._mac(key))
 
     def verified(self, key: bytes) -> bool:

@@ -27,6 +27,7 @@ from pdserve.connector.stats import PDServeStats
 from pdserve.fingerprint import kv_fingerprint, uncovered
 from pdserve.lease import (
     DO_REMOTE_PREFILL,
+    FirstToken,
     Lease,
     lease_token,
     refusal,
@@ -93,6 +94,7 @@ class PDServeScheduler:
         self.lease_cap_blocks = int(settings.max_leased_fraction * num_blocks)
         self._meta = PDServeMetadata()
         self._stats = PDServeStats()
+        self._now = clock
         self._clock = PhaseClock(self._stats, clock)
 
     # ---- consumer ----
@@ -126,6 +128,7 @@ class PDServeScheduler:
         lease = self._signed_lease(params)
         if lease is None:
             return None
+        self._clock.arrived(request.request_id, lease.handed_at)
         if (reason := uncovered(request)) is not None:
             logger.warning(
                 "Request %s: leased KV cannot be checked against its inputs (%s); "
@@ -153,6 +156,38 @@ class PDServeScheduler:
             return None
         pending = self._pending[request.request_id] = _Pending(lease)
         return pending
+
+    def first_token_of(self, request: Request) -> FirstToken | str | None:
+        """The producer's first token for ``request``, if its lease is one
+        this node signed, for exactly this request's inputs, and carries one;
+        else why not (a reason), or None when the request has no lease. Reads
+        the lease without deciding it: loading it is decided as usual."""
+        params = request.kv_transfer_params
+        if not isinstance(params, dict) or not params.get(DO_REMOTE_PREFILL):
+            return None
+        lease = Lease.from_params(params)
+        if lease is None or not lease.verified(self._key):
+            return "lease_refused"
+        self._clock.arrived(request.request_id, lease.handed_at)
+        if (reason := uncovered(request)) is not None:
+            return reason
+        if lease.prompt_hash != kv_fingerprint(request) or self._inconsistent(
+            lease, list(request.prompt_token_ids or ())
+        ):
+            return "lease_refused"
+        if lease.first_token is None:
+            return "no_first_token"
+        return lease.first_token
+
+    def first_token_emitted(self, request_id: str, arrived_at: float) -> None:
+        self._clock.first_token_emitted(request_id, arrived_at)
+
+    def count_first_token(self, fallback: str | None) -> None:
+        """One leased request's first token: the producer's, or why not."""
+        if fallback is None:
+            self._stats.add("first_tokens_from_producer")
+        else:
+            self._stats.add_labeled("first_token_fallbacks", fallback)
 
     def _signed_lease(self, params: dict) -> Lease | None:
         """The lease this consumer's HTTP layer signed, or None (counted)."""
@@ -313,6 +348,7 @@ class PDServeScheduler:
         queue, prefill = self._clock.producer_phases(
             request.request_id, request.arrival_time
         )
+        outputs = list(request.output_token_ids)
         try:
             lease = Lease(
                 request_id=request.request_id,
@@ -324,6 +360,8 @@ class PDServeScheduler:
                 kv_ports=list(self.settings.kv_ports),
                 producer_queue_seconds=queue,
                 producer_prefill_seconds=prefill,
+                issued_at=self._now(),
+                first_token=FirstToken(outputs[0]) if outputs else None,
             )
             return Lease.checked(lease)
         except msgspec.ValidationError as exc:

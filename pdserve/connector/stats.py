@@ -29,6 +29,18 @@ COUNTERS = {
     "request id past the lease's bounds.",
     "kv_reads_refused": "Reads refused: unknown or ended lease, bad block ids.",
     "kv_connector_errors": "Unexpected connector errors (prompt prefilled locally).",
+    "first_tokens_from_producer": "Requests whose first token the consumer emitted "
+    "from the producer's lease (no consumer forward before it).",
+}
+
+# Counters with one label: name -> (label, help).
+LABELED_COUNTERS = {
+    "first_token_fallbacks": (
+        "reason",
+        "Leased requests that took the path where the consumer computes the first "
+        "token itself, by reason (a feature the model runner cannot continue from "
+        "the producer's token exactly, no first token in the lease, ...).",
+    ),
 }
 
 
@@ -43,9 +55,25 @@ HISTOGRAMS = {
     "ttft_transfer_copy_seconds": "TTFT phase: producer's answer to the KV in "
     "the consumer's blocks.",
     "ttft_first_token_seconds": "TTFT phase: KV in place to the consumer's "
-    "first-token step done.",
+    "first-token step done (requests whose first token the consumer computes).",
+    "ttft_consumer_frontend_in_seconds": "TTFT phase: the consumer's HTTP layer "
+    "handing the leased request to its vLLM handler, to the request reaching the "
+    "engine (the handler's render and tokenization, the hop to the engine core).",
+    "ttft_consumer_admission_seconds": "TTFT phase: the request reaching the "
+    "consumer engine to the producer's first token emitted (engine steps before "
+    "its admission).",
 }
+
+# Counts of consumer engine steps per request (a step: one schedule() call).
+STEP_HISTOGRAMS = {
+    "engine_steps_to_first_token": "Consumer engine steps from a leased request's "
+    "arrival in the engine to its first token's output.",
+    "engine_steps_to_second_token": "Consumer engine steps from a leased request's "
+    "arrival in the engine to its second token's output.",
+}
+STEP_BUCKETS = [0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 50]
 BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+_HISTOGRAM_TABLES = ((HISTOGRAMS, BUCKETS), (STEP_HISTOGRAMS, STEP_BUCKETS))
 
 
 @dataclass
@@ -55,10 +83,18 @@ class PDServeStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {name: 0 for name in COUNTERS} | {name: [] for name in HISTOGRAMS}
+        self.data = (
+            {name: 0 for name in COUNTERS}
+            | {name: {} for name in LABELED_COUNTERS}
+            | {name: [] for name in (*HISTOGRAMS, *STEP_HISTOGRAMS)}
+        )
 
     def add(self, name: str, value: int = 1) -> None:
         self.data[name] += value
+
+    def add_labeled(self, name: str, label: str, value: int = 1) -> None:
+        counts = self.data[name]
+        counts[label] = counts.get(label, 0) + value
 
     def observe(self, name: str, seconds: float) -> None:
         self.data[name].append(seconds)
@@ -66,19 +102,25 @@ class PDServeStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> PDServeStats:
         for name in COUNTERS:
             self.data[name] += other.data.get(name, 0)
-        for name in HISTOGRAMS:
+        for name in LABELED_COUNTERS:
+            for label, value in other.data.get(name, {}).items():
+                self.add_labeled(name, label, value)
+        for name in (*HISTOGRAMS, *STEP_HISTOGRAMS):
             self.data[name] += other.data.get(name, [])
         return self
 
     def reduce(self) -> dict[str, int | float]:
         reduced: dict[str, int | float] = {n: self.data[n] for n in COUNTERS}
-        for name in HISTOGRAMS:
+        for name in LABELED_COUNTERS:
+            reduced[name] = sum(self.data[name].values())
+        for name in (*HISTOGRAMS, *STEP_HISTOGRAMS):
             values = self.data[name]
             reduced[name + "_avg"] = sum(values) / len(values) if values else 0
         return reduced
 
     def is_empty(self) -> bool:
-        return not any(self.data[name] for name in (*COUNTERS, *HISTOGRAMS))
+        names = (*COUNTERS, *LABELED_COUNTERS, *HISTOGRAMS, *STEP_HISTOGRAMS)
+        return not any(self.data[name] for name in names)
 
     def take(self) -> PDServeStats | None:
         """Hand over what was collected since the last call, or None."""
@@ -107,23 +149,40 @@ class PDServePromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in COUNTERS.items()
         }
+        self.labeled = {
+            name: self._counter_cls(
+                name=f"pdserve:{name}",
+                documentation=doc,
+                labelnames=[*labelnames, label],
+            )
+            for name, (label, doc) in LABELED_COUNTERS.items()
+        }
+        self._engine_labels = per_engine_labelvalues
         self.histograms = {
             name: create_metric_per_engine(
                 self._histogram_cls(
                     name=f"pdserve:{name}",
                     documentation=doc,
-                    buckets=BUCKETS,
+                    buckets=buckets,
                     labelnames=labelnames,
                 ),
                 per_engine_labelvalues,
             )
-            for name, doc in HISTOGRAMS.items()
+            for table, buckets in (
+                (HISTOGRAMS, BUCKETS),
+                (STEP_HISTOGRAMS, STEP_BUCKETS),
+            )
+            for name, doc in table.items()
         }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, counter in self.counters.items():
             if value := transfer_stats_data.get(name, 0):
                 counter[engine_idx].inc(value)
+        for name, counter in self.labeled.items():
+            for label, value in transfer_stats_data.get(name, {}).items():
+                engine = self._engine_labels[engine_idx]
+                counter.labels(*engine, label).inc(value)
         for name, histogram in self.histograms.items():
-            for seconds in transfer_stats_data.get(name, []):
-                histogram[engine_idx].observe(seconds)
+            for value in transfer_stats_data.get(name, []):
+                histogram[engine_idx].observe(value)

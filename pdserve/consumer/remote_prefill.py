@@ -50,7 +50,11 @@ def local_reason(path: str, payload: Any) -> str | None:
 
 def prefill_body(path: str, payload: dict[str, Any]) -> dict[str, Any]:
     body = copy.deepcopy(payload)
-    body.update(max_tokens=1, min_tokens=0, stream=False, n=1)
+    # The producer's token is the request's first: sampled under the
+    # client's own rules (min_tokens 1 keeps EOS out of it if asked).
+    min_tokens = payload.get("min_tokens")
+    first_min = min(min_tokens, 1) if isinstance(min_tokens, int) else 0
+    body.update(max_tokens=1, min_tokens=max(first_min, 0), stream=False, n=1)
     if path.endswith("/chat/completions"):
         body["max_completion_tokens"] = 1
     body.pop("stream_options", None)

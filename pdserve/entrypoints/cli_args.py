@@ -22,6 +22,9 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16"}
 CONNECTOR_MODULE = "pdserve.connector.connector"
 CONNECTOR_CLASS = "PDServeConnector"
 MIDDLEWARE = "pdserve.entrypoints.middleware.PDServeMiddleware"
+# The first token from the producer needs a scheduler hook (connector/
+# first_token.py): on both nodes (the producer puts t1's logprobs in leases).
+SCHEDULER_CLS = "pdserve.connector.first_token.make_scheduler"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +193,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
+def _flag_given(args: list[str], flag: str) -> bool:
+    """Whether ``flag`` is among ``args`` (``--flag value`` or ``--flag=v``,
+    dashes or underscores)."""
+    wanted = flag.replace("_", "-")
+    return any(normalize_flag(a).split("=", 1)[0] == wanted for a in args)
+
+
 def producer_urls(given: list[str]) -> list[str]:
     """Every --producer-url, commas split, blanks and repeats dropped."""
     urls: list[str] = []
@@ -245,6 +255,8 @@ def vllm_serve_args(
     if args.max_model_len is not None:
         serve += ["--max-model-len", str(args.max_model_len)]
     serve += list(rest)
+    if not _flag_given(rest, "--scheduler-cls"):
+        serve += ["--scheduler-cls", SCHEDULER_CLS]
     serve += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
     serve += ["--middleware", MIDDLEWARE]
     return serve

@@ -120,7 +120,9 @@ def test_prefill_body_for_completions():
     payload = completion_payload()
     body = prefill_body(COMPLETIONS, payload)
     assert body["max_tokens"] == 1
-    assert body["min_tokens"] == 0
+    # The producer's token is the first output: EOS stays out of it when
+    # the client asked for at least one token.
+    assert body["min_tokens"] == 1
     assert body["n"] == 1
     assert body["stream"] is False
     assert "stream_options" not in body

@@ -35,6 +35,8 @@ class FakeRequest:
     mm_features: list = field(default_factory=list)
     prompt_embeds: Any = None
     lora_request: Any = None
+    # A finished prefill has sampled its first token.
+    output_token_ids: list = field(default_factory=lambda: [7])
 
 
 @dataclass

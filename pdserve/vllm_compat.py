@@ -1,0 +1,50 @@
+"""The vLLM internals pdserve relies on that differ between the versions it
+supports (0.25 – 0.32), in one place, each with the versions it serves.
+
+Everything else pdserve uses of vLLM is the same across that range (checked
+against the 0.25.0 and 0.32.0 sources); a version outside it is refused at
+startup by the extras' pins, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUPPORTED = ("0.25", "0.32")
+
+# The Scheduler method deciding whether a blocked waiting request (waiting
+# for its KV, its grammar or more input) may be scheduled this step:
+# 0.26 – 0.32 name it ``_handle_blocked_waiting_request``; 0.25
+# ``_try_promote_blocked_waiting_request``. Both take the request and
+# return True to schedule it now.
+BLOCKED_WAITING_HOOKS = (
+    "_handle_blocked_waiting_request",
+    "_try_promote_blocked_waiting_request",
+)
+
+
+def blocked_waiting_hook(scheduler_cls: type) -> str:
+    for name in BLOCKED_WAITING_HOOKS:
+        if hasattr(scheduler_cls, name):
+            return name
+    raise RuntimeError(
+        "this vLLM's scheduler has none of "
+        f"{', '.join(BLOCKED_WAITING_HOOKS)}: unsupported version"
+    )
+
+
+def finalize_prefill_stats(stats: Any, scheduler: Any, request: Any) -> Any:
+    """A first output's prefill stats as the scheduler would send them:
+    0.32 finalizes them with the cached tokens it estimates; 0.25 sends them
+    as they are."""
+    finalize = getattr(stats, "finalize", None)
+    if stats is not None and finalize is not None:
+        finalize(scheduler.kv_cache_manager.estimate_cached_tokens(request))
+    return stats
+
+
+def uses_v2_model_runner(vllm_config: Any) -> bool:
+    """Whether the workers run vLLM's V2 model runner (its GPU default where
+    Triton is available; the CPU build runs V1). The property exists from
+    0.25 on; a vLLM without it runs V1."""
+    return bool(getattr(vllm_config, "use_v2_model_runner", False))
