@@ -320,7 +320,8 @@ def _blocked_hook(base: type) -> Any:
 
 def _build(base: type) -> type:
     name, hook = _blocked_hook(base)
-    return type(f"PDServe{base.__name__}", (FirstTokenMixin, base), {name: hook})
+    body = {name: hook, "__module__": __name__}
+    return type(f"PDServe{base.__name__}", (FirstTokenMixin, base), body)
 
 
 SCHEDULERS = {base: _build(base) for base in (Scheduler, AsyncScheduler)}
