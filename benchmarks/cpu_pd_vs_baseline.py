@@ -71,19 +71,25 @@ def stream(url: str, prompt: list[int], max_tokens: int) -> dict[str, float]:
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,
+            "return_token_ids": True,
         }
     )
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200, response.read()
+    # When each token reached us: a chunk may carry several (vLLM merges a
+    # stream's pending tokens when its reader is behind).
     tokens: list[float] = []
     for raw in response:
         line = raw.strip()
         if line.startswith(b"data:") and not line.endswith(b"[DONE]"):
-            tokens.append(time.perf_counter() - start)
+            now = time.perf_counter() - start
+            (choice,) = json.loads(line.removeprefix(b"data:"))["choices"]
+            tokens += [now] * len(choice.get("token_ids") or ())
     end = time.perf_counter() - start
     conn.close()
+    assert len(tokens) == max_tokens, f"{len(tokens)} tokens of {max_tokens}"
     return {"ttft": tokens[0], "gap12": tokens[1] - tokens[0], "e2e": end}
 
 

@@ -33,6 +33,22 @@ def blocked_waiting_hook(scheduler_cls: type) -> str:
     )
 
 
+def accept_output_tokens(scheduler: Any, request: Any, token_ids: list[int]) -> bool:
+    """Advance a request's grammar with output tokens just appended, as the
+    scheduler's update_from_output does; False if the grammar rejects them.
+    0.32: ``StructuredOutputManager.accept_tokens``. 0.25: ``should_advance``
+    (reasoning), ``trim_reasoning_for_advance``, then the grammar's own
+    ``accept_tokens(request_id, tokens)``."""
+    manager = scheduler.structured_output_manager
+    if hasattr(manager, "accept_tokens"):
+        return bool(manager.accept_tokens(request, token_ids))
+    if not manager.should_advance(request):
+        return True
+    tokens = manager.trim_reasoning_for_advance(request, token_ids)
+    grammar = request.structured_output_request.grammar
+    return not tokens or bool(grammar.accept_tokens(request.request_id, tokens))
+
+
 def finalize_prefill_stats(stats: Any, scheduler: Any, request: Any) -> Any:
     """A first output's prefill stats as the scheduler would send them:
     0.32 finalizes them with the cached tokens it estimates; 0.25 sends them

@@ -158,7 +158,7 @@ class FirstTokenMixin:
         waiting_status = request.status
         request.append_output_token_ids(token_id)
         stopped = check_stop(request, self.max_model_len)
-        if not self.structured_output_manager.accept_tokens(request, [token_id]):
+        if not vllm_compat.accept_output_tokens(self, request, [token_id]):
             logger.error(
                 "pdserve: the grammar of %s rejected the producer's first token "
                 "%d (do both nodes have the same structured-output backend?)",

@@ -125,6 +125,30 @@ class BlockCopier:
         self._dst_stride = table([d.block_stride for d in dst])
         self.num_layers = len(src)
 
+    def _args(self, src_blocks: torch.Tensor, dst_blocks: torch.Tensor) -> tuple:
+        return (
+            self._base,
+            self._src_seg,
+            self._dst_seg,
+            self._src_stride,
+            self._dst_stride,
+            src_blocks,
+            dst_blocks,
+            len(src_blocks),
+            self.num_segments,
+            self.segment_bytes // self.word,
+        )
+
+    def warmup(self) -> None:
+        """Compile the kernel for this pair of caches now (at pairing), not
+        on the first reads: Triton compiles on first launch, milliseconds
+        each, inside a request's time to first token."""
+        if self._base.device.type != "cuda":
+            return  # the CPU interpreter compiles nothing
+        one = block_ids_on([0], self._base.device)
+        with torch.cuda.device(self._base.device):
+            _kernel().warmup(*self._args(one, one), TILE=TILE_WORDS, grid=(1,))
+
     def copy(
         self,
         src_blocks: torch.Tensor,
@@ -140,23 +164,24 @@ class BlockCopier:
         seg_words = self.segment_bytes // self.word
         grid = (rows, -(-seg_words // TILE_WORDS))
         kernel = _kernel()
-        args = (
-            self._base,
-            self._src_seg,
-            self._dst_seg,
-            self._src_stride,
-            self._dst_stride,
-            src_blocks,
-            dst_blocks,
-            pairs,
-            self.num_segments,
-            seg_words,
-        )
+        args = self._args(src_blocks, dst_blocks)
         if stream is None or self._base.device.type != "cuda":
             kernel[grid](*args, TILE=TILE_WORDS)
             return
         with torch.cuda.device(self._base.device), torch.cuda.stream(stream):
             kernel[grid](*args, TILE=TILE_WORDS)
+
+
+def block_ids_on(ids: list[int] | range, device: torch.device) -> torch.Tensor:
+    """``ids`` as an int64 tensor on ``device``, uploaded without blocking
+    the host: from pinned memory, asynchronously on the current stream (a
+    pageable upload would wait for whatever the GPU runs now, e.g. the
+    engine's forward). Torch's pinned-memory cache keeps the buffer until
+    the copy is done."""
+    host = torch.tensor(list(ids), dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _word_size(base: int, layouts: list[BlockLayout]) -> int:
@@ -188,7 +213,10 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # The block count varies per read; specializing on it would compile a new
+    # variant the first time a count of new divisibility comes (ms each, on
+    # the first requests): one compile, at the session's probe, serves all.
+    @triton.jit(do_not_specialize=["pairs"])
     def copy_blocks(
         base,
         src_seg,

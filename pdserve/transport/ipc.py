@@ -25,7 +25,12 @@ from pdserve.transport.base import (
     greet,
     layer_sizes,
 )
-from pdserve.transport.block_copy import BlockCopier, block_layout, staging_layouts
+from pdserve.transport.block_copy import (
+    BlockCopier,
+    block_ids_on,
+    block_layout,
+    staging_layouts,
+)
 from pdserve.transport.devices import device_pci_bus_id, device_uuid, local_index_of
 
 # How long a producer keeps blocks for a consumer that copies by itself.
@@ -97,6 +102,7 @@ class _Session:
         )
         self.stream = torch.cuda.Stream(device=kv.device)
         self._probe(kv)
+        self.copier.warmup()
 
     def _probe(self, kv: PagedKVCache) -> None:
         """Copy one block both with torch (which also enables peer access)
@@ -147,8 +153,8 @@ class _Copying(Incoming):
         # copy after whatever the engine enqueued before.
         stream.wait_stream(torch.cuda.current_stream(kv.device))
         with torch.cuda.device(kv.device), torch.cuda.stream(stream):
-            src = torch.tensor(remote_block_ids, dtype=torch.int64, device=kv.device)
-            dst = torch.tensor(local_block_ids, dtype=torch.int64, device=kv.device)
+            src = block_ids_on(remote_block_ids, kv.device)
+            dst = block_ids_on(local_block_ids, kv.device)
             session.copier.copy(src, dst, stream)
             self.done = torch.cuda.Event()
             self.done.record(stream)

@@ -54,7 +54,12 @@ from pdserve.transport.base import (
     layer_sizes,
     require_gpus,
 )
-from pdserve.transport.block_copy import BlockCopier, block_layout, staging_layouts
+from pdserve.transport.block_copy import (
+    BlockCopier,
+    block_ids_on,
+    block_layout,
+    staging_layouts,
+)
 from pdserve.transport.sessions import SessionTable
 
 logger = init_logger(__name__)
@@ -193,8 +198,8 @@ class _Session:
         self.store = None
 
 
-def _ids(block_ids: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(block_ids, dtype=torch.int64, device=device)
+def _ids(block_ids: list[int] | range, device: torch.device) -> torch.Tensor:
+    return block_ids_on(block_ids, device)
 
 
 class _Chunked:
