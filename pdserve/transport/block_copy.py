@@ -18,6 +18,10 @@ from functools import cache
 
 import torch
 
+from pdserve.log import init_logger
+
+logger = init_logger(__name__)
+
 TILE_WORDS = 1024
 
 
@@ -146,8 +150,11 @@ class BlockCopier:
         if self._base.device.type != "cuda":
             return  # the CPU interpreter compiles nothing
         one = block_ids_on([0], self._base.device)
-        with torch.cuda.device(self._base.device):
-            _kernel().warmup(*self._args(one, one), TILE=TILE_WORDS, grid=(1,))
+        try:
+            with torch.cuda.device(self._base.device):
+                _kernel().warmup(*self._args(one, one), TILE=TILE_WORDS, grid=(1,))
+        except Exception as exc:  # a Triton without warmup: compiled on first use
+            logger.info("pdserve: copy kernel not compiled ahead: %r", exc)
 
     def copy(
         self,
