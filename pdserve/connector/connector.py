@@ -16,7 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
 from pdserve.connector.metadata import PDServeMetadata
-from pdserve.connector.scheduler import PDServeScheduler
+from pdserve.connector.scheduler import SchedulerHalf, scheduler_half
 from pdserve.connector.stats import PDServePromMetrics, PDServeStats
 from pdserve.connector.worker import PDServeWorker
 from pdserve.lease import node_key
@@ -53,13 +53,12 @@ class PDServeConnector(KVConnectorBase_V1):
                 "pdserve supports models with a single KV cache group "
                 f"(full attention); this one has {len(kv_cache_config.kv_cache_groups)}"
             )
-        self._scheduler: PDServeScheduler | None = None
+        self._scheduler: SchedulerHalf | None = None
         self._worker: PDServeWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = PDServeScheduler(
+            self._scheduler = scheduler_half(
                 settings,
                 vllm_config.cache_config.block_size,
-                vllm_config.parallel_config.tensor_parallel_size,
                 node_key(),
                 num_blocks=kv_cache_config.num_blocks,
             )
@@ -72,7 +71,7 @@ class PDServeConnector(KVConnectorBase_V1):
             )
 
     @property
-    def scheduler(self) -> PDServeScheduler:
+    def scheduler(self) -> SchedulerHalf:
         assert self._scheduler is not None
         return self._scheduler
 
@@ -116,8 +115,9 @@ class PDServeConnector(KVConnectorBase_V1):
         return self.worker.take_stats()
 
     def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown()
+        for half in (self._worker, self._scheduler):
+            if half is not None:
+                half.shutdown()
 
     # ---- scheduler side ----
 

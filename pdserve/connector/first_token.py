@@ -42,6 +42,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from pdserve import vllm_compat
 from pdserve.connector import v1_runner
+from pdserve.connector.consumer_scheduler import WAIT
 from pdserve.lease import LEASE_KEY, FirstToken, LogprobsRow
 from pdserve.log import init_logger
 
@@ -68,6 +69,8 @@ class FirstTokenMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._ft_pending: dict[str, _Pending] = {}
+        # Requests admitted before their lease: their ticket has no answer.
+        self._ft_awaiting: set[str] = set()
         self._ft_outputs: list[tuple[int, EngineCoreOutput]] = []
         # V1 runner: requests whose worker gets t1 as a prompt token.
         self._ft_v1: set[str] = set()
@@ -87,6 +90,8 @@ class FirstTokenMixin:
             self._ft_arrived(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if self._ft_awaiting:
+            self._ft_answered()
         if self._ft_pending:
             self._ft_apply()
         output = super().schedule(*args, **kwargs)
@@ -111,6 +116,29 @@ class FirstTokenMixin:
         found = connector.first_token_of(request)
         if found is None:
             return  # not a leased request
+        if found is WAIT:
+            self._ft_awaiting.add(request.request_id)
+            return
+        self._ft_decide(request, found)
+
+    def _ft_answered(self) -> None:
+        """Requests whose ticket got its answer since the last step."""
+        connector = _connector_scheduler(self)
+        connector.drain_tickets()
+        for request_id in list(self._ft_awaiting):
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                self._ft_awaiting.discard(request_id)
+                continue
+            found = connector.first_token_of(request)
+            if found is WAIT:
+                continue
+            self._ft_awaiting.discard(request_id)
+            if found is not None:
+                self._ft_decide(request, found)
+
+    def _ft_decide(self, request: Request, found: FirstToken | str) -> None:
+        connector = _connector_scheduler(self)
         reason = found if isinstance(found, str) else self._ft_off
         if reason is None:
             reason = self._ft_request_fallback(request, found)

@@ -29,6 +29,8 @@ COUNTERS = {
     "request id past the lease's bounds.",
     "kv_reads_refused": "Reads refused: unknown or ended lease, bad block ids.",
     "kv_connector_errors": "Unexpected connector errors (prompt prefilled locally).",
+    "kv_tickets_expired": "Requests admitted before their lease whose answer never "
+    "came by their deadline (prefilled locally).",
     "first_tokens_from_producer": "Requests whose first token the consumer emitted "
     "from the producer's lease (no consumer forward before it).",
 }

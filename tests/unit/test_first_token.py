@@ -9,6 +9,7 @@ import copy
 import json
 import os
 
+import msgspec
 import pytest
 import torch
 from vllm.engine.arg_utils import EngineArgs
@@ -49,8 +50,8 @@ def node_key_env(monkeypatch):
     monkeypatch.setenv(NODE_KEY_ENV_VAR, "ab" * 32)
 
 
-def scheduler(model: str, async_scheduling: bool = False):
-    settings = Settings(role="consumer", model=model)
+def scheduler(model: str, async_scheduling: bool = False, run_dir: str = ""):
+    settings = Settings(role="consumer", model=model, run_dir=run_dir)
     transfer = {
         "kv_connector": "PDServeConnector",
         "kv_connector_module_path": "pdserve.connector.connector",
@@ -259,3 +260,43 @@ def test_scheduler_is_the_one_vllm_would_have_used(model):
 
     assert isinstance(scheduler(model, async_scheduling=True), AsyncScheduler)
     assert os.environ[NODE_KEY_ENV_VAR]
+
+
+def test_request_admitted_before_its_lease_emits_the_first_token_on_arrival(
+    model, tmp_path
+):
+    """The HTTP layer hands the request over with a ticket while the producer
+    prefills; the lease (and its first token) arrive through the inbox."""
+    import asyncio
+    import time
+
+    from pdserve.consumer.lease_outbox import LeaseOutbox
+    from pdserve.ticket import Delivery, Ticket
+    from tests.eventually import eventually
+
+    sched = scheduler(model, run_dir=str(tmp_path))
+    ticket = Ticket.issue(node_key(), time.time() + 60, handed_at=time.time())
+    params = SamplingParams(max_tokens=8, temperature=0)
+    params.update_from_generation_config({}, eos_token_id=2)
+    params.extra_args = {"kv_transfer_params": ticket.to_params()}
+    request = Request("r1", list(PROMPT), params, None, block_hasher=HASHER)
+    sched.add_request(request)
+    output, outputs = step(sched)
+    assert emitted(outputs) == [] and output.kv_connector_metadata.loads == []
+
+    lease = leased_request().kv_transfer_params["pdserve_lease"]
+    delivery = Delivery(ticket.id, msgspec.convert(lease, type=Lease))
+    loop = asyncio.new_event_loop()
+    outbox = LeaseOutbox(str(tmp_path))
+    assert loop.run_until_complete(outbox.send(delivery))
+
+    def arrived():
+        _, outputs = step(sched)
+        return emitted(outputs)
+
+    (first,) = eventually(arrived, 5, "the first token")
+    assert first.new_token_ids == [T1]
+    assert request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    loop.run_until_complete(outbox.close())
+    loop.close()
+    sched.connector.shutdown()

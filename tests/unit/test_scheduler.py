@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vllm.v1.request import RequestStatus
 
-from pdserve.connector.scheduler import PDServeScheduler
+from pdserve.connector.scheduler import scheduler_half
 from pdserve.lease import DO_REMOTE_DECODE, Lease, lease_token
 from pdserve.protocol import prompt_hash
 from pdserve.settings import Settings
@@ -53,15 +53,15 @@ class FakeBlocks:
         return (self.ids,)
 
 
-def consumer(tp: int = 1) -> PDServeScheduler:
+def consumer():
     settings = Settings(role="consumer", model="m")
-    return PDServeScheduler(settings, BLOCK, tp, KEY)
+    return scheduler_half(settings, BLOCK, KEY)
 
 
-def producer(num_blocks: int = 1000, clock=time.time) -> PDServeScheduler:
+def producer(num_blocks: int = 1000, clock=time.time):
     settings = Settings(role="producer", model="m", kv_ports=[7001])
-    return PDServeScheduler(
-        settings, BLOCK, 1, PRODUCER_KEY, num_blocks=num_blocks, clock=clock
+    return scheduler_half(
+        settings, BLOCK, PRODUCER_KEY, num_blocks=num_blocks, clock=clock
     )
 
 
