@@ -183,6 +183,7 @@ class ProducerPeer:
             self.kv,
             self.settings.transfer_timeout,
             self._secret,
+            consumer_id=self.consumer_id,
         )
         if release_only:
             # No reads: no transport session (nor a GPU mapping) for it.

@@ -401,6 +401,18 @@ def test_copies_failing_in_a_row_move_the_rank_to_tcp(paired):
     assert blocks_equal(server.kv, [20], rank.kv, [20])
 
 
+def test_a_copy_that_fails_while_polled_releases_its_lease(paired):
+    """The producer lets the blocks go now, not when the lease expires."""
+    server, rank = paired
+    assert "ipc copy failed: HIP error" in pull(server, rank, 3)
+    deadline = time.monotonic() + 5
+    while len(server.leases):
+        assert time.monotonic() < deadline, "lease kept until it expires"
+        rank.poll()
+        server.step()
+    assert server.leases.take_released() == 1
+
+
 def test_a_good_copy_starts_the_count_again(paired):
     server, rank = paired
     pair = only_pair(rank)
@@ -432,6 +444,8 @@ def test_failures_that_are_not_the_copys_do_not_count(paired):
 
 class SessionGone(CopyFailing):
     """Its session was dropped under a read in flight: no copy can start."""
+
+    payload_on_channel = False  # served by the real IpcTransport below
 
     def receive(self, kv, remote_block_ids, local_block_ids, session, heads=None):
         raise ConnectionError("ipc session is unknown")
