@@ -124,7 +124,8 @@ def check_server_proof(
     if isinstance(reply, Ack) and not reply.ok:
         if reply.error.startswith("KV secret"):
             raise KVAuthError(SECRET_REJECTED)
-        raise ConnectionRefusedError(f"producer refused: {reply.error[:200]}")
+        # Not ConnectionRefusedError: the producer is there (and busy).
+        raise ConnectionError(f"producer refused: {reply.error[:200]}")
     expected = server_mac(secret, server_nonce, client_nonce)
     if not isinstance(reply, ServerProof) or not hmac.compare_digest(
         reply.mac, expected
