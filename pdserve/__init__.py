@@ -7,4 +7,11 @@ __version__ = "0.1.0"
 # 2: the server greets every connection (ServerHello, optional KV secret).
 # 3: typed leases with producer epochs; reads carry the prompt hash;
 #    releases are one-way; reads are answered in order on one connection.
-PROTOCOL_VERSION = 4
+# 4: ranks of different TP sizes: a read may name a run of KV heads, a
+#    release how many consumer ranks must release; rank info tells each
+#    layer's head dim and the model's KV heads.
+# 5: with a KV secret the producer proves it too (both nonces, AuthProof /
+#    ServerProof) and every later frame, a tcp payload included (PayloadEnd),
+#    carries a tag under per-direction keys; a release names its consumer
+#    rank (counted once).
+PROTOCOL_VERSION = 5

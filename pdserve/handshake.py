@@ -33,6 +33,10 @@ NO_SECRET_THERE = (
     "(give both the same --kv-secret / PDSERVE_KV_SECRET)"
 )
 SECRET_REJECTED = "KV secret rejected by producer (the nodes' secrets differ)"
+PRODUCER_UNPROVEN = (
+    "producer did not prove the KV secret (not the producer it claims to be, "
+    "or the nodes' secrets differ)"
+)
 
 
 def check_kv_auth(has_secret: bool, producer_requires: bool) -> None:

@@ -4,6 +4,16 @@ Every message is one frame: a 4-byte big-endian length, then a msgpack body.
 Block payloads follow a ``ReadReply`` as raw bytes, outside any frame, so they
 can be received straight into tensor memory.
 
+With a KV secret both ends prove it to each other, bound to the connection:
+the server's hello carries a nonce Ns, the client answers with its own nonce
+Nc and HMAC(k, "client"|Ns|Nc), the server answers HMAC(k, "server"|Ns|Nc).
+From then on every frame carries a tag (``StreamMac``) under a key of its
+direction derived from (k, Ns, Nc), over its sequence number, the raw bytes
+that came before it since the previous frame, and its body; a tcp payload is
+followed by a ``PayloadEnd`` frame whose tag covers it. A relay can only pass
+bytes through unchanged; a party without the secret can inject neither frames
+nor KV. Without a secret no tag is sent.
+
 Both ends are non-blocking and driven from the engine's own thread
 (``FrameBuffer`` parses frames as bytes arrive); the blocking helpers at the
 end serve startup handshakes and tests.
@@ -29,6 +39,10 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024
 # Before a peer has proven the KV secret it may send only this much a frame.
 MAX_UNAUTHENTICATED_FRAME_BYTES = 4096
 _LENGTH = struct.Struct(">I")
+# Each side's nonce of the KV secret's proofs; a frame's tag (truncated
+# HMAC-SHA256) once they are done.
+NONCE_BYTES = 32
+TAG_BYTES = 16
 
 # A read names at most this many blocks (a lease holds at most as many):
 # 2M tokens at block size 16, past any model's context.
@@ -92,13 +106,26 @@ class ServerHello(msgspec.Struct, tag=True):
     client must answer ``AuthProof`` for ``nonce`` before anything else."""
 
     auth: bool
-    nonce: bytes = b""
+    nonce: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
 
 class AuthProof(msgspec.Struct, tag=True):
-    """HMAC-SHA256 of the server's nonce, keyed with the shared KV secret."""
+    """The client's nonce and ``client_mac`` of both nonces."""
 
     mac: Annotated[bytes, msgspec.Meta(max_length=64)]
+    nonce: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
+
+
+class ServerProof(msgspec.Struct, tag=True):
+    """The server's answer to a valid ``AuthProof``: ``server_mac`` of both
+    nonces (a refusal is an ``Ack`` with ``ok`` false)."""
+
+    mac: Annotated[bytes, msgspec.Meta(max_length=64)]
+
+
+class PayloadEnd(msgspec.Struct, tag=True):
+    """Follows a payload on a connection that proved the KV secret: its tag
+    covers the payload's bytes."""
 
 
 class GetRankInfo(msgspec.Struct, tag=True):
@@ -168,6 +195,9 @@ class Release(msgspec.Struct, tag=True):
     # Consumer ranks that read this producer rank's part of the lease (TP
     # sizes differ); the lease ends at the last one's release.
     needed: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    # The releasing consumer rank: a release sent again (its connection
+    # broke) counts once.
+    consumer: _Short = ""
 
 
 class Ack(msgspec.Struct, tag=True):
@@ -178,6 +208,8 @@ class Ack(msgspec.Struct, tag=True):
 Message = (
     ServerHello
     | AuthProof
+    | ServerProof
+    | PayloadEnd
     | GetRankInfo
     | RankInfo
     | ReadBlocks
@@ -192,8 +224,52 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
-def encode_frame(message: Message) -> bytes:
+class IntegrityError(ProtocolError):
+    """A frame's (or the payload before it) tag is wrong: the bytes were
+    changed, dropped, replayed or injected on their way."""
+
+
+class StreamMac:
+    """One direction of a connection that proved the KV secret: tags each
+    frame over its sequence number, the raw bytes since the previous frame
+    and its body. The sender seals, the receiver opens, both in stream order."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._seq = 0
+        self._raw = self._raw_mac()
+
+    def _raw_mac(self) -> hmac.HMAC:
+        return hmac.new(self._key, b"raw", "sha256")
+
+    def absorb(self, data: bytes | bytearray | memoryview) -> None:
+        """Raw (payload) bytes that went (or came) outside frames."""
+        self._raw.update(data)
+
+    def _tag(self, body: bytes | memoryview) -> bytes:
+        header = self._seq.to_bytes(8, "big") + self._raw.digest()
+        self._seq += 1
+        self._raw = self._raw_mac()
+        mac = hmac.new(self._key, header, "sha256")
+        mac.update(body)
+        return mac.digest()[:TAG_BYTES]
+
+    def seal(self, body: bytes) -> bytes:
+        return body + self._tag(body)
+
+    def open(self, sealed: bytes) -> bytes:
+        if len(sealed) < TAG_BYTES:
+            raise IntegrityError("frame too short for its tag")
+        body, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:]
+        if not hmac.compare_digest(tag, self._tag(body)):
+            raise IntegrityError("frame or payload failed its integrity check")
+        return body
+
+
+def encode_frame(message: Message, mac: StreamMac | None = None) -> bytes:
     body = _encoder.encode(message)
+    if mac is not None:
+        body = mac.seal(body)
     return _LENGTH.pack(len(body)) + body
 
 
@@ -205,11 +281,18 @@ def decode_body(body: bytes | memoryview) -> Message:
 
 
 class FrameBuffer:
-    """Bytes received so far on a non-blocking connection, cut into frames."""
+    """Bytes received so far on a non-blocking connection, cut into frames
+    (checked against their tags once ``mac`` is set)."""
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self.max_frame = max_frame
+        self.mac: StreamMac | None = None
         self._data = bytearray()
+
+    @property
+    def limit(self) -> int:
+        """The largest frame body accepted now (a tag included)."""
+        return self.max_frame + (TAG_BYTES if self.mac is not None else 0)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -222,13 +305,15 @@ class FrameBuffer:
         if len(self._data) < _LENGTH.size:
             return None
         (length,) = _LENGTH.unpack_from(self._data)
-        if length > self.max_frame:
-            raise ProtocolError(f"frame of {length} bytes exceeds {self.max_frame}")
+        if length > self.limit:
+            raise ProtocolError(f"frame of {length} bytes exceeds {self.limit}")
         end = _LENGTH.size + length
         if len(self._data) < end:
             return None
         body = bytes(self._data[_LENGTH.size : end])
         del self._data[:end]
+        if self.mac is not None:
+            body = self.mac.open(body)
         return decode_body(body)
 
     def take_raw(self, view: memoryview) -> int:
@@ -236,14 +321,18 @@ class FrameBuffer:
         n = min(len(view), len(self._data))
         view[:n] = self._data[:n]
         del self._data[:n]
+        if self.mac is not None:
+            self.mac.absorb(view[:n])
         return n
 
 
 # ---- blocking helpers: startup handshakes and tests ----
 
 
-def send_message(sock: socket.socket, message: Message) -> None:
-    sock.sendall(encode_frame(message))
+def send_message(
+    sock: socket.socket, message: Message, mac: StreamMac | None = None
+) -> None:
+    sock.sendall(encode_frame(message, mac))
 
 
 def recv_exact(
@@ -269,15 +358,17 @@ def recv_message(
     sock: socket.socket,
     max_bytes: int = MAX_FRAME_BYTES,
     deadline: float | None = None,
+    mac: StreamMac | None = None,
 ) -> Message:
     header = bytearray(_LENGTH.size)
     recv_exact(sock, memoryview(header), deadline)
     (length,) = _LENGTH.unpack(header)
-    if length > max_bytes:
-        raise ProtocolError(f"frame of {length} bytes exceeds {max_bytes}")
+    limit = max_bytes + (TAG_BYTES if mac is not None else 0)
+    if length > limit:
+        raise ProtocolError(f"frame of {length} bytes exceeds {limit}")
     body = bytearray(length)
     recv_exact(sock, memoryview(body), deadline)
-    return decode_body(bytes(body))
+    return decode_body(mac.open(bytes(body)) if mac is not None else bytes(body))
 
 
 def prompt_hash(token_ids: Sequence[int], adapter: str = "") -> str:
@@ -295,6 +386,29 @@ def prompt_hash(token_ids: Sequence[int], adapter: str = "") -> str:
     return digest.hexdigest()
 
 
-def auth_mac(secret: bytes, nonce: bytes) -> bytes:
-    """Proof that the sender knows ``secret``, bound to one connection's nonce."""
-    return hmac.new(secret, b"pdserve-kv-auth:" + nonce, hashlib.sha256).digest()
+# ---- the KV secret's proofs and session keys ----
+
+
+def _keyed(secret: bytes, label: bytes, server_nonce: bytes, client_nonce: bytes):
+    # Both nonces have fixed lengths (checked by each side): no ambiguity.
+    message = b"pdserve-kv-" + label + b":" + server_nonce + client_nonce
+    return hmac.digest(secret, message, "sha256")
+
+
+def client_mac(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    """The client's proof that it knows ``secret``, bound to this connection."""
+    return _keyed(secret, b"client", server_nonce, client_nonce)
+
+
+def server_mac(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    """The server's: a different label, so neither proof serves as the other."""
+    return _keyed(secret, b"server", server_nonce, client_nonce)
+
+
+def session_macs(
+    secret: bytes, server_nonce: bytes, client_nonce: bytes, server: bool
+) -> tuple[StreamMac, StreamMac]:
+    """(what this end sends, what it receives) of a proven connection."""
+    to_server = StreamMac(_keyed(secret, b"to-server", server_nonce, client_nonce))
+    to_client = StreamMac(_keyed(secret, b"to-client", server_nonce, client_nonce))
+    return (to_client, to_server) if server else (to_server, to_client)

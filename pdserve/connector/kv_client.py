@@ -4,12 +4,25 @@
 sessions): short exchanges with one deadline each. ``ProducerLink`` carries
 the data path: one connection per producer rank, driven from the engine's own
 thread every step (``pump``), never blocking; reads are pipelined on it and
-answered in order. Every load has one total deadline.
+answered in order. With a KV secret both check that the producer proves it
+too, and every frame and payload it sends (protocol.py).
+
+Deadlines: a read has ``timeout`` from when its answer is the one the link
+waits for (it was sent, and the reads before it were answered): a read
+queued behind others is not charged for their time. A load that cannot even
+be sent (no connection) fails at its own deadline. A read that times out
+fails alone: the connection closes (its answer may be half in), and the
+reads sent after it go again on a new connection, each at most once (a
+producer that stopped answering fails them all within twice the timeout).
+Releases outlive a connection: those not known to have arrived go again on
+the next one (the producer counts each consumer rank's release once).
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
+import secrets
 import selectors
 import socket
 import time
@@ -18,56 +31,107 @@ from dataclasses import dataclass, field
 
 from pdserve.channel import Channel
 from pdserve.connector.metadata import LoadSpec
-from pdserve.handshake import SECRET_REJECTED, KVAuthError, check_kv_auth
+from pdserve.handshake import (
+    PRODUCER_UNPROVEN,
+    SECRET_REJECTED,
+    KVAuthError,
+    check_kv_auth,
+)
 from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.protocol import (
     MAX_FRAME_BYTES,
+    NONCE_BYTES,
     Ack,
     AuthProof,
     GetRankInfo,
     Message,
+    PayloadEnd,
     ProtocolError,
     RankInfo,
     ReadBlocks,
     ReadReply,
     Release,
     ServerHello,
+    ServerProof,
+    StreamMac,
     TransportHello,
     TransportWelcome,
-    auth_mac,
+    client_mac,
     recv_message,
     send_message,
+    server_mac,
+    session_macs,
 )
 from pdserve.transport import KVTransport
 from pdserve.transport.base import Incoming, layer_sizes
 
 logger = init_logger(__name__)
 
+# A read goes again on a new connection at most this often after the one it
+# was sent on broke.
+MAX_RESENDS = 1
+# A release sent on a connection that then ran this long without breaking
+# has arrived; until then (or until a later read's answer proves it) it is
+# kept, to go again should the connection break.
+RELEASE_CONFIRM_SECONDS = 5.0
+# Releases waiting for a connection are kept this long (leases end on their
+# own by then) and this many at most.
+RELEASE_KEEP_SECONDS = 60.0
+MAX_KEPT_RELEASES = 4096
+# After a connection attempt failed, releases alone wait this long before
+# the next one (loads try at once, and fail at once if it fails).
+RECONNECT_SECONDS = 1.0
+
+MacPair = tuple[StreamMac, StreamMac]
+
 
 def authenticate(
     conn: socket.socket, secret: bytes | None, deadline: float | None = None
-) -> None:
-    """Answer the producer's greeting; raises KVAuthError if the secrets differ."""
+) -> MacPair | None:
+    """Answer the producer's greeting and check its proof; raises
+    KVAuthError if the secrets differ. With a secret: the tags of what this
+    side sends and receives from now on."""
     hello = recv_message(conn, deadline=deadline)
     check_greeting(hello, secret)
     if secret is None:
-        return
+        return None
     assert isinstance(hello, ServerHello)
-    send_message(conn, AuthProof(auth_mac(secret, hello.nonce)))
-    check_auth_reply(recv_message(conn, deadline=deadline))
+    proof, nonce = prove(secret, hello.nonce)
+    send_message(conn, proof)
+    reply = recv_message(conn, deadline=deadline)
+    return check_server_proof(reply, secret, hello.nonce, nonce)
 
 
 def check_greeting(hello: Message, secret: bytes | None) -> None:
     if not isinstance(hello, ServerHello):
         raise ConnectionError(f"expected ServerHello, got {type(hello).__name__}")
     check_kv_auth(has_secret=secret is not None, producer_requires=hello.auth)
+    if secret is not None and len(hello.nonce) != NONCE_BYTES:
+        raise ProtocolError(f"producer's nonce has {len(hello.nonce)} bytes")
 
 
-def check_auth_reply(reply: Message) -> None:
-    if not isinstance(reply, Ack) or not reply.ok:
-        raise KVAuthError(SECRET_REJECTED)
+def prove(secret: bytes, server_nonce: bytes) -> tuple[AuthProof, bytes]:
+    """Our proof for the producer's nonce, and our own nonce in it."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return AuthProof(client_mac(secret, server_nonce, nonce), nonce), nonce
+
+
+def check_server_proof(
+    reply: Message, secret: bytes, server_nonce: bytes, client_nonce: bytes
+) -> MacPair:
+    if isinstance(reply, Ack) and not reply.ok:
+        if reply.error.startswith("KV secret"):
+            raise KVAuthError(SECRET_REJECTED)
+        # Not ConnectionRefusedError: the producer is there (and busy).
+        raise ConnectionError(f"producer refused: {reply.error[:200]}")
+    expected = server_mac(secret, server_nonce, client_nonce)
+    if not isinstance(reply, ServerProof) or not hmac.compare_digest(
+        reply.mac, expected
+    ):
+        raise KVAuthError(PRODUCER_UNPROVEN)
+    return session_macs(secret, server_nonce, client_nonce, server=False)
 
 
 class BlockingClient:
@@ -85,11 +149,12 @@ class BlockingClient:
         deadline = time.monotonic() + self.timeout
         with socket.create_connection((self.host, self.port), self.timeout) as conn:
             try:
-                authenticate(conn, self._secret, deadline)
+                macs = authenticate(conn, self._secret, deadline)
             except KVAuthError as exc:
                 raise KVAuthError(f"{exc} at {self.host}:{self.port}") from None
-            send_message(conn, message)
-            reply = recv_message(conn, deadline=deadline)
+            sending, receiving = macs or (None, None)
+            send_message(conn, message, sending)
+            reply = recv_message(conn, deadline=deadline, mac=receiving)
         if not isinstance(reply, expected):
             raise ConnectionError(
                 f"expected {expected.__name__}, got {type(reply).__name__}"
@@ -114,6 +179,7 @@ class Load:
     spec: LoadSpec
     transport: KVTransport
     session: str
+    # Until it is sent: past this it fails (the producer is unreachable).
     deadline: float
     # Some heads of each block (TP sizes differ): the producer rank's run
     # of heads, and where it goes in ours; None: whole blocks.
@@ -123,6 +189,10 @@ class Load:
     releases_needed: int = 1
     started: float = field(default_factory=time.monotonic)
     sent_at: float = 0.0
+    # Since when its answer is the one its link waits for: its timeout runs.
+    answer_since: float = 0.0
+    # Times it was sent again after its connection broke.
+    resends: int = 0
     incoming: Incoming | None = None
     error: str | None = None
     # The error is the transport's own: its device copy failed (counted
@@ -134,6 +204,18 @@ class Load:
     # Wall-clock times of the TTFT split: the producer's answer, KV in place.
     replied_at: float = 0.0
     done_at: float = 0.0
+
+
+@dataclass
+class _Kept:
+    """A release the link keeps until it is known to have arrived."""
+
+    release: Release
+    queued_at: float
+    sent_at: float = 0.0
+    # Reads sent on the connection before it: the answer to the next one
+    # proves the producer read it.
+    reads_before: int = 0
 
 
 class LinkState:
@@ -154,19 +236,29 @@ class ProducerLink:
         kv: PagedKVCache,
         timeout: float,
         secret: bytes | None = None,
+        consumer_id: str = "",
+        clock=time.monotonic,
     ) -> None:
         self.address = (host, port)
         self.kv = kv
         self.timeout = timeout
         self._secret = secret
+        # Who releases (the producer counts each consumer rank once).
+        self.consumer_id = consumer_id or secrets.token_hex(8)
+        self._clock = clock
         self.state = LinkState.IDLE
         self.channel: Channel | None = None
         self._selector: selectors.BaseSelector | None = None
         self._connect_deadline = 0.0
+        self._retry_at = 0.0  # releases alone reconnect from then on
+        self._nonces = (b"", b"")  # (the producer's, ours) while proving
         self._waiting: deque[Load] = deque()  # not sent yet
         self._inflight: deque[Load] = deque()  # sent; answers come in order
         self._copying: list[Load] = []  # bytes arriving by device copy
-        self._releases: deque[Release] = deque()
+        self._releases: deque[_Kept] = deque()  # not sent yet
+        self._unconfirmed: deque[_Kept] = deque()  # sent, maybe not arrived
+        self._reads_sent = 0  # on this connection
+        self._reads_answered = 0
         self._finished: list[Load] = []
 
     # ---- what the worker asks ----
@@ -175,9 +267,12 @@ class ProducerLink:
         self._waiting.append(load)
 
     def release(self, lease: Lease, needed: int = 1) -> None:
-        self._releases.append(
-            Release(lease.request_id, lease.token, lease.prompt_hash, needed)
+        release = Release(
+            lease.request_id, lease.token, lease.prompt_hash, needed, self.consumer_id
         )
+        self._releases.append(_Kept(release, self._clock()))
+        while len(self._releases) + len(self._unconfirmed) > MAX_KEPT_RELEASES:
+            (self._unconfirmed or self._releases).popleft()  # oldest first
 
     def has_releases(self) -> bool:
         return bool(self._releases)
@@ -196,10 +291,11 @@ class ProducerLink:
         try:
             self._advance()
         except (OSError, ProtocolError, KVAuthError) as exc:
-            self._fail_connection(str(exc) or type(exc).__name__)
+            self._broke(exc)
         self._poll_copies()
         self._check_deadlines()
         self._flush()
+        self._forget_old_releases()
         finished, self._finished = self._finished, []
         return finished
 
@@ -212,17 +308,21 @@ class ProducerLink:
             self._send_queued()
             self.channel.pump_out()
         except OSError as exc:
-            self._fail_connection(str(exc))
+            self._broke(exc)
 
     def close(self, reason: str = "link closed") -> list[Load]:
         """Close the connection; every load it still had ends failed (and is
-        returned: the caller owns reporting it)."""
-        self._fail_connection(reason)
-        for load in self._copying:
+        returned: the caller owns reporting it), its releases are dropped."""
+        self._close_channel()
+        for load in (*self._inflight, *self._waiting, *self._copying):
             if load.incoming is not None:
                 load.incoming.abort()
             self._finish(load, reason)
+        self._inflight.clear()
+        self._waiting.clear()
         self._copying.clear()
+        self._releases.clear()
+        self._unconfirmed.clear()
         finished, self._finished = self._finished, []
         return finished
 
@@ -231,10 +331,11 @@ class ProducerLink:
     def _advance(self) -> None:
         if self.state == LinkState.READY and not self._inflight and self._peer_gone():
             # Closed while idle (the producer restarted, or its idle timeout):
-            # nothing was lost, so open a new connection for what waits.
+            # no read was lost, so open a new connection for what waits.
             self._close_channel()
+            self._requeue_releases()
         if self.state == LinkState.IDLE:
-            if not (self._waiting or self._releases):
+            if not (self._waiting or self._releases_due()):
                 return
             self._connect()
         if self.state == LinkState.CONNECTING:
@@ -249,6 +350,9 @@ class ProducerLink:
         self._receive()
         self.channel.pump_out()
 
+    def _releases_due(self) -> bool:
+        return bool(self._releases) and self._clock() >= self._retry_at
+
     def _connect(self) -> None:
         sock = socket.socket(_family(self.address[0]), socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -259,13 +363,14 @@ class ProducerLink:
         self.channel = Channel(sock, MAX_FRAME_BYTES)
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_WRITE)
-        self._connect_deadline = time.monotonic() + self.timeout
+        self._connect_deadline = self._clock() + self.timeout
+        self._reads_sent = self._reads_answered = 0
         self.state = LinkState.CONNECTING
 
     def _finish_connect(self) -> None:
         assert self.channel is not None and self._selector is not None
         if not self._selector.select(0):
-            if time.monotonic() > self._connect_deadline:
+            if self._clock() > self._connect_deadline:
                 raise TimeoutError("connecting to the producer timed out")
             return
         code = self.channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -281,21 +386,30 @@ class ProducerLink:
         while self.state != LinkState.READY:
             message = self.channel.next_message()
             if message is None:
-                if time.monotonic() > self._connect_deadline:
+                if self._clock() > self._connect_deadline:
                     raise TimeoutError("producer greeting timed out")
                 return
             if self.state == LinkState.GREETING:
-                check_greeting(message, self._secret)
-                assert isinstance(message, ServerHello)
-                if self._secret is None:
-                    self.state = LinkState.READY
-                else:
-                    self.channel.send(AuthProof(auth_mac(self._secret, message.nonce)))
-                    self.channel.pump_out()
-                    self.state = LinkState.AUTHENTICATING
+                self._greeted(message)
             else:
-                check_auth_reply(message)
+                secret = self._secret
+                assert secret is not None
+                macs = check_server_proof(message, secret, *self._nonces)
+                self.channel.secure(*macs)
                 self.state = LinkState.READY
+
+    def _greeted(self, hello: Message) -> None:
+        assert self.channel is not None
+        check_greeting(hello, self._secret)
+        assert isinstance(hello, ServerHello)
+        if self._secret is None:
+            self.state = LinkState.READY
+            return
+        proof, nonce = prove(self._secret, hello.nonce)
+        self._nonces = (hello.nonce, nonce)
+        self.channel.send(proof)
+        self.channel.pump_out()
+        self.state = LinkState.AUTHENTICATING
 
     def _peer_gone(self) -> bool:
         assert self.channel is not None
@@ -314,20 +428,91 @@ class ProducerLink:
             self._selector = None
         self.state = LinkState.IDLE
 
-    def _fail_connection(self, reason: str) -> None:
+    def _broke(self, exc: Exception) -> None:
+        """The connection failed. The read whose answer was coming in is
+        the one it failed for (a bad answer, or cut mid-payload)."""
+        head = self._inflight[0] if self._inflight else None
+        answering = head is not None and (
+            isinstance(exc, ProtocolError) or head.incoming is not None
+        )
+        self._lose_connection(
+            str(exc) or type(exc).__name__, head if answering else None
+        )
+
+    def _lose_connection(self, reason: str, culprit: Load | None = None) -> None:
+        """Close the connection: ``culprit`` fails; the other reads sent on
+        it go again on a new one (each at most MAX_RESENDS times), releases
+        not known to have arrived too. Had it never been set up (the
+        producer is unreachable or refused us), the waiting loads fail."""
+        was_ready = self.state == LinkState.READY
         self._close_channel()
-        for load in (*self._inflight, *self._waiting):
-            self._finish(load, reason)
+        self._requeue_releases()
+        again: list[Load] = []
+        for load in self._inflight:
+            if load.incoming is not None:
+                load.incoming.abort()
+                load.incoming = None
+            if load is culprit or load.resends >= MAX_RESENDS:
+                self._give_up(load, reason)
+            else:
+                self._prepare_resend(load)
+                again.append(load)
         self._inflight.clear()
-        self._waiting.clear()
-        self._releases.clear()  # those leases end by expiring
+        self._waiting.extendleft(reversed(again))
+        if not was_ready:
+            self._retry_at = self._clock() + RECONNECT_SECONDS
+            for load in self._waiting:
+                self._give_up(load, reason)
+            self._waiting.clear()
+
+    def _give_up(self, load: Load, reason: str) -> None:
+        """``load`` fails (its blocks are recomputed): the producer may let
+        its lease go now rather than when it expires."""
+        self._finish(load, reason)
+        self._release(load)
+
+    def _prepare_resend(self, load: Load) -> None:
+        load.resends += 1
+        load.sent_at = load.answer_since = 0.0
+        load.deadline = max(load.deadline, self._clock() + self.timeout)
+        logger.debug("pdserve: read of %s goes again", load.spec.lease.request_id)
+
+    # ---- releases ----
+
+    def _requeue_releases(self) -> None:
+        """Releases sent on a closed connection may not have arrived."""
+        self._releases.extendleft(reversed(self._unconfirmed))
+        self._unconfirmed.clear()
+
+    def _confirm_releases(self) -> None:
+        """Releases that arrived: before an answered read, or long enough
+        ago on a connection that still works."""
+        now = self._clock()
+        while self._unconfirmed and (
+            self._unconfirmed[0].reads_before < self._reads_answered
+            or now - self._unconfirmed[0].sent_at > RELEASE_CONFIRM_SECONDS
+        ):
+            self._unconfirmed.popleft()
+
+    def _forget_old_releases(self) -> None:
+        if self.state == LinkState.READY:
+            self._confirm_releases()
+        now = self._clock()
+        while self._releases and now - self._releases[0].queued_at > (
+            RELEASE_KEEP_SECONDS
+        ):
+            self._releases.popleft()  # its lease ended on its own by now
 
     # ---- reads ----
 
     def _send_queued(self) -> None:
         assert self.channel is not None
+        now = self._clock()
         while self._releases:
-            self.channel.send(self._releases.popleft())
+            kept = self._releases.popleft()
+            self.channel.send(kept.release)
+            kept.sent_at, kept.reads_before = now, self._reads_sent
+            self._unconfirmed.append(kept)
         while self._waiting:
             load = self._waiting.popleft()
             lease = load.spec.lease
@@ -344,7 +529,10 @@ class ProducerLink:
                     head_count=count,
                 )
             )
-            load.sent_at = time.monotonic()
+            load.sent_at = now
+            if not self._inflight:
+                load.answer_since = now
+            self._reads_sent += 1
             logger.debug("pdserve: read of %s sent", lease.request_id)
             self._inflight.append(load)
 
@@ -357,6 +545,8 @@ class ProducerLink:
             if load.error is None and not self._take_payload(load):
                 return
             self._inflight.popleft()
+            if self._inflight:
+                self._inflight[0].answer_since = self._clock()
             if load.error is None:
                 self._copying.append(load)
 
@@ -369,6 +559,8 @@ class ProducerLink:
             return False
         if not isinstance(reply, ReadReply):
             raise ProtocolError(f"expected ReadReply, got {type(reply).__name__}")
+        self._reads_answered += 1
+        self._confirm_releases()
         if not reply.ok:
             # A session the producer no longer has is this transport's failure.
             load.transport_failed = load.session_lost = reply.session_lost
@@ -383,10 +575,7 @@ class ProducerLink:
                 f"producer announced {reply.layer_nbytes} bytes per layer, "
                 f"expected {expected}"
             )
-        if (
-            reply.hold_seconds
-            and time.monotonic() > load.sent_at + reply.hold_seconds / 2
-        ):
+        if reply.hold_seconds and self._clock() > load.sent_at + reply.hold_seconds / 2:
             # Too late to copy safely within the hold the producer promised.
             self._finish(load, "producer's hold on the blocks ran out")
             self._release(load)
@@ -406,7 +595,7 @@ class ProducerLink:
                 load.local_heads,
             )
         except (ConnectionError, RuntimeError) as exc:
-            if load.transport.name == "tcp":
+            if load.transport.payload_on_channel:
                 raise  # its payload follows on this connection: that must close
             # A GPU-direct read has nothing on this connection, so only this
             # load fails: its session was dropped, or the copy did not start.
@@ -417,7 +606,8 @@ class ProducerLink:
         self.release(load.spec.lease, load.releases_needed)
 
     def _take_payload(self, load: Load) -> bool:
-        """Move payload bytes into the load; False until it has them all."""
+        """Move payload bytes into the load; False until it has them all
+        (and, on a secured connection, the frame whose tag covers them)."""
         assert self.channel is not None and load.incoming is not None
         while (view := load.incoming.raw_view()) is not None:
             n = self.channel.read_raw_into(view)
@@ -425,6 +615,14 @@ class ProducerLink:
                 load.incoming.on_raw(n)
             if n < len(view):
                 return False
+        if not (self.channel.secured and load.transport.payload_on_channel):
+            return True
+        self.channel.pump_in()
+        end = self.channel.next_message()  # checks the payload's tag
+        if end is None:
+            return False
+        if not isinstance(end, PayloadEnd):
+            raise ProtocolError(f"expected PayloadEnd, got {type(end).__name__}")
         return True
 
     def _poll_copies(self) -> None:
@@ -435,6 +633,7 @@ class ProducerLink:
                 done = load.incoming.poll()
             except Exception as exc:  # a failed device copy: recompute
                 self._copy_failed(load, exc)
+                self._release(load)
                 continue
             if done:
                 load.done_at = time.time()
@@ -445,15 +644,15 @@ class ProducerLink:
         self._copying = still
 
     def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        if any(load.deadline < now for load in self._inflight):
-            # Mid-answer on a stream: the connection cannot be trusted now.
-            self._fail_connection("KV transfer timed out")
-        elif self.state != LinkState.READY:
+        now = self._clock()
+        if self._inflight and now > self._inflight[0].answer_since + self.timeout:
+            # Its answer may be half in: the connection cannot be trusted now.
+            self._lose_connection("KV transfer timed out", self._inflight[0])
+        if self.state != LinkState.READY:
             late = [load for load in self._waiting if load.deadline < now]
             for load in late:
                 self._waiting.remove(load)
-                self._finish(load, "KV transfer timed out (producer unreachable)")
+                self._give_up(load, "KV transfer timed out (producer unreachable)")
 
     def _copy_failed(self, load: Load, exc: Exception) -> None:
         load.transport_failed = True

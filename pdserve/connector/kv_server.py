@@ -8,12 +8,17 @@ thread of our own could starve; the engine keeps stepping while any lease is
 held, so every read is served within a step or two. While the engine is
 idle (no step for 50 ms) a small thread pumps control messages only:
 accepting, authenticating, rank info, session hellos and refusing reads of
-unknown leases. KV only ever moves on the engine's thread.
+unknown leases. KV only ever moves on the engine's thread. Transport sessions
+are set up on a thread of their own (session_setup.py), never in a pump.
 
-Hostile peers cost little: connections are capped, a peer that has not
-proven the KV secret may send only tiny frames and must finish the exchange
-within one deadline, reads are checked (token MAC, prompt hash, block ids)
-before anything is pinned, and a malformed frame closes that connection only.
+Hostile peers cost little. Connections that have not proven the KV secret
+have their own small budget (the oldest of them gives way to a newer one),
+may send only tiny frames and must prove it within one short deadline, so
+they never take a consumer's place among the proven ones; each peer address
+may hold only so many. Without a secret no connection is proven: each peer
+address is capped and idle ones close soon. Reads are checked (token MAC,
+prompt hash, block ids) before anything is pinned, and a malformed frame
+closes that connection only.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 
 from pdserve.channel import Channel
 from pdserve.connector.leases import LeaseTable, ReadRefused, Verdict
+from pdserve.connector.session_setup import SessionSetups, Setup
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import token_valid
 from pdserve.log import init_logger
@@ -36,6 +42,7 @@ from pdserve.protocol import (
     MAX_FRAME_BYTES,
     MAX_READ_BLOCKS,
     MAX_UNAUTHENTICATED_FRAME_BYTES,
+    NONCE_BYTES,
     Ack,
     AuthProof,
     GetRankInfo,
@@ -46,34 +53,49 @@ from pdserve.protocol import (
     ReadReply,
     Release,
     ServerHello,
+    ServerProof,
     TransportHello,
     TransportWelcome,
-    auth_mac,
-    encode_frame,
+    client_mac,
+    server_mac,
+    session_macs,
 )
 from pdserve.transport import KVTransport
 from pdserve.transport.base import Outgoing, SessionLost, layer_sizes
 
 logger = init_logger(__name__)
 
+# Connections that proved the KV secret (without a secret: all of them).
 MAX_CONNECTIONS = 256
+# With a secret: connections that have not proven it yet, apart from those.
+MAX_UNPROVEN_CONNECTIONS = 32
+# Of one peer address: connections in all, and of those not proven yet.
+MAX_CONNECTIONS_PER_PEER = 64
+MAX_UNPROVEN_PER_PEER = 16
 # Requests one connection may have waiting for their answers.
 MAX_QUEUED_PER_CONNECTION = 1024
 # ...naming at most this many blocks in all, and no new request is read
 # from a connection that has this many answer bytes not yet taken.
 MAX_QUEUED_BLOCKS_PER_CONNECTION = MAX_READ_BLOCKS
 MAX_PENDING_OUT_BYTES = 8 * 1024 * 1024
+# A connection with nothing to answer closes after this long without a
+# request: proven ones, and (without a secret) all others, which anyone can
+# open; a consumer's link connects again for its next read.
 IDLE_CONNECTION_SECONDS = 300.0
-# An unauthenticated peer holds a connection at most this long in all.
-AUTH_SECONDS = 10.0
-NONCE_BYTES = 32
+OPEN_IDLE_CONNECTION_SECONDS = 15.0
+# A peer that owes its proof holds a connection at most this long in all.
+AUTH_SECONDS = 2.0
 # A read that overtook its lease's grant waits this many engine steps (the
 # grant comes with the next one), and never longer than this.
 GRANT_WAIT_STEPS = 4
 GRANT_WAIT_SECONDS = 10.0
+# A read naming a session still being set up waits for it at most this long.
+SESSION_WAIT_SECONDS = 60.0
 # Without an engine step for this long the idle thread pumps instead.
 ENGINE_IDLE_SECONDS = 0.05
 IDLE_POLL_SECONDS = 0.005
+# Refused connections are logged at most this often (a flood is one line).
+REFUSAL_LOG_SECONDS = 10.0
 
 
 class AuthRefused(ConnectionError):
@@ -93,12 +115,15 @@ class _Read:
 class _Conn:
     fd: int
     channel: Channel
+    host: str  # the peer's address, whose connections are capped
     peer: object
-    nonce: bytes | None  # set while the peer still owes its proof
-    deadline: float
+    opened_at: float
     last_active: float
-    # Answers in the order their requests came: bytes, or reads.
-    queue: deque[bytes | _Read] = field(default_factory=deque)
+    nonce: bytes | None  # set while the peer still owes its proof
+    proven: bool = False  # it proved the KV secret
+    # Answers in the order their requests came: messages, reads, or
+    # session setups whose welcome has yet to be made.
+    queue: deque[Message | _Read | Setup] = field(default_factory=deque)
     # The read whose payload is being queued on the channel.
     streaming: tuple[str, Outgoing] | None = None
     queued_blocks: int = 0
@@ -115,6 +140,7 @@ class KVServer:
         transports: dict[str, KVTransport],
         node_key: bytes,
         secret: bytes | None = None,
+        clock=time.monotonic,
     ) -> None:
         self.kv = kv
         self.info = info
@@ -122,6 +148,7 @@ class KVServer:
         self.transports = transports
         self._node_key = node_key
         self._secret = secret
+        self._clock = clock  # connection and read deadlines
         self._bytes_sent = 0
         self._refused = 0
         self._conns: dict[int, _Conn] = {}
@@ -133,6 +160,13 @@ class KVServer:
         self.port = self._listener.getsockname()[1]
         self._last_step = 0.0
         self._stopped = threading.Event()
+        self._refusals = 0
+        self._next_refusal_log = 0.0
+        # Sessions whose setup runs now: reads naming them wait.
+        self._setting_up: dict[tuple[str, str], Setup] = {}
+        self._setups = SessionSetups(
+            kv, f"pdserve-kv-setup-{self.port}", self._setup_finished
+        )
         threading.Thread(
             target=self._idle_loop, name=f"pdserve-kv-idle-{self.port}", daemon=True
         ).start()
@@ -174,6 +208,7 @@ class KVServer:
                 self._drop(conn)
             self._selector.close()
             self._listener.close()
+        self._setups.close()
 
     # ---- connections ----
 
@@ -186,17 +221,52 @@ class KVServer:
             except OSError as exc:  # out of fds: refuse this one, keep serving
                 logger.warning("pdserve KV server: accept failed: %s", exc)
                 return
-            if len(self._conns) >= MAX_CONNECTIONS:
-                logger.warning("Refusing KV connection from %s: too many", peer)
+            refusal = self._admit(_host(peer))
+            if refusal is not None:
+                self._note_refusal(peer, refusal)
                 sock.close()
                 continue
             self._open(sock, peer)
 
-    def _open(self, sock: socket.socket, peer: object) -> None:
+    def _admit(self, host: str) -> str | None:
+        """Why a new connection from ``host`` is refused, or None. With a
+        secret it joins the unproven, the oldest of which gives way when
+        they are full: to keep a newcomer out a flood must outpace a
+        consumer's proof (one round trip), not merely hold its places."""
+        conns = list(self._conns.values())
+        if sum(c.host == host for c in conns) >= MAX_CONNECTIONS_PER_PEER:
+            return "too many connections from this address"
+        if self._secret is None:
+            full = len(conns) >= MAX_CONNECTIONS
+            return "too many connections" if full else None
+        unproven = [c for c in conns if not c.proven]
+        if sum(c.host == host for c in unproven) >= MAX_UNPROVEN_PER_PEER:
+            return "too many connections from this address owe their proof"
+        if len(unproven) >= MAX_UNPROVEN_CONNECTIONS:
+            oldest = min(unproven, key=lambda c: c.opened_at)
+            self._note_refusal(oldest.peer, "no proof yet, and newer peers wait")
+            self._drop(oldest)
+        return None
+
+    def _note_refusal(self, peer: object, reason: str) -> None:
+        self._refusals += 1
         now = time.monotonic()
+        if now >= self._next_refusal_log:
+            logger.warning(
+                "Refusing KV connection from %s: %s (%d refused since the last "
+                "such warning)",
+                peer,
+                reason,
+                self._refusals,
+            )
+            self._refusals = 0
+            self._next_refusal_log = now + REFUSAL_LOG_SECONDS
+
+    def _open(self, sock: socket.socket, peer: object) -> None:
+        now = self._clock()
         channel = Channel(sock, MAX_UNAUTHENTICATED_FRAME_BYTES)
         nonce = secrets.token_bytes(NONCE_BYTES) if self._secret else None
-        conn = _Conn(channel.fileno(), channel, peer, nonce, now + AUTH_SECONDS, now)
+        conn = _Conn(channel.fileno(), channel, _host(peer), peer, now, now, nonce)
         channel.send(ServerHello(auth=nonce is not None, nonce=nonce or b""))
         if nonce is None:
             channel.frames.max_frame = MAX_FRAME_BYTES
@@ -212,6 +282,9 @@ class KVServer:
             request_id, outgoing = conn.streaming
             outgoing.abort()
             self.leases.close_read(request_id)
+        for answer in conn.queue:
+            if isinstance(answer, Setup):
+                answer.mark_dropped()  # the setup thread gives its session up
         conn.channel.close()
 
     def _read_from(self, conn: _Conn) -> None:
@@ -220,10 +293,10 @@ class KVServer:
         try:
             conn.channel.pump_in()
             while (message := conn.channel.next_message()) is not None:
-                conn.last_active = time.monotonic()
+                conn.last_active = self._clock()
                 self._handle(conn, message)
         except AuthRefused as exc:
-            logger.warning("Refusing KV connection from %s: %s", conn.peer, exc)
+            self._note_refusal(conn.peer, str(exc))
             self._drop(conn)
         except ProtocolError as exc:
             logger.warning("Closing KV connection from %s: %s", conn.peer, exc)
@@ -245,70 +318,85 @@ class KVServer:
             conn.queued_blocks += len(message.block_ids)
             if conn.queued_blocks > MAX_QUEUED_BLOCKS_PER_CONNECTION:
                 raise ProtocolError("too many blocks asked for on one connection")
-            conn.queue.append(_Read(message, self.leases.step, time.monotonic()))
+            conn.queue.append(_Read(message, self.leases.step, self._clock()))
         elif isinstance(message, Release):
             self._release(message)
         elif isinstance(message, GetRankInfo):
-            conn.queue.append(_encoded(self.info))
+            conn.queue.append(self.info)
         elif isinstance(message, TransportHello):
-            self._greet_session(conn, message)
+            conn.queue.append(self._hello(conn, message))
         else:
             raise ProtocolError(f"unexpected message {type(message).__name__}")
 
     def _authenticate(self, conn: _Conn, message: Message) -> None:
-        assert self._secret is not None and conn.nonce is not None
+        """Check the client's proof, then prove the secret in turn: from
+        then on every frame both ways is tagged under this connection's keys."""
+        secret, nonce = self._secret, conn.nonce
+        assert secret is not None and nonce is not None
         if not isinstance(message, AuthProof):
-            conn.channel.send(Ack(ok=False, error="KV secret required"))
-            conn.channel.pump_out()
+            self._refuse_auth(conn, "KV secret required")
             raise AuthRefused(f"no KV secret proof (sent {type(message).__name__})")
-        if not hmac.compare_digest(message.mac, auth_mac(self._secret, conn.nonce)):
-            conn.channel.send(Ack(ok=False, error="KV secret rejected"))
-            conn.channel.pump_out()
+        if len(message.nonce) != NONCE_BYTES or not hmac.compare_digest(
+            message.mac, client_mac(secret, nonce, message.nonce)
+        ):
+            self._refuse_auth(conn, "KV secret rejected")
             raise AuthRefused("wrong KV secret")
+        if sum(c.proven for c in self._conns.values()) >= MAX_CONNECTIONS:
+            self._refuse_auth(conn, "too many connections")
+            raise AuthRefused("too many connections")
+        conn.channel.send(ServerProof(server_mac(secret, nonce, message.nonce)))
+        conn.channel.secure(*session_macs(secret, nonce, message.nonce, server=True))
         conn.nonce = None
+        conn.proven = True
         conn.channel.frames.max_frame = MAX_FRAME_BYTES
-        conn.channel.send(Ack(ok=True))
+
+    def _refuse_auth(self, conn: _Conn, error: str) -> None:
+        conn.channel.send(Ack(ok=False, error=error))
+        conn.channel.pump_out()
 
     def _release(self, message: Release) -> None:
         if token_valid(
             self._node_key, message.request_id, message.prompt_hash, message.token
         ):
-            self.leases.release(message.request_id, message.prompt_hash, message.needed)
+            self.leases.release(
+                message.request_id,
+                message.prompt_hash,
+                message.needed,
+                message.consumer,
+            )
 
-    def _greet_session(self, conn: _Conn, hello: TransportHello) -> None:
-        """Answer a transport hello now (setting up a session comes before
-        any read on it), then let the transport finish with the consumer."""
-        welcome = self._welcome(hello)
-        conn.queue.append(_encoded(welcome))
-        self._answer(conn)
-        conn.channel.pump_out()
-        transport = self.transports.get(hello.transport)
-        if welcome.ok and transport is not None:
-            try:
-                transport.after_welcome(hello.session)
-            except Exception as exc:  # the consumer falls back
-                logger.warning("%s session setup failed: %s", hello.transport, exc)
-                transport.close_session(hello.session)
-
-    def _welcome(self, hello: TransportHello) -> TransportWelcome:
+    def _hello(self, conn: _Conn, hello: TransportHello) -> Message | Setup:
+        """A refusal now, or the session's setup (its welcome leaves, in
+        this connection's order, once the setup thread has made it)."""
         transport = self.transports.get(hello.transport)
         if transport is None:
             return TransportWelcome(ok=False, error=f"{hello.transport} not served")
-        if hello.transport == "nccl" and self._secret is None:
-            # Setting up an NCCL pair holds this engine until the peer joins,
-            # through a store anyone could join: only for proven peers.
-            return TransportWelcome(ok=False, error="nccl needs a KV secret")
-        try:
-            return transport.welcome(hello, self.kv)
-        except Exception as exc:  # a refusal, never a dead server
-            logger.warning("%s session setup failed: %s", hello.transport, exc)
-            return TransportWelcome(ok=False, error=str(exc))
+        if transport.needs_secret and not conn.proven:
+            # ipc maps the whole KV cache for the peer; an NCCL pair holds
+            # a GPU for it through a store anyone could join.
+            return TransportWelcome(
+                ok=False, error=f"{hello.transport} needs a KV secret"
+            )
+        setup = Setup(hello, transport)
+        if setup.key in self._setting_up:
+            return TransportWelcome(ok=False, error="session already being set up")
+        if not self._setups.submit(setup):
+            return TransportWelcome(ok=False, error="too many sessions being set up")
+        self._setting_up[setup.key] = setup
+        return setup
+
+    def _setup_finished(self, setup: Setup) -> None:
+        """The setup thread is done with ``setup``: reads of it go ahead."""
+        with self._lock:
+            if self._setting_up.get(setup.key) is setup:
+                del self._setting_up[setup.key]
 
     # ---- answers, in order, as far as they can go now ----
 
     def _progress(self, control_only: bool = False) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for conn in list(self._conns.values()):
+            sent = conn.channel.bytes_sent
             try:
                 self._answer(conn, control_only)
                 conn.channel.pump_out()
@@ -319,13 +407,21 @@ class KVServer:
                 logger.exception("Closing KV connection from %s", conn.peer)
                 self._drop(conn)
                 continue
-            if conn.nonce is not None and now > conn.deadline:
-                logger.warning(
-                    "Closing KV connection from %s: no proof in time", conn.peer
-                )
+            if conn.channel.bytes_sent != sent:
+                conn.last_active = now  # the peer takes its answers
+            if conn.nonce is not None and now > conn.opened_at + AUTH_SECONDS:
+                self._note_refusal(conn.peer, "no proof in time")
                 self._drop(conn)
-            elif now - conn.last_active > IDLE_CONNECTION_SECONDS and not conn.queue:
+            elif self._idle(conn, now):
                 self._drop(conn)
+
+    def _idle(self, conn: _Conn, now: float) -> bool:
+        """No request waits, and for too long the peer has neither asked
+        nor taken an answer's byte (a payload being taken keeps it)."""
+        if conn.queue:
+            return False  # each waits a bounded time (a grant, a setup)
+        limit = IDLE_CONNECTION_SECONDS if conn.proven else OPEN_IDLE_CONNECTION_SECONDS
+        return now - conn.last_active > limit
 
     def _answer(self, conn: _Conn, control_only: bool = False) -> None:
         while True:
@@ -340,12 +436,17 @@ class KVServer:
             if not conn.queue:
                 return
             head = conn.queue[0]
-            if isinstance(head, bytes):
-                conn.channel.send_raw(head)
+            if isinstance(head, Setup):
+                if head.welcome is None:
+                    return  # the setup thread is still making it
+                conn.channel.send(head.welcome)
+                head.mark_sent()
+            elif not isinstance(head, _Read):
+                conn.channel.send(head)
             elif control_only and not self._refused_now(conn, head):
                 return  # a real lease's read: the engine's thread serves it
             elif not control_only and not self._start_read(conn, head):
-                return  # its grant has not arrived yet
+                return  # its grant (or its session) is not ready yet
             conn.queue.popleft()
             if isinstance(head, _Read):
                 conn.queued_blocks -= len(head.message.block_ids)
@@ -354,10 +455,21 @@ class KVServer:
         """Refuse a read that opens no lease here without the engine."""
         try:
             self._check(read.message)
+            self._session_waits(read)
         except ReadRefused as exc:
             self._refuse(conn, read.message, exc)
             return True
         return False
+
+    def _session_waits(self, read: _Read) -> bool:
+        """Whether ``read`` names a session still being set up (it waits,
+        not long); one no setup knows is the transport's to refuse."""
+        key = (read.message.transport, read.message.session)
+        if key not in self._setting_up:
+            return False
+        if self._clock() - read.arrived_at > SESSION_WAIT_SECONDS:
+            raise ReadRefused(f"{key[0]} session {key[1]!r} not set up in time")
+        return True
 
     def _refuse(self, conn: _Conn, message: ReadBlocks, exc: ReadRefused) -> None:
         logger.debug("pdserve: refusing read of %s: %s", message.request_id, exc)
@@ -369,6 +481,8 @@ class KVServer:
         message = read.message
         try:
             transport = self._check(message)
+            if self._session_waits(read):
+                return False
             if (
                 self.leases.open_read(
                     message.request_id, message.prompt_hash, message.block_ids
@@ -441,7 +555,7 @@ class KVServer:
     def _grant_overdue(self, read: _Read) -> bool:
         return (
             self.leases.step - read.arrived_step > GRANT_WAIT_STEPS
-            or time.monotonic() - read.arrived_at > GRANT_WAIT_SECONDS
+            or self._clock() - read.arrived_at > GRANT_WAIT_SECONDS
         )
 
     # ---- for the worker's stats ----
@@ -459,5 +573,8 @@ class KVServer:
             return not any(c.queue or c.streaming for c in self._conns.values())
 
 
-def _encoded(message: Message) -> bytes:
-    return encode_frame(message)
+def _host(peer: object) -> str:
+    """The address part of an accepted peer's (address, port, ...)."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)

@@ -22,12 +22,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 # Releases kept for leases whose grant has not arrived yet; genuine ones
 # only (tokens are verified first), so this bounds a broken consumer.
 MAX_EARLY_RELEASES = 4096
+# Distinct consumer ranks a release can need (Release.needed's bound).
+MAX_RELEASERS = 1024
 
 
 class ReadRefused(Exception):
@@ -48,8 +50,9 @@ class Lease:
     held_until: float = 0.0
     released: bool = False
     # Consumer ranks that read this rank's part (TP sizes differ): the lease
-    # ends with the last one's release.
-    releases_seen: int = 0
+    # ends with the last one's release. A rank counts once, however often
+    # its release is sent (again after a broken connection).
+    released_by: set[str] = field(default_factory=set)
     releases_needed: int = 1
 
 
@@ -60,8 +63,8 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._early_releases: OrderedDict[str, float] = OrderedDict()
-        # (releases seen, releases needed) of each early release.
-        self._early_counts: dict[str, tuple[int, int]] = {}
+        # (consumer ranks that released, releases needed) of each early one.
+        self._early_counts: dict[str, tuple[set[str], int]] = {}
         # Ended leases and when they may be forgotten; insertion order is
         # forgetting order because the memory time is constant.
         self._ended: OrderedDict[str, float] = OrderedDict()
@@ -89,9 +92,9 @@ class LeaseTable:
             )
             self._leases[request_id] = lease
             if self._early_releases.pop(request_id, None) is not None:
-                seen, needed = self._early_counts.pop(request_id, (1, 1))
-                lease.releases_seen, lease.releases_needed = seen, needed
-                lease.released = seen >= needed
+                seen, needed = self._early_counts.pop(request_id, ({""}, 1))
+                lease.released_by, lease.releases_needed = seen, needed
+                lease.released = len(seen) >= needed
                 self._end_if_done(request_id, lease)
 
     # ---- reads ----
@@ -134,29 +137,35 @@ class LeaseTable:
 
     # ---- ends ----
 
-    def release(self, request_id: str, prompt_hash: str, needed: int = 1) -> bool:
-        """A consumer rank is done with the lease (the last of ``needed``
-        ranks that read it here ends it); True if it was live."""
+    def release(
+        self, request_id: str, prompt_hash: str, needed: int = 1, consumer: str = ""
+    ) -> bool:
+        """Consumer rank ``consumer`` is done with the lease (the last of
+        ``needed`` ranks that read it here ends it); True if it was live."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None:
                 if request_id not in self._ended:
-                    self._remember_early_release(request_id, needed)
+                    self._remember_early_release(request_id, needed, consumer)
                 return False
             if prompt_hash != lease.prompt_hash or lease.released:
                 return False
-            lease.releases_seen += 1
+            lease.released_by.add(consumer)
             lease.releases_needed = max(lease.releases_needed, needed)
-            if lease.releases_seen < lease.releases_needed:
+            if len(lease.released_by) < lease.releases_needed:
                 return True
             lease.released = True
             lease.held_until = 0.0
             self._end_if_done(request_id, lease)
             return True
 
-    def _remember_early_release(self, request_id: str, needed: int) -> None:
-        seen, before = self._early_counts.get(request_id, (0, 1))
-        self._early_counts[request_id] = (seen + 1, max(before, needed))
+    def _remember_early_release(
+        self, request_id: str, needed: int, consumer: str
+    ) -> None:
+        seen, before = self._early_counts.get(request_id, (set(), 1))
+        if len(seen) < MAX_RELEASERS:
+            seen.add(consumer)
+        self._early_counts[request_id] = (seen, max(before, needed))
         self._early_releases[request_id] = self._clock() + self._lease_seconds
         self._early_releases.move_to_end(request_id)
         while len(self._early_releases) > MAX_EARLY_RELEASES:

@@ -186,6 +186,7 @@ class ProducerPeer:
             self.kv,
             self.settings.transfer_timeout,
             self._secret,
+            consumer_id=self.consumer_id,
         )
         if release_only:
             # No reads: no transport session (nor a GPU mapping) for it.
@@ -230,7 +231,16 @@ class ProducerPeer:
     ) -> tuple[KVTransport, str]:
         """The best transport both ranks can use; tcp if the others fail.
         Some heads of each block move over tcp only."""
-        names = candidates(self.settings.transport, self.info, remote) if whole else []
+        names = (
+            candidates(
+                self.settings.transport,
+                self.info,
+                remote,
+                has_secret=self._secret is not None,
+            )
+            if whole
+            else []
+        )
         for name in names:
             transport = get_transport(name)
             try:

@@ -70,8 +70,18 @@ class Incoming(ABC):
 
 class KVTransport(ABC):
     name: ClassVar[str]
+    # The block bytes follow the ReadReply on the side channel (then, on a
+    # connection that proved the KV secret, a PayloadEnd covers them).
+    payload_on_channel: ClassVar[bool] = False
+    # Its sessions hand a peer the producer's memory or hold its GPU for
+    # the peer: only for peers that proved the KV secret.
+    needs_secret: ClassVar[bool] = False
 
     # ---- producer ----
+
+    # ``welcome`` and ``after_welcome`` run on the KV server's session-setup
+    # thread while the engine's thread serves reads and closes sessions:
+    # a transport's session table must be safe for both.
 
     def welcome(self, hello: TransportHello, kv: PagedKVCache) -> TransportWelcome:
         """Accept a consumer's session; the default transport needs none."""

@@ -10,6 +10,7 @@ its copy only well inside that hold.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -165,10 +166,16 @@ class _Copying(Incoming):
 
 class IpcTransport(KVTransport):
     name = "ipc"
+    # A session maps the producer's whole KV cache, read and write.
+    needs_secret = True
 
     def __init__(self) -> None:
+        # Producer: the export, made once by the session-setup thread.
         self._exported: list[dict[str, Any]] | None = None
+        # Consumer: mappings by session; pairing may add one while the
+        # engine's thread reads through another.
         self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
 
     # ---- producer ----
 
@@ -217,9 +224,11 @@ class IpcTransport(KVTransport):
             )
         try:
             layers = [import_tensor(e, index) for e in welcome.payload["layers"]]
-            self._sessions[session] = _Session(layers, kv)
+            mapped = _Session(layers, kv)
         except (RuntimeError, ValueError, ImportError) as exc:
             raise TransportUnavailable(f"mapping producer KV failed: {exc}") from exc
+        with self._lock:
+            self._sessions[session] = mapped
         return session
 
     def receive(
@@ -231,12 +240,15 @@ class IpcTransport(KVTransport):
         heads: HeadRange = None,
     ) -> Incoming:
         assert heads is None, "whole blocks only (moves_heads is False)"
-        mapped = self._sessions.get(session)
+        with self._lock:
+            mapped = self._sessions.get(session)
         if mapped is None:  # dropped while the read was on its way
             raise ConnectionError("ipc session is unknown")
         return _Copying(mapped, kv, remote_block_ids, local_block_ids)
 
     def drop_sessions(self) -> None:
-        for session in self._sessions.values():
+        with self._lock:
+            dropped = list(self._sessions.values())
+            self._sessions.clear()
+        for session in dropped:
             session.stream.synchronize()  # no copy may read an unmapped range
-        self._sessions.clear()

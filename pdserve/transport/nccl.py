@@ -151,6 +151,10 @@ class _Session:
         # One transfer at a time, in the order reads were answered: sends
         # and receives of the pair always match.
         self.queue: deque[_Chunked] = deque()
+        # A read's step on the engine's thread and closing from the session
+        # setup thread (a consumer's new session replaces this one) never
+        # interleave: closing frees the staging buffer a step writes.
+        self.lock = threading.RLock()
 
     def staged(self, num: int) -> list:
         shape = [(len(lay.segment_offsets), lay.segment_bytes) for lay in self.local]
@@ -181,21 +185,23 @@ class _Session:
             time.sleep(0.001)
 
     def abort(self, reason: str) -> None:
-        if not self.broken:
-            logger.warning("pdserve: NCCL pair session aborted: %s", reason)
-            self.broken = True
-            abort_group(self.group)
-        self.queue.clear()
+        with self.lock:
+            if not self.broken:
+                logger.warning("pdserve: NCCL pair session aborted: %s", reason)
+                self.broken = True
+                abort_group(self.group)
+            self.queue.clear()
 
     def close(self, reason: str) -> None:
         """Abort, and let go of the staging buffer and the store now: a read
         still holding the session sees it broken and never touches them."""
-        self.abort(reason)
-        # No gather or scatter of a read may still use the staging memory
-        # when the allocator hands it to someone else.
-        self.stream.synchronize()
-        self.staging = torch.empty(0, dtype=torch.uint8, device=self.kv.device)
-        self.store = None
+        with self.lock:
+            self.abort(reason)
+            # No gather or scatter of a read may still use the staging memory
+            # when the allocator hands it to someone else.
+            self.stream.synchronize()
+            self.staging = torch.empty(0, dtype=torch.uint8, device=self.kv.device)
+            self.store = None
 
 
 def _ids(block_ids: list[int] | range, device: torch.device) -> torch.Tensor:
@@ -250,6 +256,10 @@ class _Chunked:
 
 class _Sending(_Chunked, Outgoing):
     def advance(self) -> bool:
+        with self.session.lock:
+            return self._advance()
+
+    def _advance(self) -> bool:
         try:
             if not self._my_turn():
                 return False
@@ -285,6 +295,10 @@ class _Receiving(_Chunked, Incoming):
         self.scattered: torch.cuda.Event | None = None
 
     def poll(self) -> bool:
+        with self.session.lock:
+            return self._poll()
+
+    def _poll(self) -> bool:
         if not self._my_turn():
             return False
         if self.scattered is not None:
@@ -328,6 +342,7 @@ class _Receiving(_Chunked, Incoming):
 
 class NcclTransport(KVTransport):
     name = "nccl"
+    needs_secret = True
 
     def __init__(self, host: str = "0.0.0.0") -> None:
         self.host = host

@@ -35,6 +35,7 @@ class _Sending(Outgoing):
         self.heads = heads
         self.index = kv.index(block_ids)
         self.next_layer = 0
+        self.ended = False
         sizes = layer_sizes(kv, len(block_ids), heads)
         channel.send(ReadReply(ok=True, layer_nbytes=sizes))
         if not block_ids:
@@ -49,7 +50,12 @@ class _Sending(Outgoing):
             blocks = self.kv.gather(self.next_layer, self.index, self.heads).cpu()
             self.channel.send_raw(_byte_view(blocks))
             self.next_layer += 1
-        return self.next_layer == len(self.kv.layers)
+        if self.next_layer < len(self.kv.layers):
+            return False
+        if not self.ended:
+            self.ended = True
+            self.channel.end_payload()
+        return True
 
 
 class _Receiving(Incoming):
@@ -106,6 +112,7 @@ class _Receiving(Incoming):
 class TcpTransport(KVTransport):
     name = "tcp"
     moves_heads = True
+    payload_on_channel = True
 
     def serve(
         self,

@@ -5,12 +5,13 @@ every round it pumps the link (consumer step) and the server (producer step).
 
 from __future__ import annotations
 
+import socket
 import time
 
 import torch
 
 from pdserve.connector.consumer_rank import ConsumerRank
-from pdserve.connector.kv_client import LinkState, Load, ProducerLink
+from pdserve.connector.kv_client import LinkState, Load, ProducerLink, authenticate
 from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.connector.metadata import LoadSpec
@@ -18,7 +19,7 @@ from pdserve.connector.producer_peer import ProducerPeer, RankPair
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease, lease_token
 from pdserve.pairings import PairingTarget
-from pdserve.protocol import RankInfo, prompt_hash
+from pdserve.protocol import Message, RankInfo, prompt_hash, recv_message, send_message
 from pdserve.settings import ProducerAddress, Settings
 from pdserve.transport import get_transport
 from tests.eventually import eventually
@@ -60,6 +61,16 @@ def rank_info_for(kv: PagedKVCache, epoch: str = EPOCH) -> RankInfo:
     )  # fmt: skip
 
 
+class FakeClock:
+    """A monotonic clock a test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def start_server(
     kv: PagedKVCache,
     leases: LeaseTable | None = None,
@@ -67,6 +78,7 @@ def start_server(
     port: int = 0,
     epoch: str = EPOCH,
     node_key: bytes = NODE_KEY,
+    **kwargs,
 ) -> KVServer:
     """A server on a local port that moves blocks over tcp."""
     return KVServer(
@@ -78,7 +90,39 @@ def start_server(
         {"tcp": get_transport("tcp")},
         node_key=node_key,
         secret=secret,
+        **kwargs,
     )
+
+
+class Session:
+    """A blocking connection to a KV server, greeted (and, with a secret,
+    both proofs done): what it sends is tagged, what it receives checked."""
+
+    def __init__(self, port: int, secret: bytes | None = None, source: str = ""):
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port),
+            timeout=5,
+            source_address=(source, 0) if source else None,
+        )
+        macs = authenticate(self.sock, secret, time.monotonic() + 5)
+        self.sending, self.receiving = macs or (None, None)
+
+    def send(self, message: Message) -> None:
+        send_message(self.sock, message, self.sending)
+
+    def recv(self) -> Message:
+        return recv_message(
+            self.sock, deadline=time.monotonic() + 5, mac=self.receiving
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
 
 def make_lease(
@@ -108,7 +152,8 @@ def link_to(
     server: KVServer, kv: PagedKVCache, connect: bool = True, **kwargs
 ) -> ProducerLink:
     """A consumer link to ``server``, connected and greeted unless told not."""
-    link = ProducerLink("127.0.0.1", server.port, kv, timeout=5, **kwargs)
+    kwargs.setdefault("timeout", 5)
+    link = ProducerLink("127.0.0.1", server.port, kv, **kwargs)
     if connect:
         link.release(make_lease("warm-up", [0], server.port))
         pump(link, server, lambda _: link.state == LinkState.READY)
@@ -136,16 +181,21 @@ def pump(
     until,
     timeout: float = 10,
     producer_steps: bool = True,
+    on_step=None,
 ) -> list[Load]:
     """Run both engines' steps until ``until(finished)`` holds; the loads
-    that finished meanwhile."""
+    that finished meanwhile. ``on_step`` is told how long each producer
+    step took."""
     finished: list[Load] = []
     deadline = time.monotonic() + timeout
     while not until(finished):
         assert time.monotonic() < deadline, "side channel made no progress"
         finished += link.pump()
         if server is not None and producer_steps:
+            started = time.monotonic()
             server.step()
+            if on_step is not None:
+                on_step(time.monotonic() - started)
         time.sleep(0.001)
     return finished
 

@@ -1,22 +1,20 @@
 """The KV side channel's shared secret: a producer rank with a secret serves
 only peers that prove it, refuses the others one connection at a time, and
-both ends name the cause of a mismatch without revealing the secret."""
+both ends name the cause of a mismatch without revealing the secret. The
+producer proves it too, and every frame and payload after the proofs is
+tagged: a rogue producer or a relay can neither answer nor inject KV."""
 
 from __future__ import annotations
 
 import json
 import logging
 import socket
-import time
+import threading
 
 import pytest
 
-from pdserve.connector.kv_client import BlockingClient
-from pdserve.connector.kv_server import (
-    AUTH_SECONDS,
-    NONCE_BYTES,
-    KVServer,
-)
+from pdserve.connector.kv_client import BlockingClient, LinkState, ProducerLink, prove
+from pdserve.connector.kv_server import AUTH_SECONDS, KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.entrypoints.api_server import export_kv_secret
 from pdserve.entrypoints.cli_args import parse
@@ -24,17 +22,22 @@ from pdserve.entrypoints.middleware import node_metadata
 from pdserve.handshake import KVAuthError, check_kv_auth, wait_for_rank_info
 from pdserve.protocol import (
     MAX_UNAUTHENTICATED_FRAME_BYTES,
+    NONCE_BYTES,
     Ack,
     AuthProof,
     GetRankInfo,
     RankInfo,
     ServerHello,
-    auth_mac,
+    ServerProof,
+    client_mac,
     recv_message,
     send_message,
+    server_mac,
 )
 from pdserve.settings import KV_SECRET_ENV_VAR, Settings, kv_secret
 from tests.unit.side_channel import (
+    FakeClock,
+    Session,
     blocks_equal,
     empty_like,
     link_to,
@@ -42,6 +45,7 @@ from tests.unit.side_channel import (
     make_lease,
     paged_kv,
     pump,
+    rank_info_for,
     start_server,
 )
 
@@ -149,14 +153,42 @@ def test_request_without_proof_gets_nothing(server):
 def test_replayed_proof_refused(server):
     """A proof is bound to its connection's nonce: recording one is useless."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
-        recorded = AuthProof(auth_mac(SECRET, hello(conn).nonce))
+        greeting = hello(conn)
+        recorded, nonce = prove(SECRET, greeting.nonce)
         send_message(conn, recorded)
-        assert recv_message(conn) == Ack(ok=True)
+        expected = server_mac(SECRET, greeting.nonce, nonce)
+        assert recv_message(conn) == ServerProof(expected)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
         assert hello(conn).nonce != b""
         send_message(conn, recorded)
         assert recv_message(conn) == Ack(ok=False, error="KV secret rejected")
         assert closed(conn)
+
+
+@pytest.mark.parametrize("nonce", [b"", b"n" * 16, b"n" * 64], ids=len)
+def test_proof_with_a_client_nonce_of_another_length_refused(server, nonce):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+        mac = client_mac(SECRET, hello(conn).nonce, nonce)
+        send_message(conn, AuthProof(mac, nonce))
+        assert recv_message(conn) == Ack(ok=False, error="KV secret rejected")
+    assert serves_right_secret(server.port)
+
+
+def test_server_proof_does_not_pass_for_a_client_proof():
+    nonces = b"s" * NONCE_BYTES, b"c" * NONCE_BYTES
+    assert client_mac(SECRET, *nonces) != server_mac(SECRET, *nonces)
+    assert client_mac(SECRET, *nonces) != client_mac(b"other", *nonces)
+
+
+def test_frames_without_their_tag_are_refused_after_the_proofs(server):
+    """Someone who takes over a proven connection (it cannot make the tags)
+    gets nothing: the connection closes, the server serves on."""
+    with Session(server.port, SECRET) as session:
+        send_message(session.sock, GetRankInfo())  # untagged
+        assert closed(session.sock)
+    with Session(server.port, SECRET) as session:
+        session.send(GetRankInfo())
+        assert isinstance(session.recv(), RankInfo)
 
 
 def test_unauthenticated_peer_may_send_only_tiny_frames(server):
@@ -168,29 +200,25 @@ def test_unauthenticated_peer_may_send_only_tiny_frames(server):
     assert serves_right_secret(server.port)
 
 
-def test_authentication_has_one_deadline(server, monkeypatch):
+def test_authentication_has_one_short_deadline(closing):
     """A peer that trickles bytes never finishes proving: the connection is
     closed once its one deadline passes, however active it is."""
-    import pdserve.connector.kv_server as kv_server
-
-    monkeypatch.setattr(kv_server, "AUTH_SECONDS", 0.5)
-    restarted = serve(SECRET)
-    try:
-        with socket.create_connection(("127.0.0.1", restarted.port), timeout=5) as c:
-            hello(c)
-            started = time.monotonic()
-            gone = False
-            while time.monotonic() - started < 5 and not gone:
-                try:
-                    c.sendall(b"\x00")  # part of a length prefix, never a frame
-                    time.sleep(0.1)
-                except OSError:
-                    gone = True
-            assert gone or closed(c)
-            assert time.monotonic() - started < 3
-    finally:
-        restarted.close()
-    assert AUTH_SECONDS >= 1  # the module default stays sane
+    clock = FakeClock()
+    kv_server = start_server(paged_kv(), secret=SECRET, clock=clock)
+    closing(kv_server)
+    with socket.create_connection(("127.0.0.1", kv_server.port), timeout=5) as c:
+        hello(c)
+        kv_server.step()
+        for _ in range(3):
+            c.sendall(b"\x00")  # part of a length prefix, never a frame
+            clock.now += AUTH_SECONDS / 3 - 0.01
+            kv_server.step()
+            assert kv_server._conns
+        clock.now += 0.05
+        kv_server.step()
+        assert not kv_server._conns
+        assert closed(c)
+    assert 1 <= AUTH_SECONDS <= 3  # a consumer proves within a round trip
 
 
 def test_refusal_logged_without_the_secret(server, caplog):
@@ -261,3 +289,134 @@ def test_secret_stays_out_of_settings(monkeypatch):
 def test_empty_secret_means_none(monkeypatch):
     monkeypatch.setenv(KV_SECRET_ENV_VAR, "")
     assert kv_secret() is None
+
+
+# ---- the producer proves the secret too ----
+
+
+class RogueProducer:
+    """Listens like a producer rank but knows no secret: it greets, takes
+    any proof and answers ``reply``, then serves rank info to anyone."""
+
+    def __init__(self, reply) -> None:
+        self.reply = reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.proofs = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    send_message(conn, ServerHello(auth=True, nonce=b"n" * NONCE_BYTES))
+                    recv_message(conn)
+                    self.proofs += 1
+                    send_message(conn, self.reply)
+                    recv_message(conn)
+                    send_message(conn, rank_info_for(paged_kv()))
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Ack(ok=True), ServerProof(b"x" * 32), ServerProof(b"")],
+    ids=["plain-ack", "forged-proof", "empty-proof"],
+)
+def test_consumer_refuses_a_producer_that_cannot_prove_the_secret(closing, reply):
+    rogue = RogueProducer(reply)
+    closing(rogue)
+    with pytest.raises(KVAuthError, match="did not prove the KV secret"):
+        client(rogue.port, SECRET).rank_info()
+
+    mine = empty_like(paged_kv())
+    link = ProducerLink("127.0.0.1", rogue.port, mine, timeout=5, secret=SECRET)
+    closing(link)
+    link.submit(load_of(make_lease("req", [1, 2], rogue.port), [5, 6]))
+    (load,) = pump(link, None, lambda f: len(f) == 1)
+    assert "did not prove the KV secret" in load.error
+    assert link.state == LinkState.IDLE
+    assert rogue.proofs == 2
+    assert not any(layer.any() for layer in mine.layers)
+
+
+class Relay:
+    """Passes bytes between a consumer and a producer rank; with
+    ``flip_at``, flips the producer's byte at that offset of its stream."""
+
+    def __init__(self, port: int, flip_at: int | None = None) -> None:
+        self.upstream = port
+        self.flip_at = flip_at
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(
+                target=self._copy, args=(down, up, None), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._copy, args=(up, down, self.flip_at), daemon=True
+            ).start()
+
+    @staticmethod
+    def _copy(src: socket.socket, dst: socket.socket, flip_at: int | None) -> None:
+        offset = 0
+        try:
+            while data := bytearray(src.recv(1 << 16)):
+                if flip_at is not None and offset <= flip_at < offset + len(data):
+                    data[flip_at - offset] ^= 0x01
+                offset += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def read_through(server: KVServer, relay: Relay, closing):
+    mine = empty_like(server.kv)
+    link = ProducerLink("127.0.0.1", relay.port, mine, timeout=5, secret=SECRET)
+    closing(link)
+    link.submit(load_of(make_lease("req", [1, 2], server.port), [5, 6]))
+    (load,) = pump(link, server, lambda f: len(f) == 1)
+    return load, mine
+
+
+def test_a_relay_can_only_pass_bytes_through_unchanged(server, closing):
+    relay = Relay(server.port)
+    closing(relay)
+    load, mine = read_through(server, relay, closing)
+    assert load.error is None
+    assert blocks_equal(server.kv, [1, 2], mine, [5, 6])
+
+
+def test_a_changed_payload_byte_fails_the_load(server, closing):
+    """The consumer notices at the payload's end frame: the load fails (its
+    blocks are recomputed) and the connection closes."""
+    relay = Relay(server.port, flip_at=1000)  # past the proofs, in the payload
+    closing(relay)
+    load, _ = read_through(server, relay, closing)
+    assert "integrity" in load.error
+    assert serves_right_secret(server.port)

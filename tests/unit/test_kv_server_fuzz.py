@@ -14,25 +14,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.connector.kv_client import BlockingClient
-from pdserve.connector.kv_server import MAX_CONNECTIONS, KVServer
+from pdserve.connector.kv_server import MAX_CONNECTIONS_PER_PEER, KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import (
     MAX_FRAME_BYTES,
     MAX_READ_BLOCKS,
-    Ack,
-    AuthProof,
     GetRankInfo,
     ReadBlocks,
     ReadReply,
     Release,
     ServerHello,
     TransportHello,
-    auth_mac,
     recv_message,
-    send_message,
 )
-from tests.unit.side_channel import make_lease, start_server
+from tests.unit.side_channel import Session, make_lease, start_server
 
 SECRET = b"fuzz-secret"
 
@@ -122,16 +118,6 @@ def test_wrong_message_type_closes_connection(server):
     assert still_serves(server.port)
 
 
-def authenticated(port: int, secret: bytes | None) -> socket.socket:
-    conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-    greeting = recv_message(conn)
-    assert isinstance(greeting, ServerHello)
-    if secret is not None:
-        send_message(conn, AuthProof(auth_mac(secret, greeting.nonce)))
-        assert recv_message(conn) == Ack(ok=True)
-    return conn
-
-
 texts = st.text(max_size=40)  # non-ASCII included
 block_lists = st.one_of(
     st.lists(st.integers(0, 10), max_size=20),  # duplicates, real blocks
@@ -140,7 +126,7 @@ block_lists = st.one_of(
 )
 messages = st.one_of(
     st.builds(ReadBlocks, texts, texts, texts, block_lists, texts, texts),
-    st.builds(Release, texts, texts, texts),
+    st.builds(Release, texts, texts, texts, st.integers(1, 1024), texts),
     st.builds(ReadBlocks, st.just("req"), texts, texts, block_lists),
     st.builds(TransportHello, texts, texts),
     st.just(GetRankInfo()),
@@ -158,10 +144,11 @@ def test_authenticated_garbage_leaves_leases_and_server_intact(any_server, sent)
     hellos (non-ASCII, duplicate, huge block lists) gets refusals or nothing:
     the real lease stays, the server keeps serving."""
     kv_server, secret = any_server
-    with authenticated(kv_server.port, secret) as conn:
+    with Session(kv_server.port, secret) as session:
+        conn = session.sock
         for message in sent:
             try:
-                send_message(conn, message)
+                session.send(message)
             except OSError:
                 break
         conn.shutdown(socket.SHUT_WR)
@@ -177,13 +164,13 @@ def test_authenticated_garbage_leaves_leases_and_server_intact(any_server, sent)
 
 def test_huge_read_of_a_real_lease_refused():
     for kv_server in serve(None):
-        with authenticated(kv_server.port, None) as conn:
+        with Session(kv_server.port) as session:
             lease = make_lease("req", [1, 2], kv_server.port)
             read = ReadBlocks(
                 "req", lease.token, lease.prompt_hash, list(range(MAX_READ_BLOCKS))
             )
-            send_message(conn, read)
-            reply = recv_message(conn)
+            session.send(read)
+            reply = session.recv()
         assert isinstance(reply, ReadReply) and not reply.ok
         assert "more blocks than the lease" in reply.error
 
@@ -191,7 +178,7 @@ def test_huge_read_of_a_real_lease_refused():
 def test_connection_flood_is_capped_and_recovers(server):
     flood = []
     try:
-        for _ in range(MAX_CONNECTIONS + 20):
+        for _ in range(MAX_CONNECTIONS_PER_PEER + 20):
             flood.append(socket.create_connection(("127.0.0.1", server.port), 5))
         # Connections beyond the cap are closed at once, without a greeting.
         refused = 0

@@ -208,17 +208,33 @@ def test_steps_are_counted(table):
 def test_lease_read_by_several_consumer_ranks_ends_with_the_last_release(table):
     """TP 1 producer, TP 2 consumer: both consumer ranks read and release."""
     table.grant("r", [1, 2], H)
-    assert table.release("r", H, needed=2)
+    assert table.release("r", H, needed=2, consumer="c/0")
     assert table.pop_finished() == (set(), 0)
     assert table.open_read("r", H, [1, 2]) is Verdict.READY  # the second rank
     table.close_read("r")
-    table.release("r", H, needed=2)
+    table.release("r", H, needed=2, consumer="c/1")
     assert table.pop_finished() == ({"r"}, 0)
 
 
 def test_early_releases_of_several_ranks_count_when_the_grant_comes(table):
-    table.release("r", H, needed=2)
+    table.release("r", H, needed=2, consumer="c/0")
     table.grant("r", [1], H)
     assert table.pop_finished() == (set(), 0)
-    table.release("r", H, needed=2)
+    table.release("r", H, needed=2, consumer="c/1")
+    assert table.pop_finished() == ({"r"}, 0)
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["granted", "early"])
+def test_a_release_sent_again_counts_once(table, early):
+    """A consumer rank sends its release again after its connection broke
+    (it may have arrived): the lease still waits for the other rank."""
+    if not early:
+        table.grant("r", [1], H)
+    for _ in range(3):
+        table.release("r", H, needed=2, consumer="c/0")
+    if early:
+        table.grant("r", [1], H)
+    assert table.pop_finished() == (set(), 0)
+    assert len(table) == 1
+    table.release("r", H, needed=2, consumer="c/1")
     assert table.pop_finished() == ({"r"}, 0)

@@ -15,20 +15,28 @@ from hypothesis import strategies as st
 from pdserve.protocol import (
     MAX_FRAME_BYTES,
     MAX_READ_BLOCKS,
+    NONCE_BYTES,
     Ack,
+    AuthProof,
+    FrameBuffer,
     GetRankInfo,
+    IntegrityError,
     LayerInfo,
+    PayloadEnd,
     ProtocolError,
     RankInfo,
     ReadBlocks,
     ReadReply,
     Release,
+    ServerProof,
+    StreamMac,
     TransportHello,
     decode_body,
     encode_frame,
     prompt_hash,
     recv_message,
     send_message,
+    session_macs,
 )
 
 TIMEOUT = 5.0
@@ -65,6 +73,10 @@ MESSAGES = [
     ReadReply(ok=True, layer_nbytes=[1], hold_seconds=30.0),
     ReadReply(ok=False, error="unknown lease 'x'"),
     Release(request_id="r-ü", token="t", prompt_hash="h"),
+    Release(request_id="r", token="t", prompt_hash="h", needed=2, consumer="c/1"),
+    AuthProof(mac=b"m" * 32, nonce=b"n" * NONCE_BYTES),
+    ServerProof(mac=b"m" * 32),
+    PayloadEnd(),
     Ack(ok=True),
     Ack(ok=False, error="nope"),
     TransportHello("nccl", "0123abcd", consumer_id="a1b2c3/1"),
@@ -336,3 +348,91 @@ def test_rank_info_without_pci_bus_id_decodes_both_ways():
 
     newer = msgspec.msgpack.decode(encode_frame(info)[4:], type=OlderRankInfo)
     assert newer.device_uuid == "GPU-1"
+
+
+# ---- tagged frames (a connection that proved the KV secret) ----
+
+KEY = b"k" * 32
+REPLY = ReadReply(ok=True, layer_nbytes=[3])
+
+
+def sealed(*parts) -> bytes:
+    """Frames and raw byte runs as a sender tags them."""
+    mac, out = StreamMac(KEY), b""
+    for part in parts:
+        if isinstance(part, bytes):
+            mac.absorb(part)
+            out += part
+        else:
+            out += encode_frame(part, mac)
+    return out
+
+
+def receiver(data: bytes, mac: StreamMac | None = None) -> FrameBuffer:
+    frames = FrameBuffer()
+    frames.mac = mac or StreamMac(KEY)
+    frames.feed(data)
+    return frames
+
+
+def read_reply_and_payload(frames: FrameBuffer) -> list:
+    reply = frames.next_message()
+    view = memoryview(bytearray(3))
+    frames.take_raw(view)
+    return [reply, bytes(view), frames.next_message()]
+
+
+def test_tagged_frames_and_payload_round_trip():
+    frames = receiver(sealed(REPLY, b"abc", PayloadEnd()))
+    assert read_reply_and_payload(frames) == [REPLY, b"abc", PayloadEnd()]
+
+
+@pytest.mark.parametrize("where", ["frame", "payload", "end"])
+def test_a_changed_byte_fails_the_integrity_check(where):
+    data = bytearray(sealed(REPLY, b"abc", PayloadEnd()))
+    reply_bytes = len(encode_frame(REPLY, StreamMac(KEY)))
+    data[{"frame": 8, "payload": reply_bytes + 1, "end": len(data) - 1}[where]] ^= 1
+    with pytest.raises(IntegrityError):
+        read_reply_and_payload(receiver(bytes(data)))
+
+
+@pytest.mark.parametrize("order", [(1, 0), (0, 0), (1,)], ids=str)
+def test_replayed_dropped_or_reordered_frames_fail(order):
+    mac = StreamMac(KEY)
+    frames = [encode_frame(Ack(ok=True), mac), encode_frame(Ack(ok=False), mac)]
+    buffer = receiver(b"".join(frames[i] for i in order))
+    with pytest.raises(IntegrityError):
+        for _ in order:
+            buffer.next_message()
+    buffer = receiver(b"".join(frames))
+    assert [buffer.next_message(), buffer.next_message()] == [
+        Ack(ok=True),
+        Ack(ok=False),
+    ]
+
+
+def test_an_untagged_frame_is_refused_once_tags_are_on():
+    with pytest.raises(ProtocolError):
+        receiver(encode_frame(Ack(ok=True))).next_message()
+
+
+def test_each_direction_has_its_own_key():
+    nonces = b"s" * NONCE_BYTES, b"c" * NONCE_BYTES
+    server_sends, server_receives = session_macs(KEY, *nonces, server=True)
+    client_sends, _ = session_macs(KEY, *nonces, server=False)
+    frame = encode_frame(Ack(ok=True), client_sends)
+    assert receiver(frame, server_receives).next_message() == Ack(ok=True)
+    # What the server sent cannot be reflected back to it as the client's.
+    echoed = encode_frame(Ack(ok=True), server_sends)
+    _, fresh_receives = session_macs(KEY, *nonces, server=True)
+    with pytest.raises(IntegrityError):
+        receiver(echoed, fresh_receives).next_message()
+
+
+def test_blocking_helpers_tag_and_check(pair):
+    a, b = pair
+    send_message(a, Ack(ok=True), StreamMac(KEY))
+    assert recv_message(b, mac=StreamMac(KEY)) == Ack(ok=True)
+    send_message(a, Ack(ok=True))
+    with pytest.raises(ProtocolError):
+        recv_message(b, mac=StreamMac(KEY))

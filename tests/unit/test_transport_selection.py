@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from types import SimpleNamespace
 
@@ -77,7 +78,24 @@ def gpus(monkeypatch) -> list[tuple[str, str]]:
     ],
 )
 def test_candidates(requested, local, remote, expected):
-    assert candidates(requested, local, remote) == expected
+    assert candidates(requested, local, remote, has_secret=True) == expected
+
+
+def test_auto_without_a_secret_moves_over_tcp_and_says_why_once(monkeypatch, caplog):
+    """Producers refuse ipc and nccl to peers that proved no KV secret:
+    ``auto`` does not try them, and says once how to enable them."""
+    import pdserve.transport as transport
+
+    monkeypatch.setattr(transport, "_told_no_secret", False)
+    same_host = info("cuda", "h1"), info("cuda", "h1")
+    with caplog.at_level(logging.WARNING, logger="pdserve"):
+        for _ in range(3):
+            assert candidates("auto", *same_host, has_secret=False) == ["tcp"]
+            assert candidates("auto", info("cuda", "h1"), info("cuda", "h2"),
+                              has_secret=False) == ["tcp"]  # fmt: skip
+    assert caplog.text.count("--kv-secret") == 1
+    # Asked for by name, it is still tried (and refused by the producer).
+    assert candidates("ipc", *same_host, has_secret=False) == ["ipc", "tcp"]
 
 
 @pytest.mark.parametrize(
@@ -92,12 +110,13 @@ def test_candidates(requested, local, remote, expected):
 )
 def test_producer_gpu_not_told_apart_means_no_ipc(remote_gpu):
     local, remote = info("cuda", "h1", GPU1), info("cuda", "h1", remote_gpu)
-    assert candidates("auto", local, remote) == ["nccl", "tcp"]
+    assert candidates("auto", local, remote, has_secret=True) == ["nccl", "tcp"]
 
 
 def test_own_gpu_without_uuid_means_no_ipc():
     local = info("cuda", "h1", ("", GPU1[1]))
-    assert candidates("auto", local, info("cuda", "h1")) == ["nccl", "tcp"]
+    remote = info("cuda", "h1")
+    assert candidates("auto", local, remote, has_secret=True) == ["nccl", "tcp"]
 
 
 def test_duplicate_uuid_means_no_ipc(gpus):
@@ -106,7 +125,7 @@ def test_duplicate_uuid_means_no_ipc(gpus):
     shared = GPU0[0]
     gpus[1] = (shared, GPU1[1])
     local, remote = info("cuda", "h1", gpus[1]), info("cuda", "h1", gpus[0])
-    assert candidates("auto", local, remote) == ["nccl", "tcp"]
+    assert candidates("auto", local, remote, has_secret=True) == ["nccl", "tcp"]
     assert devices.local_index_of(*GPU0) is None
     assert devices.device_uuid(torch.device("cuda", 0)) == ""
     assert devices.device_pci_bus_id(torch.device("cuda", 0)) == GPU0[1]
@@ -174,6 +193,20 @@ def test_consumer_rank_names_itself_in_its_hello(monkeypatch):
     peer = producer_peer("tcp")
     peer._open_transport(None, info("cuda", "h"), whole=True)
     assert said == [f"{peer.settings.instance_id}/0"]
+
+
+def test_consumer_without_a_secret_asks_for_no_gpu_direct_transport(monkeypatch):
+    import pdserve.connector.producer_peer as consumer_module
+
+    asked = []
+    monkeypatch.setattr(
+        consumer_module,
+        "get_transport",
+        lambda name: asked.append(name) or TcpTransport(),
+    )
+    peer = producer_peer("auto")  # no secret; same host, GPU visible
+    peer._open_transport(None, info("cuda", "h"), whole=True)
+    assert asked == ["tcp"]
 
 
 def test_failed_transport_falls_back_to_tcp_and_is_counted(monkeypatch):
@@ -369,6 +402,18 @@ def test_copies_failing_in_a_row_move_the_rank_to_tcp(paired):
     assert blocks_equal(server.kv, [20], rank.kv, [20])
 
 
+def test_a_copy_that_fails_while_polled_releases_its_lease(paired):
+    """The producer lets the blocks go now, not when the lease expires."""
+    server, rank = paired
+    assert "ipc copy failed: HIP error" in pull(server, rank, 3)
+    deadline = time.monotonic() + 5
+    while len(server.leases):
+        assert time.monotonic() < deadline, "lease kept until it expires"
+        rank.poll()
+        server.step()
+    assert server.leases.take_released() == 1
+
+
 def test_a_good_copy_starts_the_count_again(paired):
     server, rank = paired
     pair = only_pair(rank)
@@ -400,6 +445,8 @@ def test_failures_that_are_not_the_copys_do_not_count(paired):
 
 class SessionGone(CopyFailing):
     """Its session was dropped under a read in flight: no copy can start."""
+
+    payload_on_channel = False  # served by the real IpcTransport below
 
     def receive(self, kv, remote_block_ids, local_block_ids, session, heads=None):
         raise ConnectionError("ipc session is unknown")

@@ -4,6 +4,7 @@ staging buffer, store), and the sessions stay bounded."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -91,6 +92,23 @@ def test_closed_session_is_closed_once_and_forgets_its_consumer():
         "close pair 2: producer shutting down",
     ]
     assert len(sessions) == 0
+
+
+def test_sessions_close_outside_the_tables_lock():
+    """Closing waits for the session's GPU work (from the setup thread):
+    meanwhile the engine's thread must still look sessions up."""
+    looked_up: list[str | None] = []
+    sessions: SessionTable[str] = SessionTable(
+        lambda state, reason: looked_up.append(sessions.get("s2")), 8
+    )
+    sessions.add("s1", "consumer-a/0", "pair 1")
+    worker = threading.Thread(
+        target=sessions.add, args=("s2", "consumer-a/0", "pair 2"), daemon=True
+    )
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "closing held the table's lock"
+    assert looked_up == ["pair 2"]
 
 
 # ---- the NCCL producer, without NCCL: its store, group and session faked ----
