@@ -1,25 +1,28 @@
 """Where to prefill a request: on this consumer, or on a producer.
 
-A remote prefill costs a fixed overhead the local one does not — the
-producer call (both HTTP layers, the network) and pulling the KV — and saves
-the consumer the prefill's compute, which would otherwise stall its running
-decodes. So: prefill locally when the tokens this node would have to compute
-(prompt tokens minus its own prefix-cache hit) cost no more here than the
-remote overhead would add, or when every producer is saturated and this
-node has room; otherwise remotely.
+A remote prefill costs the request a fixed overhead the local one does not
+(the producer call: both HTTP layers, the network, the producer's queue)
+plus the producer's prefill; its KV is pulled after its first token went
+out. A local prefill costs the request this node's prefill, and costs every
+request this node is decoding as much again: its tokens join their steps
+(chunked prefill spreads them, it does not remove them). So, in client
+seconds, for a prompt of n new tokens with R other requests running here:
 
-The model, from measured rates only (``CostEstimator``):
+    local(n)  = a * n * (1 + R)     a: this node's prefill seconds per token
+    remote(n) = c + (p + t) * n     c: producer call overhead and queue,
+                                    p: producer prefill s/token,
+                                    t: KV pull s/token (it delays token 2
+                                       and the steps that copy it)
+    threshold = c / (a * (1 + R) - p - t)   (local(n) <= remote(n) below it)
 
-    local(n)  = a * n              a: this node's prefill seconds per token
-    remote(n) = c + t * n          c: producer call overhead (call time less
-                                      the producer engine's queue and
-                                      prefill), t: KV transfer s/token
-    threshold = c / (a - t)        (local(n) <= remote(n) for n <= threshold)
-
-clamped to [floor, ceiling]; one block until both sides have been measured.
-``--local-prefill-max-tokens`` (``fixed_threshold``) overrides it; 0 turns the
-short-prompt rule off. Reasons are the ``reason`` label of
-``pdserve:local_prefills_total``.
+clamped to [floor, ceiling]; the ceiling when the denominator is not
+positive (an idle node with a producer no faster than itself: the hop only
+adds), one block until a and c have been measured. With the first token
+from the producer, a lone request on an idle consumer is fastest here, and
+the threshold falls as this node gets busy: the busier, the more a local
+prefill costs the requests it already serves. ``--local-prefill-max-tokens``
+(``fixed_threshold``) overrides it; 0 turns the short-prompt rule off.
+Reasons are the ``reason`` label of ``pdserve:local_prefills_total``.
 """
 
 from __future__ import annotations
@@ -107,16 +110,18 @@ class _Mean:
 
 
 class CostEstimator:
-    """Learns a, c and t online and turns them into the short-prompt threshold.
+    """Learns a, c, p and t online and turns them into the short-prompt
+    threshold for a node with R requests running.
 
     Feed it from the HTTP layer:
     - ``observe_local(new_tokens, seconds)``: a request this node prefilled
       itself, ``seconds`` from handing it to vLLM to its first token (its
       TTFT here: includes this node's queue, which is what a local prefill
       costs the client);
-    - ``observe_remote(call_seconds, queue_seconds, prefill_seconds)``: a
-      producer call and the lease's producer_queue/prefill_seconds;
-    - ``observe_transfer(tokens, seconds)``: a KV pull, when known.
+    - ``observe_remote(call_seconds, queue_seconds, prefill_seconds, tokens)``:
+      a producer call and the lease's producer_queue/prefill_seconds;
+    - ``observe_transfer(tokens, seconds)``: KV pulled (from the engine's
+      transfer metrics).
     Thread-safe.
     """
 
@@ -139,6 +144,7 @@ class CostEstimator:
         self.min_samples = min_samples
         self._local = _Ewma(alpha)
         self._transfer = _Ewma(alpha)
+        self._producer_prefill = _Ewma(alpha)
         self._overhead = _Mean(alpha)
         self._lock = threading.Lock()
 
@@ -148,13 +154,19 @@ class CostEstimator:
                 self._local.add(seconds, new_tokens)
 
     def observe_remote(
-        self, call_seconds: float, queue_seconds: float, prefill_seconds: float
+        self,
+        call_seconds: float,
+        queue_seconds: float,
+        prefill_seconds: float,
+        tokens: int = 0,
     ) -> None:
+        """The call's overhead is the call less the producer's prefill (its
+        queue is part of what a remote prefill costs)."""
         if call_seconds > 0:
             with self._lock:
-                self._overhead.add(
-                    max(0.0, call_seconds - queue_seconds - prefill_seconds)
-                )
+                self._overhead.add(max(0.0, call_seconds - prefill_seconds))
+                if tokens > 0 and prefill_seconds > 0:
+                    self._producer_prefill.add(prefill_seconds, tokens)
 
     def observe_transfer(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds >= 0:
@@ -162,21 +174,25 @@ class CostEstimator:
                 self._transfer.add(seconds, tokens)
 
     def rates(self) -> dict[str, float | None]:
-        """a (local s/token), c (remote overhead s), t (transfer s/token)."""
+        """a (local s/token), c (remote overhead s), p (producer prefill
+        s/token), t (transfer s/token)."""
         with self._lock:
             return {
                 "local_seconds_per_token": self._local.value(),
                 "remote_overhead_seconds": self._overhead.mean,
+                "producer_seconds_per_token": self._producer_prefill.value(),
                 "transfer_seconds_per_token": self._transfer.value(),
             }
 
-    def threshold(self) -> int:
-        """New tokens up to which a local prefill is no slower than a remote one."""
+    def threshold(self, running: int = 0) -> int:
+        """New tokens up to which a local prefill costs no more than a
+        remote one, with ``running`` other requests decoding here."""
         if self.fixed_threshold != AUTOMATIC:
             return self.fixed_threshold
         with self._lock:
             a = self._local.value()
             c = self._overhead.mean
+            p = self._producer_prefill.value() or 0.0
             t = self._transfer.value() or 0.0
             measured = (
                 self._local.samples >= self.min_samples
@@ -184,7 +200,8 @@ class CostEstimator:
             )
         if not measured or a is None or c is None:
             return self.floor
-        if a <= t:
-            # Pulling a token costs more than computing it: local always wins.
+        gain = a * (1 + max(0, running)) - p - t
+        if gain <= 0:
+            # Nothing saved per token by going remote: local up to the cap.
             return self.ceiling
-        return round(min(self.ceiling, max(self.floor, c / (a - t))))
+        return round(min(self.ceiling, max(self.floor, c / gain)))

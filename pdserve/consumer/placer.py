@@ -43,6 +43,7 @@ class Placer:
         self._started = False
         self.inflight = 0  # requests this node serves now
         self.max_inflight = 0  # its engine's --max-num-seqs, once known
+        self._transfers = TransferMeter(DEFAULT_BLOCK_SIZE)
 
     def _start(self, scope: dict) -> None:
         """On the first request: vLLM's app state is there by now."""
@@ -53,6 +54,7 @@ class Placer:
             self.estimator = CostEstimator(
                 int(block_size), fixed_threshold=self.settings.local_prefill_max_tokens
             )
+            self._transfers = TransferMeter(int(block_size))
         scheduler = getattr(config, "scheduler_config", None)
         self.max_inflight = int(getattr(scheduler, "max_num_seqs", 0) or 0)
         if self.settings.kv_events:
@@ -109,10 +111,12 @@ class Placer:
         salt = payload.get("cache_salt")
         if self.index is not None and (salt is None or isinstance(salt, str)):
             cached = self.index.cached_tokens(ids, salt)
+        self._transfers.sample(self.estimator)
         decision = decide(
             len(ids),
             cached,
-            self.estimator.threshold(),
+            # The others this node serves (this request counts in inflight).
+            self.estimator.threshold(running=max(0, self.inflight - 1)),
             producers_saturated=saturated,
             inflight=self.inflight,
             max_inflight=self.max_inflight,
@@ -123,7 +127,10 @@ class Placer:
 
     def observe_remote(self, seconds: float, lease: Lease) -> None:
         self.estimator.observe_remote(
-            seconds, lease.producer_queue_seconds, lease.producer_prefill_seconds
+            seconds,
+            lease.producer_queue_seconds,
+            lease.producer_prefill_seconds,
+            lease.num_prompt_tokens,
         )
 
     def timed_local(self, send: Any, new_tokens: int, streamed: bool) -> Any:
@@ -146,6 +153,43 @@ class Placer:
             await send(message)
 
         return timed
+
+
+class TransferMeter:
+    """The KV pull rate (seconds per token), from the engine's own transfer
+    metrics in this process's Prometheus registry (the connector's stats
+    land there): new pulls since the last sample, at most every
+    ``every`` samples."""
+
+    def __init__(self, block_size: int, every: int = 64) -> None:
+        self.block_size = block_size
+        self.every = every
+        self._calls = 0
+        self._seconds = 0.0
+        self._blocks = 0.0
+
+    def sample(self, estimator: CostEstimator) -> None:
+        self._calls += 1
+        if self._calls % self.every:
+            return
+        seconds = _registry_value("pdserve:kv_transfer_seconds_sum")
+        blocks = _registry_value("pdserve:kv_blocks_received_total")
+        if blocks > self._blocks and seconds >= self._seconds:
+            tokens = int((blocks - self._blocks) * self.block_size)
+            estimator.observe_transfer(tokens, seconds - self._seconds)
+        self._seconds, self._blocks = seconds, blocks
+
+
+def _registry_value(name: str) -> float:
+    """The sum of a sample over every label set in the default registry."""
+    from prometheus_client import REGISTRY
+
+    total = 0.0
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                total += sample.value
+    return total
 
 
 def _keyed_beyond_tokens(payload: dict[str, Any]) -> bool:

@@ -50,15 +50,30 @@ def test_startup_default_is_one_block():
 
 
 def test_threshold_from_measurements():
+    """local = a n (1 + R), remote = c + (p + t) n: the threshold c / (a (1 +
+    R) - p - t) falls as this node gets busier."""
     est = CostEstimator(block_size=16, min_samples=2)
     for _ in range(3):
         est.observe_local(1000, 1.0)  # a = 1 ms/token
-        est.observe_remote(0.30, queue_seconds=0.05, prefill_seconds=0.2)  # c=50ms
-    assert est.threshold() == 50
+        # c = 50 ms (queue 10 ms included), p = 0.5 ms/token
+        est.observe_remote(0.30, queue_seconds=0.01, prefill_seconds=0.25, tokens=500)
+    assert est.rates()["producer_seconds_per_token"] == pytest.approx(5e-4)
+    assert est.threshold(running=0) == 100  # 50 ms / (1 - 0.5) ms
+    assert est.threshold(running=1) == 33  # 50 / (2 - 0.5)
+    assert est.threshold(running=9) == 16  # 50 / 9.5 = 5: clamped to a block
     for _ in range(50):
-        est.observe_transfer(1000, 0.5)  # t = 0.5 ms/token
-    assert est.threshold() == 100
+        est.observe_transfer(1000, 0.25)  # t = 0.25 ms/token
+    assert est.threshold(running=0) == 200  # 50 / (1 - 0.5 - 0.25)
     assert est.rates()["local_seconds_per_token"] == pytest.approx(1e-3)
+
+
+def test_idle_node_with_a_producer_no_faster_prefills_locally():
+    """p >= a and nobody else running here: the hop only adds."""
+    est = CostEstimator(block_size=16, min_samples=1)
+    est.observe_local(1000, 1.0)
+    est.observe_remote(0.3, 0.0, prefill_seconds=0.25, tokens=250)  # p = a
+    assert est.threshold(running=0) == est.ceiling
+    assert est.threshold(running=3) == 17  # c=50ms / (4 - 1) ms
 
 
 def test_threshold_is_clamped():

@@ -107,3 +107,26 @@ def test_nothing_rendered_when_no_rule_can_keep_the_prompt_here(monkeypatch):
 
     monkeypatch.setattr(placer_module, "prompt_token_ids", never)
     assert place(placed) == (None, None)
+
+
+def test_transfer_rate_comes_from_the_engines_own_metrics():
+    """observe_transfer is fed in production: from the connector's transfer
+    histogram and block counter in this process's registry."""
+    from prometheus_client import REGISTRY, Counter, Histogram
+
+    from pdserve.consumer.placement import CostEstimator
+    from pdserve.consumer.placer import TransferMeter
+
+    seconds = Histogram("pdserve:kv_transfer_seconds", "test")
+    blocks = Counter("pdserve:kv_blocks_received", "test")
+    try:
+        meter = TransferMeter(block_size=16, every=1)
+        est = CostEstimator(block_size=16)
+        meter.sample(est)  # the starting point
+        seconds.observe(0.032)
+        blocks.inc(4)  # 64 tokens in 32 ms
+        meter.sample(est)
+        assert est.rates()["transfer_seconds_per_token"] == pytest.approx(0.0005)
+    finally:
+        REGISTRY.unregister(seconds)
+        REGISTRY.unregister(blocks)
