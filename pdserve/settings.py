@@ -58,6 +58,9 @@ class Settings(msgspec.Struct, kw_only=True):
     kv_events: str = ""
     prefill_timeout: float = 60.0
     transfer_timeout: float = 30.0
+    # Both nodes: the largest request body the HTTP layer reads (413 above
+    # it). Multimodal requests carry images as base64 in JSON: room for a few.
+    max_request_body_bytes: int = 64 * 1024 * 1024
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
