@@ -443,7 +443,7 @@ class PDServeMiddleware:
         try:
             payload = body.payload if body.is_json else json.loads(body.data)
             request = to_completion_request(payload)
-            translated = Body.of(request)
+            translated = await off_loop(len(body.data), Body.of, request)
         except (ValueError, RecursionError) as exc:
             return await send_json(send, 400, {"error": f"invalid request: {exc}"})
         reply = StreamingReply if request["stream"] else BufferedReply
