@@ -64,6 +64,9 @@ class Settings(msgspec.Struct, kw_only=True):
     # Consumer: this node's private directory, shared by its HTTP layer and
     # engine ranks (which producers each rank has paired with); "" = none.
     run_dir: str = ""
+    # Both nodes: the largest request body the HTTP layer reads (413 above
+    # it). Multimodal requests carry images as base64 in JSON: room for a few.
+    max_request_body_bytes: int = 64 * 1024 * 1024
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -87,6 +87,7 @@ class Producer:
             "instance_id": self.instance_id,
             "kv_ports": self.kv_ports,
             "down": self.health.down,
+            "hung": self.health.hung,
             "outstanding_requests": self.outstanding_requests,
             "outstanding_work": self.outstanding_work,
         }
@@ -116,12 +117,23 @@ class ProducerPool:
             self._session = aiohttp.ClientSession()
         return self._session
 
-    async def ready(self, api_key: str | None = None) -> None:
-        """Start following the producers (on the first request: the event
-        loop is vLLM's); wait, bounded, until they were looked up once."""
+    def start(self, api_key: str | None = None) -> None:
+        """Start following the producers (once, on vLLM's event loop: at
+        its startup, or on the first request). ``api_key``: this node's own
+        key, the one it calls producers with."""
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._follow())
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every call to a producer carries: this node's credentials."""
+        return dict(self._headers)
+
+    async def ready(self, api_key: str | None = None) -> None:
+        """``start``; then wait, bounded, until the producers were looked up
+        once."""
+        self.start(api_key)
         if not self._first_refresh.is_set():
             bound = RESOLVE_TIMEOUT_SECONDS + METADATA_TIMEOUT_SECONDS
             with contextlib.suppress(asyncio.TimeoutError):
@@ -268,8 +280,18 @@ class ProducerPool:
             producer.outstanding_requests -= 1
             producer.outstanding_work -= demand.work
 
-    def mark_down(self, producer: Producer) -> None:
-        producer.health.mark_down(self.session)
+    def mark_down(self, producer: Producer, hung: bool = False) -> None:
+        """``hung``: it timed out, and is back only once it answers work."""
+        producer.health.mark_down(self.session, self._headers, hung=hung)
+
+    def state(self) -> dict[str, Any]:
+        """For the consumer's /health: whether prompts go to producers."""
+        usable = len(self.healthy())
+        return {
+            "producers_known": len(self._producers),
+            "producers_usable": usable,
+            "remote_prefill": usable > 0,
+        }
 
     def describe(self) -> list[dict[str, Any]]:
         return [p.describe() for p in self._producers.values()]

@@ -7,12 +7,20 @@ The lease is parsed here once, signed with this node's key and the address
 of the producer that issued it (the engine acts only on signed leases, and
 reads their KV there) and, if the engine will never see it, handed to the
 engine to release: the HTTP layer never talks to the KV side channel.
+
+Producers are called with this consumer's own credentials, never a
+client's: its own API key, its own request id, and (with a KV secret) a
+proof that the request comes from a consumer (``request_proof``). Nothing
+the client chose that names the request (its ``request_id``, its headers)
+reaches a producer: an id the producer cannot fit in a lease must not pin
+its KV.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 import uuid
 from typing import Any, NamedTuple
@@ -20,15 +28,29 @@ from typing import Any, NamedTuple
 import aiohttp
 
 from pdserve import metrics
+from pdserve.consumer.attempt_timeout import CallTimes, attempt_timeout
+from pdserve.consumer.client_body import KV_PARAMS_KEY, off_loop
 from pdserve.consumer.prefill_demand import demand_of
 from pdserve.consumer.producer_pool import Producer, ProducerPool
-from pdserve.lease import DO_REMOTE_DECODE, Lease, node_key
+from pdserve.lease import DO_REMOTE_DECODE, REFUSED_KEY, Lease, node_key
 from pdserve.log import init_logger
-from pdserve.settings import Settings
+from pdserve.request_proof import PROOF_HEADER, body_digest, make_proof, proof_key
+from pdserve.settings import Settings, kv_secret
 
 logger = init_logger(__name__)
 
-FORWARDED_HEADERS = ("authorization", "x-request-id")
+# A producer that will not lease this request (past its cap of leased
+# blocks, inputs its fingerprint does not cover) answers 200 with
+# kv_transfer_params {REFUSED_KEY: reason}: the request is prefilled here at
+# once, no failover, the producer stays up. Reasons counted as
+# local_prefills{reason="producer_<reason>"}; any other is
+# "producer_refused", so a producer cannot grow the label set.
+KNOWN_REFUSALS = frozenset(
+    {"lease_cap", "multimodal", "prompt_embeds", "no_token_ids", "unleasable"}
+)
+# Reasons that describe a state (no producer at all) rather than a
+# request: logged once when they start, not for every request.
+STATE_REASONS = frozenset({"no_producer", "producer_down"})
 
 
 def local_reason(path: str, payload: Any) -> str | None:
@@ -37,6 +59,9 @@ def local_reason(path: str, payload: Any) -> str | None:
         return "malformed"
     if payload.get("n", 1) != 1 or payload.get("best_of") not in (None, 1):
         return "multiple_choices"
+    # Beam search prefills its own beams: a producer's lease would go unused.
+    if payload.get("use_beam_search") not in (None, False):
+        return "beam_search"
     if payload.get("prompt_logprobs") is not None or (
         path.endswith("/completions") and payload.get("echo")
     ):
@@ -58,8 +83,23 @@ def prefill_body(path: str, payload: dict[str, Any]) -> dict[str, Any]:
     if path.endswith("/chat/completions"):
         body["max_completion_tokens"] = 1
     body.pop("stream_options", None)
-    body["kv_transfer_params"] = {DO_REMOTE_DECODE: True}
+    # The client's id: the producer's request id is this consumer's own.
+    body.pop("request_id", None)
+    body[KV_PARAMS_KEY] = {DO_REMOTE_DECODE: True}
     return body
+
+
+def prefill_bytes(path: str, payload: dict[str, Any]) -> tuple[bytes, str]:
+    """The exact bytes sent to producers, and their SHA-256 (for the proof)."""
+    data = json.dumps(prefill_body(path, payload)).encode()
+    return data, body_digest(data)
+
+
+def refusal_reason(value: Any) -> str:
+    """The local_prefills reason of a producer's refusal (bounded labels)."""
+    if isinstance(value, str) and value in KNOWN_REFUSALS:
+        return f"producer_{value}"
+    return "producer_refused"
 
 
 class Failure(NamedTuple):
@@ -67,7 +107,8 @@ class Failure(NamedTuple):
 
     reason: str
     # The producer's (timeout, unreachable, 5xx): mark it down, try the next.
-    # Otherwise the request's (4xx, no lease): prefill locally at once.
+    # Otherwise the request's (4xx, no lease) or a refusal: prefill locally at
+    # once.
     producer_fault: bool
 
 
@@ -80,6 +121,10 @@ class RemotePrefill:
         # Read once: a consumer started without pdserve's entrypoint has no
         # key and must fail at startup, not on its first request.
         self._key = node_key()
+        secret = kv_secret()
+        self._proof_key = proof_key(secret) if secret is not None else None
+        self.calls = CallTimes()
+        self._last_fallback: str | None = None
 
     async def close(self) -> None:
         await self.pool.close()
@@ -94,57 +139,78 @@ class RemotePrefill:
         self,
         path: str,
         payload: dict[str, Any],
-        headers: dict[str, str],
         prompt_tokens: int | None = None,
         api_key: str | None = None,
+        size: int = 0,
     ) -> Lease | None:
         """A producer's lease signed by this node, or None to prefill locally.
 
-        ``api_key``: this node's key, for the metadata of producers that join."""
+        ``api_key``: this node's own key, which producers are called with;
+        ``size``: the client body's size (a large one is encoded off the
+        event loop)."""
         await self.pool.ready(api_key)
         demand = demand_of(payload, prompt_tokens)
         candidates = self.pool.order(demand)
         if not candidates:
             known = bool(self.pool.producers())
             return self._fallback("producer_down" if known else "no_producer")
-        forwarded = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
-        body = prefill_body(path, payload)
+        data, digest = await off_loop(size, prefill_bytes, path, payload)
         # One budget for all attempts: failover must not multiply the wait.
-        deadline = time.monotonic() + self.settings.prefill_timeout
-        for producer in candidates:
+        budget = self.settings.prefill_timeout
+        deadline = time.monotonic() + budget
+        for index, producer in enumerate(candidates):
             if producer.health.down:
                 continue  # another request found it down meanwhile
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            left = 1 + sum(not p.health.down for p in candidates[index + 1 :])
+            # Work the producer does before answering: ours and what this
+            # consumer already queued there.
+            work = demand.work + producer.outstanding_work
+            timeout = attempt_timeout(remaining, left, budget, self.calls.bound(work))
             asked = time.perf_counter()
             with self.pool.sending(producer, demand):
-                outcome = await self._ask(producer, path, body, forwarded, remaining)
+                outcome = await self._ask(producer, path, data, digest, timeout)
             if isinstance(outcome, Lease):
+                seconds = time.perf_counter() - asked
+                self.calls.add(seconds, work)
                 if self.pool.has(producer):  # a gone one's series stays gone
-                    observe(producer, outcome, time.perf_counter() - asked)
+                    observe(producer, outcome, seconds)
+                self._last_fallback = None
                 return outcome.signed(self._key, kv_host=producer.address)
             if not outcome.producer_fault:
                 return self._fallback(outcome.reason)
             logger.warning("Producer %s failed: %s", producer.key, outcome.reason)
             metrics.PRODUCER_FAILOVERS.labels(reason=outcome.reason).inc()
-            self.pool.mark_down(producer)
+            self.pool.mark_down(producer, hung=outcome.reason == "timeout")
         return self._fallback("all_producers_failed")
+
+    def _headers(self, path: str, digest: str) -> dict[str, str]:
+        """This node's own: its key, a request id of its own, its proof."""
+        headers = self.pool.headers
+        headers["Content-Type"] = "application/json"
+        headers["X-Request-Id"] = f"pdserve-{uuid.uuid4().hex}"
+        if self._proof_key is not None:
+            headers[PROOF_HEADER] = make_proof(self._proof_key, "POST", path, digest)
+        return headers
 
     async def _ask(
         self,
         producer: Producer,
         path: str,
-        body: dict[str, Any],
-        headers: dict[str, str],
+        data: bytes,
+        digest: str,
         timeout: float,
     ) -> Lease | Failure:
         try:
             async with self.pool.session.post(
                 producer.url + path,
-                json=body,
-                headers=headers | producer.endpoint.headers(),
+                data=data,
+                headers=self._headers(path, digest) | producer.endpoint.headers(),
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                # This node's key goes to this producer only.
+                allow_redirects=False,
             ) as response:
                 if response.status >= 500:
                     return Failure("http_5xx", True)
@@ -158,15 +224,18 @@ class RemotePrefill:
             return Failure("unreachable", True)
         except ValueError:
             return Failure("bad_answer", True)
-        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        params = answer.get(KV_PARAMS_KEY) if isinstance(answer, dict) else None
+        if isinstance(params, dict) and REFUSED_KEY in params:
+            return Failure(refusal_reason(params[REFUSED_KEY]), False)
         lease = Lease.from_params(params)
         if lease is None:
             return Failure("producer_gave_no_kv", False)
         return lease
 
-    @staticmethod
-    def _fallback(reason: str) -> None:
-        logger.warning("Prefilling locally: %s", reason)
+    def _fallback(self, reason: str) -> None:
+        if reason not in STATE_REASONS or reason != self._last_fallback:
+            logger.warning("Prefilling locally: %s", reason)
+        self._last_fallback = reason
         metrics.LOCAL_PREFILLS.labels(reason=reason).inc()
         return None
 

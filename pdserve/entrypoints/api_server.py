@@ -65,7 +65,8 @@ def print_help() -> None:
 
 def handshake(settings: Settings, api_key: str | None = None) -> None:
     """Consumer: find its producers and their KV ports; refuse to start on
-    an incompatible one (see ``startup_producers``).
+    an incompatible one, start without any if none answers in time (see
+    ``startup_producers``).
 
     ``api_key``: this node's own key, which producers must accept too
     (their metadata is behind ``--api-key`` like every other route)."""
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             rest = rest + follow_kv_events(settings, rest)
             handshake(settings, api_key)
-        except (IncompatibleProducer, TimeoutError, KVEventsConfigError) as exc:
+        except (IncompatibleProducer, KVEventsConfigError) as exc:
             logger.error("pdserve consumer cannot start: %s", exc)
             sys.exit(f"pdserve: {exc}")
     os.environ[ENV_VAR] = settings.to_json()

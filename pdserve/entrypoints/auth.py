@@ -1,9 +1,10 @@
 """The API-key check of vLLM's ``AuthenticationMiddleware``, for the routes
-pdserve answers itself or that contact the producer.
+pdserve guards itself (see ``PDServeMiddleware._guarded``).
 
 pdserve's middleware runs outside vLLM's, so without this a request without
-a key would reach the producer (and pdserve's own routes, outside vLLM's
-guarded prefixes, would be open). The accepted keys are read per request
+a key would have its body read, and reach the producer; and routes outside
+vLLM's guarded prefixes (pdserve's own, vLLM's ``/invocations``) would be
+open. The accepted keys are read per request
 from vLLM's parsed arguments, never stored by pdserve: keys stay out of
 pdserve's settings, logs and child processes.
 """
@@ -26,10 +27,10 @@ def accepted_keys(scope: dict) -> list[str]:
     return [key for key in (configured or [os.environ.get(API_KEY_ENV_VAR)]) if key]
 
 
-def _authorization(scope: dict) -> str | None:
-    # Starlette's Headers.get: the first header of that name, latin-1.
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"authorization":
+def header_value(scope: dict, name: bytes) -> str | None:
+    """Starlette's Headers.get: the first header of that name, latin-1."""
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
             return value.decode("latin-1")
     return None
 
@@ -39,7 +40,7 @@ def authorized(scope: dict) -> bool:
     keys = accepted_keys(scope)
     if not keys:
         return True
-    header = _authorization(scope)
+    header = header_value(scope, b"authorization")
     if not header:
         return False
     scheme, _, given = header.partition(" ")

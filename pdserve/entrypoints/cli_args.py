@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
+
+import msgspec
 
 from pdserve.settings import EXTRA_CONFIG_KEY, KV_SECRET_ENV_VAR, Settings
 from pdserve.transport import CHOICES
@@ -25,6 +30,54 @@ MIDDLEWARE = "pdserve.entrypoints.middleware.PDServeMiddleware"
 # The first token from the producer needs a scheduler hook (connector/
 # first_token.py): on both nodes (the producer puts t1's logprobs in leases).
 SCHEDULER_CLS = "pdserve.connector.first_token.make_scheduler"
+
+# vLLM flags pdserve cannot serve: each data/pipeline parallel rank would
+# open the same KV ports (and the consumer's pairing knows one engine).
+UNSUPPORTED_PARALLEL = {
+    "data_parallel_size": "data parallel (--data-parallel-size/-dp)",
+    "pipeline_parallel_size": "pipeline parallel (--pipeline-parallel-size/-pp)",
+}
+
+
+def default(name: str) -> Any:
+    """A Settings field's default: flags take theirs from there."""
+    for field in msgspec.structs.fields(Settings):
+        if field.name == name:
+            return field.default
+    raise KeyError(name)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of seconds, got {text!r}"
+        )
+    return value
+
+
+def integer_in(low: int, high: float = math.inf) -> Callable[[str], int]:
+    """An argparse type: an integer between ``low`` and ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer, got {text!r}"
+            ) from None
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+port_number = integer_in(0, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,41 +110,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pd.add_argument(
         "--producer-saturation-requests",
-        type=int,
-        default=8,
+        type=integer_in(1),
+        default=default("producer_saturation_requests"),
         help="consumer: a producer with more prefills than this outstanding is "
         "saturated",
     )
     pd.add_argument(
         "--local-prefill-max-tokens",
-        type=int,
-        default=-1,
+        type=integer_in(-1),
+        default=default("local_prefill_max_tokens"),
         help="consumer: prefill locally when at most this many prompt tokens are "
         "missing from its own prefix cache; -1 (default) derives it from measured "
         "local prefill and remote overhead; 0 never prefills locally for that reason",
     )
     pd.add_argument(
         "--kv-transport",
-        default="auto",
+        default=default("transport"),
         choices=list(CHOICES),
         help="how KV blocks move: auto picks ipc for GPUs on one host, nccl for "
         "GPUs on different hosts, tcp otherwise; a failed one falls back to tcp",
     )
     pd.add_argument(
         "--kv-host",
-        default="0.0.0.0",
+        default=default("kv_host"),
         help="producer: address its KV ports listen on",
     )
     pd.add_argument(
         "--kv-port",
-        type=int,
+        type=port_number,
         default=0,
         help="producer: first KV port (one per TP rank); 0 picks free ports",
     )
     pd.add_argument(
         "--kv-lease-seconds",
-        type=float,
-        default=30.0,
+        type=positive_seconds,
+        default=default("lease_seconds"),
         help="producer: free prefilled KV a consumer has not read after this long",
     )
     pd.add_argument(
@@ -103,29 +156,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pd.add_argument(
         "--producer-connect-timeout",
-        type=float,
-        default=120.0,
-        help="consumer: how long to wait at startup for the producer",
+        type=positive_seconds,
+        default=default("connect_timeout"),
+        help="consumer: how long to wait at startup for a first producer; "
+        "without one it starts anyway and prefills locally until one joins",
     )
     pd.add_argument(
         "--prefill-timeout",
-        type=float,
-        default=60.0,
-        help="consumer: give up on the producer's prefill (and prefill locally)",
+        type=positive_seconds,
+        default=default("prefill_timeout"),
+        help="consumer: give up on the producers' prefill, all attempts together "
+        "(and prefill locally); each attempt but the last gets a share of it",
     )
     pd.add_argument(
         "--kv-transfer-timeout",
-        type=float,
-        default=30.0,
+        type=positive_seconds,
+        default=default("transfer_timeout"),
         help="consumer: bound on each KV socket operation",
+    )
+    pd.add_argument(
+        "--max-request-body-bytes",
+        type=integer_in(1),
+        default=default("max_request_body_bytes"),
+        help="both nodes: larger request bodies are refused (413) before they "
+        "are read; the default (64 MiB) leaves room for base64 images",
     )
     common = parser.add_argument_group("vLLM (also passed to vllm serve)")
     common.add_argument("--model", help="model name or path")
     common.add_argument("--host", default=None)
-    common.add_argument("--port", type=int, default=8000)
+    common.add_argument("--port", type=port_number, default=8000)
     common.add_argument("--dtype", default="auto")
     common.add_argument("--max-model-len", type=int, default=None)
-    common.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    common.add_argument("--tensor-parallel-size", "-tp", type=integer_in(1), default=1)
+    # Read only to refuse them (see UNSUPPORTED_PARALLEL); never passed on.
+    common.add_argument(
+        "--data-parallel-size", "-dp", type=int, default=1, help=argparse.SUPPRESS
+    )
+    common.add_argument(
+        "--pipeline-parallel-size", "-pp", type=int, default=1, help=argparse.SUPPRESS
+    )
     return parser
 
 
@@ -189,6 +258,17 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     owned = "--kv-transfer-config"
     if any(a == owned or a.startswith(owned + "=") for a in rest):
         parser.error(f"{owned} is set by pdserve; use the --kv-* flags instead")
+    for name, what in UNSUPPORTED_PARALLEL.items():
+        if getattr(args, name) != 1:
+            parser.error(
+                f"{what} is not supported by pdserve: run one pdserve node per "
+                "replica, and --tensor-parallel-size within a node"
+            )
+    if args.kv_port and args.kv_port + args.tensor_parallel_size - 1 > 65535:
+        parser.error(
+            f"--kv-port {args.kv_port}: the KV ports of "
+            f"{args.tensor_parallel_size} ranks would go past 65535"
+        )
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     return args, rest
 
@@ -227,6 +307,7 @@ def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
         connect_timeout=args.producer_connect_timeout,
         prefill_timeout=args.prefill_timeout,
         transfer_timeout=args.kv_transfer_timeout,
+        max_request_body_bytes=args.max_request_body_bytes,
     )
     if args.kv_role == "producer":
         settings.kv_ports = (

@@ -1,14 +1,25 @@
 """ASGI middleware that vLLM's OpenAI server loads through ``--middleware``.
 
 On both nodes it serves ``GET /pdserve/metadata`` (the startup handshake) and
-the legacy ``POST /generate``, behind vLLM's ``--api-key``. On the consumer
-it removes every client-supplied ``kv_transfer_params`` from every request
-body, and puts the producer in front of every completion: the producer
-prefills and leases the KV, the request then goes to vLLM's own handlers
-carrying the lease, signed by this node, in ``kv_transfer_params``. A lease
-the engine will not read (request rejected, client gone) is handed to the
-engine to release at once instead of waiting for it to expire on the
-producer.
+the legacy ``POST /generate``, behind vLLM's ``--api-key``, and reads every
+request body (POST/PUT/PATCH) itself: only after the key was checked, only up
+to ``--max-request-body-bytes`` (413 beyond), parsing large ones off the
+event loop. Every client-supplied ``kv_transfer_params`` is removed from
+every body.
+
+On the consumer it puts a producer in front of every completion: the
+producer prefills and leases the KV, the request then goes to vLLM's own
+handlers carrying the lease, signed by this node, in ``kv_transfer_params``.
+A lease the engine will not read (request rejected, client gone) is handed
+to the engine to release at once instead of waiting for it to expire on the
+producer. Its ``GET /health`` says whether prompts go to producers.
+
+On the producer every route but ``GET /health`` and ``GET /metrics`` is
+behind the key (vLLM's own check covers only some prefixes, and it always
+serves ``/invocations``, which runs completions), and ``do_remote_decode``
+(a lease: pinned KV) is put back only for a request that asked for it and
+may have it: with a KV secret, one that proves it comes from a consumer
+(``request_proof``); without one, any request that passed the key.
 """
 
 from __future__ import annotations
@@ -23,10 +34,15 @@ import vllm
 
 import pdserve
 from pdserve.consumer import client_body
-from pdserve.consumer.client_body import Body, BodyTooDeep
+from pdserve.consumer.client_body import Body, BodyTooDeep, off_loop
 from pdserve.consumer.placer import Placer
 from pdserve.consumer.remote_prefill import RemotePrefill, local_reason, release_lease
-from pdserve.entrypoints.auth import UNAUTHORIZED, accepted_keys, authorized
+from pdserve.entrypoints.auth import (
+    UNAUTHORIZED,
+    accepted_keys,
+    authorized,
+    header_value,
+)
 from pdserve.entrypoints.legacy_generate import (
     BufferedReply,
     StreamingReply,
@@ -35,14 +51,30 @@ from pdserve.entrypoints.legacy_generate import (
 )
 from pdserve.handshake import METADATA_PATH
 from pdserve.lease import Lease
+from pdserve.log import init_logger
 from pdserve.metrics import LOCAL_PREFILLS
+from pdserve.request_proof import (
+    PROOF_HEADER,
+    ProofRejected,
+    ProofVerifier,
+    body_digest,
+    proof_key,
+)
 from pdserve.settings import Settings, kv_secret
+
+logger = init_logger(__name__)
 
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
 LEGACY_PATH = "/generate"
+HEALTH = ("/health", "GET")
 OWN_ROUTES = ((METADATA_PATH, "GET"), (LEGACY_PATH, "POST"))
-# Methods whose body vLLM may read: the consumer inspects them all.
+# The producer's only routes without its key, as in vLLM: kubelet probes and
+# Prometheus call them without one, and neither can pin KV.
+OPEN_ROUTES = (HEALTH, ("/metrics", "GET"))
+# Methods whose body vLLM may read: pdserve reads them all, on both nodes.
 BODY_METHODS = ("POST", "PUT", "PATCH")
+# WebSocket close code for a policy violation (here: no valid key).
+WS_POLICY_VIOLATION = 1008
 # Headers that describe the client's body, not the one forwarded.
 BODY_HEADERS = (b"content-length", b"transfer-encoding")
 JSON_TYPE = (b"content-type", b"application/json")
@@ -68,13 +100,32 @@ def node_metadata(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def read_body(receive: Any) -> bytes:
+class BodyTooLarge(ValueError):
+    """The request body is larger than --max-request-body-bytes."""
+
+
+def declared_length(scope: dict) -> int | None:
+    """The Content-Length the client declared, if a valid one."""
+    value = header_value(scope, b"content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+async def read_body(receive: Any, limit: int) -> bytes:
+    """The whole body, counted as it arrives (a chunked one declares no
+    length): BodyTooLarge as soon as it passes ``limit`` bytes."""
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ConnectionAbortedError("client disconnected")
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(size)
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -160,6 +211,18 @@ class ClientWatch:
         return watched
 
 
+def own_key(scope: dict) -> str | None:
+    """This node's own API key (its first), the one it calls producers with."""
+    return next(iter(accepted_keys(scope)), None)
+
+
+def too_large(limit: int) -> dict[str, str]:
+    return {
+        "error": f"request body larger than {limit} bytes "
+        "(the server's --max-request-body-bytes)"
+    }
+
+
 class PDServeMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -170,8 +233,17 @@ class PDServeMiddleware:
         self.metadata = node_metadata(settings)
         self.prefill = RemotePrefill(settings) if settings.role == "consumer" else None
         self.placer = Placer(settings) if settings.role == "consumer" else None
+        secret = kv_secret() if settings.role == "producer" else None
+        self.proofs = ProofVerifier(proof_key(secret)) if secret is not None else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" and self.prefill is not None:
+            # Follow the producers from the start, requests or not: one that
+            # comes up later is picked up (and logged) as it does.
+            self.prefill.pool.start(own_key(scope))
+        if scope["type"] == "websocket" and self._guarded_socket(scope):
+            await receive()  # websocket.connect
+            return await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route, method = route_of(scope), scope["method"]
@@ -179,9 +251,10 @@ class PDServeMiddleware:
             return await send_json(send, 401, UNAUTHORIZED)
         if (route, method) == (METADATA_PATH, "GET"):
             return await send_json(send, 200, self._metadata())
-        if (route, method) == (LEGACY_PATH, "POST") or self._inspects(method):
+        if (route, method) == HEALTH and self.prefill is not None:
+            return await self._health(scope, receive, send)
+        if (route, method) == (LEGACY_PATH, "POST") or method in BODY_METHODS:
             return await self._with_body(scope, receive, send, route)
-        # The producer serves its own requests (from this consumer) as is.
         await self.app(scope, receive, send)
 
     def _metadata(self) -> dict[str, Any]:
@@ -191,29 +264,44 @@ class PDServeMiddleware:
         return dict(self.metadata, producers=self.prefill.pool.describe())
 
     def _guarded(self, route: str, method: str) -> bool:
-        """Routes whose key is checked here: vLLM's own check runs later, too
-        late for requests sent on to the producer, and does not cover
-        pdserve's routes."""
-        if (route, method) in OWN_ROUTES:
-            return True
-        return self._remote(route, method)
+        """Routes whose key is checked here, before anything else: vLLM's own
+        check runs later (too late for bodies pdserve reads and requests sent
+        on to a producer) and covers only some prefixes.
+
+        Producer: every route but OPEN_ROUTES. Consumer: pdserve's own
+        routes and every route whose body pdserve reads."""
+        if self.prefill is None:
+            return (route, method) not in OPEN_ROUTES
+        return (route, method) in OWN_ROUTES or method in BODY_METHODS
+
+    def _guarded_socket(self, scope: dict) -> bool:
+        """A producer's WebSockets need its key too (the consumer's are
+        vLLM's business)."""
+        return self.prefill is None and not authorized(scope)
 
     def _remote(self, route: str, method: str) -> bool:
         return (
             self.prefill is not None and method == "POST" and route in COMPLETION_PATHS
         )
 
-    def _inspects(self, method: str) -> bool:
-        """The consumer reads every body vLLM may read, for kv_transfer_params."""
-        return self.prefill is not None and method in BODY_METHODS
-
     async def _with_body(
         self, scope: dict, receive: Any, send: Any, route: str
     ) -> None:
+        limit = self.settings.max_request_body_bytes
+        declared = declared_length(scope)
+        if declared is not None and declared > limit:
+            # Refused before a byte of it is read.
+            return await send_json(send, 413, too_large(limit))
         try:
-            body = await self._client_body(receive, route)
+            data = await read_body(receive, limit)
+            body = await self._parsed(scope, data, route)
         except ConnectionAbortedError:
             return
+        except BodyTooLarge:
+            return await send_json(send, 413, too_large(limit))
+        except ProofRejected as exc:
+            logger.warning("Refused a request on %s: proof %s", route, exc)
+            return await send_json(send, 403, {"error": f"pdserve proof: {exc}"})
         except BodyTooDeep as exc:
             return await send_json(send, 400, {"error": f"invalid request: {exc}"})
         if (route, scope["method"]) == (LEGACY_PATH, "POST"):
@@ -222,12 +310,45 @@ class PDServeMiddleware:
             return await self._completion(scope, receive, send, body, route)
         await self._forward(scope, receive, send, body)
 
-    async def _client_body(self, receive: Any, route: str) -> Body:
-        """The request body; on the consumer without kv_transfer_params."""
-        data = await read_body(receive)
-        if self.prefill is None:
-            return Body(data)
-        return client_body.from_client(data, route)
+    async def _parsed(self, scope: dict, data: bytes, route: str) -> Body:
+        """The request body without the client's kv_transfer_params."""
+        if self.prefill is not None:
+            return await off_loop(len(data), client_body.from_client, data, route)
+        may_lease = await self._may_lease(scope, data, route)
+        return await off_loop(len(data), client_body.for_producer, data, may_lease)
+
+    async def _may_lease(self, scope: dict, data: bytes, route: str) -> bool:
+        """Producer: whether this request may have ``do_remote_decode``.
+
+        With a KV secret only with a consumer's proof (a proof that does not
+        hold raises ProofRejected); without one, any request that got here
+        passed the key, if there is one."""
+        if self.proofs is None:
+            return True
+        proof = header_value(scope, PROOF_HEADER.encode())
+        if proof is None:
+            return False
+        digest = await off_loop(len(data), body_digest, data)
+        self.proofs.verify(proof, scope["method"], route, digest)
+        return True
+
+    async def _health(self, scope: dict, receive: Any, send: Any) -> None:
+        """Consumer: vLLM's answer, with whether prompts go to producers
+        when it is 200 (a consumer without producers serves: it prefills
+        locally)."""
+        assert self.prefill is not None
+        self.prefill.pool.start(own_key(scope))
+        messages: list[dict] = []
+
+        async def keep(message: dict) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, keep)
+        starts = [m for m in messages if m["type"] == "http.response.start"]
+        if starts and starts[0]["status"] == 200:
+            return await send_json(send, 200, self.prefill.pool.state())
+        for message in messages:
+            await send(message)
 
     async def _completion(
         self, scope: dict, receive: Any, send: Any, body: Body, route: str
@@ -251,9 +372,9 @@ class PDServeMiddleware:
     ) -> None:
         """Prefill here if that is cheaper (placement), else on a producer."""
         assert self.prefill is not None and self.placer is not None
-        # This node's key: producers that join are asked for their metadata
-        # with it, as at startup.
-        api_key = next(iter(accepted_keys(scope)), None)
+        # This node's key: producers are called with it (never the client's),
+        # and asked for their metadata with it, as at startup.
+        api_key = own_key(scope)
         saturated = await self.prefill.producers_saturated(api_key)
         decision, ids = await self.placer.place(scope, route, payload, saturated)
         if decision is not None and decision.local:
@@ -261,17 +382,13 @@ class PDServeMiddleware:
             streamed = bool(payload.get("stream"))
             timed = self.placer.timed_local(send, decision.new_tokens, streamed)
             return await self._forward(scope, receive, timed, body, route)
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1")
-            for k, v in scope["headers"]
-        }
         client = ClientWatch(receive)
         asking = self.prefill.request_lease(
             route,
             payload,
-            headers,
             prompt_tokens=len(ids) if ids is not None else None,
             api_key=api_key,
+            size=len(body.data),
         )
         started = time.perf_counter()
         lease = await client.during(asking)
@@ -281,7 +398,8 @@ class PDServeMiddleware:
         if client.left_early:
             # Gone while the producer prefilled: do not start the request.
             return await self._release(scope, lease, "client_disconnected")
-        leased = Body.of(dict(payload, kv_transfer_params=lease.to_params()))
+        with_lease = dict(payload, kv_transfer_params=lease.to_params())
+        leased = await off_loop(len(body.data), Body.of, with_lease)
         status = await self._forward(
             scope, client.receive, client.wrap_send(send), leased, route
         )
@@ -325,7 +443,7 @@ class PDServeMiddleware:
         try:
             payload = body.payload if body.is_json else json.loads(body.data)
             request = to_completion_request(payload)
-            translated = Body.of(request)
+            translated = await off_loop(len(body.data), Body.of, request)
         except (ValueError, RecursionError) as exc:
             return await send_json(send, 400, {"error": f"invalid request: {exc}"})
         reply = StreamingReply if request["stream"] else BufferedReply

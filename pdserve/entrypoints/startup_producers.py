@@ -3,7 +3,10 @@
 Every ``--producer-url`` is resolved and every address asked for its
 metadata, all at once. The consumer starts as soon as one round finds at
 least one compatible producer; addresses not up yet join later (the HTTP
-layer's ``ProducerPool`` follows the names). Any incompatible producer —
+layer's ``ProducerPool`` follows the names). When none answered within
+``--producer-connect-timeout`` it starts all the same, without producers: a
+producer outage must not keep a consumer from serving (it prefills locally
+until producers join). Any incompatible producer —
 another model, another pdserve or vLLM version, a KV secret that does not
 match — stops the consumer, even if others are fine: that is a deployment
 error, better seen at once than as a producer the consumer quietly ignores.
@@ -36,10 +39,10 @@ class Found(NamedTuple):
 
 
 def find_producers(settings: Settings, headers: dict[str, str]) -> list[Found]:
-    """Every producer reachable and compatible now, once there is one.
+    """Every producer reachable and compatible now, once there is one; none
+    when none answered within ``settings.connect_timeout``.
 
-    Raises IncompatibleProducer on any incompatible one, TimeoutError when
-    none answered within ``settings.connect_timeout``."""
+    Raises IncompatibleProducer on any incompatible one."""
     mine = own_metadata(settings)
     sources = [ProducerSource(url) for url in settings.producer_urls]
     deadline = time.monotonic() + settings.connect_timeout
@@ -51,10 +54,15 @@ def find_producers(settings: Settings, headers: dict[str, str]) -> list[Found]:
         if found:
             return found
         if time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"producer {', '.join(settings.producer_urls)} not reachable "
-                f"within {settings.connect_timeout:.0f}s: {last_error}"
+            logger.warning(
+                "No producer (%s) reachable within %.0fs (%s): starting "
+                "without one; prompts are prefilled locally until a producer "
+                "joins (looked for every few seconds)",
+                ", ".join(settings.producer_urls),
+                settings.connect_timeout,
+                last_error,
             )
+            return []
         if not logged:
             logger.info("Waiting for producers (%s)", last_error)
             logged = True

@@ -1,10 +1,12 @@
 """Two producers, one consumer (2P1D): greedy tokens equal plain vLLM's,
-requests spread over both producers, and when one producer is killed with
-SIGKILL under load every request still succeeds (failing over to the other
-producer, or recomputing locally a pull that was cut), and later requests
-all go to the survivor. The consumer places prefills per request: a short
-prompt, or one its own prefix cache holds (known from vLLM's KV events), is
-prefilled locally.
+requests spread over both producers; when one producer's engine hangs
+(SIGSTOP: its API server still answers /health) requests fail over within
+their attempt timeout and it stays out until it answers work again; when one
+producer is killed with SIGKILL under load every request still succeeds
+(failing over to the other producer, or recomputing locally a pull that was
+cut), and later requests all go to the survivor. The consumer places
+prefills per request: a short prompt, or one its own prefix cache holds
+(known from vLLM's KV events), is prefilled locally.
 
 Runs after the other modules but before the TP test: the session's producer
 is the first producer, its consumer is stopped (a third engine is already
@@ -15,7 +17,9 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
+import requests
 
 from pdserve.consumer.prefill_demand import demand_of
 from pdserve.consumer.producer_pool import rendezvous
@@ -40,6 +44,9 @@ SLOW_MACHINE = ["--kv-lease-seconds", "180", "--kv-transfer-timeout", "180"]
 # Prompts with at most this many tokens missing from the consumer's prefix
 # cache are prefilled there; every other prompt here is longer.
 LOCAL_MAX = 40
+# A hung producer's attempt ends within half of this (a quarter once calls
+# were measured), so the test of one is quick.
+PREFILL_TIMEOUT = 30
 
 
 def key(server: ServerProcess) -> str:
@@ -72,6 +79,7 @@ def consumer_args(model: str, producers: list[ServerProcess]) -> list[str]:
     return (
         ["--model", model, "--kv-role", "consumer", *SLOW_MACHINE]
         + ["--kv-secret", KV_SECRET, "--producer-url", urls]
+        + ["--prefill-timeout", str(PREFILL_TIMEOUT)]
         + ["--local-prefill-max-tokens", str(LOCAL_MAX)]
         # Counts below assume no saturation rule (tested in unit tests).
         + ["--producer-saturation-requests", "1000000"]
@@ -206,6 +214,62 @@ def served_total(consumer: ServerProcess) -> float:
 
 def producer_total(producer: ServerProcess, consumers) -> float:
     return sum(served(c, producer) for c in consumers)
+
+
+def engine_core(server: ServerProcess) -> psutil.Process:
+    """The server's engine-core process (its API server is another)."""
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    [core] = [c for c in children if "EngineCore" in " ".join(c.cmdline())]
+    return core
+
+
+def producer_state(consumer: ServerProcess, producer: ServerProcess) -> dict:
+    metadata = requests.get(consumer.url + "/pdserve/metadata", timeout=30).json()
+    [state] = [p for p in metadata["producers"] if p["producer"] == key(producer)]
+    return state
+
+
+def test_hung_producer_is_left_until_it_answers_again(cluster, xpyd):
+    first, second, consumer = xpyd
+    bodies = bodies_for(second, [first], 4, 8600)  # all rank the hung one first
+    expected = [completion_tokens(cluster.baseline.url, b) for b in bodies]
+    timeouts = metric(
+        consumer.url, "pdserve:producer_failovers_total", reason="timeout"
+    )
+    local = metric(consumer.url, "pdserve:local_prefills_total")
+    core = engine_core(second)
+    core.suspend()  # SIGSTOP: the engine is stuck, its API server is not
+    try:
+        assert requests.get(second.url + "/health", timeout=10).status_code == 200
+        started = time.monotonic()
+        assert completion_tokens(consumer.url, bodies[0]) == expected[0]
+        # Its attempt was abandoned within half the budget, and the other
+        # producer had time to prefill.
+        assert time.monotonic() - started < PREFILL_TIMEOUT / 2 + 10
+        assert (
+            metric(consumer.url, "pdserve:producer_failovers_total", reason="timeout")
+            == timeouts + 1
+        )
+        state = producer_state(consumer, second)
+        assert state["down"] and state["hung"]
+        # It stays out although its /health answers: no more waiting on it.
+        before = served(consumer, second)
+        for body, tokens in zip(bodies[1:3], expected[1:3], strict=True):
+            started = time.monotonic()
+            assert completion_tokens(consumer.url, body) == tokens
+            assert time.monotonic() - started < PREFILL_TIMEOUT / 4
+        assert served(consumer, second) == before
+    finally:
+        core.resume()
+    # Back once it answers the consumer's probe (a real one-token completion).
+    deadline = time.monotonic() + 60
+    while producer_state(consumer, second)["down"]:
+        assert time.monotonic() < deadline, "the producer did not come back"
+        time.sleep(0.5)
+    before = served(consumer, second)
+    assert completion_tokens(consumer.url, bodies[3]) == expected[3]
+    assert served(consumer, second) == before + 1
+    assert metric(consumer.url, "pdserve:local_prefills_total") == local
 
 
 def test_producer_killed_under_load(cluster, xpyd):

@@ -208,10 +208,13 @@ class FakeProducer:
     )
     health: int = 200
     requests: list[tuple[str, dict, dict[str, str]]] = field(default_factory=list)
+    # The exact bytes of each request's body, in the order of ``requests``.
+    bodies: list[bytes] = field(default_factory=list)
     # Every GET: (path, headers).
     gets: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.bodies.append(await request.read())
         payload = await request.json()
         self.requests.append((request.path, payload, dict(request.headers)))
         answer = self.answer(payload)

@@ -165,3 +165,25 @@ def test_kv_events_only_where_placement_can_use_them(tmp_path, monkeypatch):
     measured = Settings(role="consumer", model="m")
     extra = api_server.follow_kv_events(measured, [])
     assert extra[0] == "--kv-events-config" and measured.kv_events
+
+
+def test_consumer_starts_while_every_producer_is_down(started, monkeypatch):
+    def down(url: str, timeout: float, headers=None) -> dict:
+        raise ConnectionRefusedError("nothing listens")
+
+    monkeypatch.setattr(handshake, "fetch_metadata_once", down)
+    monkeypatch.setattr(handshake, "RETRY_SECONDS", 0.01)
+    api_server.main([*CONSUMER, "--producer-connect-timeout", "0.05"])
+    # vLLM was started, with no producer to pair with at startup.
+    assert started.args and started.settings.producers == []
+    assert started.settings.producer_urls == ["http://p:1"]
+
+
+def test_incompatible_producer_still_stops_the_consumer(started, monkeypatch):
+    def other_model(url: str, timeout: float, headers=None) -> dict:
+        return dict(started.fetch(url, timeout, headers), model="other")
+
+    monkeypatch.setattr(handshake, "fetch_metadata_once", other_model)
+    with pytest.raises(SystemExit, match="model: consumer='m' producer='other'"):
+        api_server.main(CONSUMER)
+    assert started.args == []

@@ -349,3 +349,107 @@ def test_underscore_spelling_of_tensor_parallel_size():
     )
     assert settings.tensor_parallel_size == 2
     assert settings.kv_ports == [9000, 9001]
+
+
+# --- what pdserve cannot run -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "what"),
+    [
+        (["--data-parallel-size", "2"], "data parallel"),
+        (["-dp", "2"], "data parallel"),
+        (["--data-parallel-size=4"], "data parallel"),
+        (["--data_parallel_size", "2"], "data parallel"),
+        (["-dp=2"], "data parallel"),
+        (["--pipeline-parallel-size", "2"], "pipeline parallel"),
+        (["-pp", "2"], "pipeline parallel"),
+        (["--pipeline_parallel_size=3"], "pipeline parallel"),
+    ],
+)
+@pytest.mark.parametrize("role", [PRODUCER, CONSUMER])
+def test_data_and_pipeline_parallel_refused(capsys, role, flags, what):
+    err = parser_error(capsys, [*role, *flags])
+    assert f"{what} (" in err and "is not supported by pdserve" in err
+
+
+@pytest.mark.parametrize("flags", [["-dp", "1"], ["--pipeline-parallel-size", "1"]])
+def test_one_replica_is_fine_and_not_passed_on(flags):
+    _, serve = launch([*PRODUCER, *flags])
+    assert not [a for a in serve if "parallel-size" in a and "tensor" not in a]
+    assert "-dp" not in serve and "-pp" not in serve
+
+
+# --- numbers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--prefill-timeout", "0", "positive number of seconds"),
+        ("--prefill-timeout", "-1", "positive number of seconds"),
+        ("--prefill-timeout", "nan", "positive number of seconds"),
+        ("--prefill-timeout", "inf", "positive number of seconds"),
+        ("--kv-transfer-timeout", "0", "positive number of seconds"),
+        ("--producer-connect-timeout", "-5", "positive number of seconds"),
+        ("--kv-lease-seconds", "0", "positive number of seconds"),
+        ("--kv-lease-seconds", "soon", "positive number of seconds"),
+        ("--kv-port", "65536", "must be in 0..65535, got 65536"),
+        ("--kv-port", "-1", "must be in 0..65535, got -1"),
+        ("--port", "70000", "must be in 0..65535, got 70000"),
+        ("--producer-saturation-requests", "0", "must be >= 1, got 0"),
+        ("--local-prefill-max-tokens", "-2", "must be >= -1, got -2"),
+        ("--local-prefill-max-tokens", "1.5", "must be an integer, got '1.5'"),
+        ("--max-request-body-bytes", "0", "must be >= 1, got 0"),
+        ("--tensor-parallel-size", "0", "must be >= 1, got 0"),
+    ],
+)
+def test_numeric_flags_validated_at_parse(capsys, flag, value, message):
+    err = parser_error(capsys, [*CONSUMER, f"{flag}={value}"])
+    assert f"argument {flag}" in err and message in err
+
+
+def test_kv_ports_must_fit_below_65536(capsys):
+    err = parser_error(capsys, [*PRODUCER, "--kv-port", "65535", "-tp", "2"])
+    assert "KV ports of 2 ranks would go past 65535" in err
+    settings, _ = launch([*PRODUCER, "--kv-port", "65534", "-tp", "2"])
+    assert settings.kv_ports == [65534, 65535]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--prefill-timeout", "0.5"],
+        ["--local-prefill-max-tokens", "-1"],
+        ["--local-prefill-max-tokens", "0"],
+        ["--producer-saturation-requests", "1"],
+        ["--kv-port", "0"],
+        ["--port", "0"],
+    ],
+)
+def test_edge_values_accepted(flags):
+    parse([*CONSUMER, *flags])
+
+
+def test_max_request_body_bytes_setting():
+    settings, serve = launch([*CONSUMER, "--max-request-body-bytes", "1000"])
+    assert settings.max_request_body_bytes == 1000
+    assert "--max-request-body-bytes" not in serve
+    assert launch(CONSUMER)[0].max_request_body_bytes == 64 * 1024 * 1024
+
+
+def test_flag_defaults_are_the_settings_defaults():
+    settings, _ = launch(CONSUMER)
+    plain = Settings(role="consumer", model="m")
+    for name in (
+        "producer_saturation_requests",
+        "local_prefill_max_tokens",
+        "transport",
+        "kv_host",
+        "lease_seconds",
+        "connect_timeout",
+        "prefill_timeout",
+        "transfer_timeout",
+        "max_request_body_bytes",
+    ):
+        assert getattr(settings, name) == getattr(plain, name), name

@@ -198,10 +198,173 @@ def test_completion_without_env_key_never_reaches_the_producer(monkeypatch):
     assert producer.requests == []
 
 
-def test_completion_with_key_is_forwarded_with_it(monkeypatch):
-    headers = bearer(f"Bearer {KEY}")
-    answer, producer, app = consumer_call(monkeypatch, headers, [KEY])
+@pytest.mark.parametrize("client_key", [KEY, "sk-second"])
+def test_producer_is_called_with_this_nodes_own_key(monkeypatch, client_key):
+    headers = bearer(f"Bearer {client_key}")
+    answer, producer, app = consumer_call(monkeypatch, headers, [KEY, "sk-second"])
     assert answer.status == 200
     [(_, _, sent)] = producer.requests
+    # This node's first key, whichever key the client used.
     assert {k.lower(): v for k, v in sent.items()}["authorization"] == f"Bearer {KEY}"
-    assert app.seen[0].headers[b"authorization"] == f"Bearer {KEY}".encode()
+    # vLLM here still sees the client's own header.
+    assert app.seen[0].headers[b"authorization"] == f"Bearer {client_key}".encode()
+
+
+# --- the producer: every route behind its key ---------------------------------
+
+
+class UnreadBody:
+    """A receive that fails the test if the body is read at all."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self) -> dict:
+        self.calls += 1
+        raise AssertionError("the body was read")
+
+
+async def call_unread(
+    mw: PDServeMiddleware, method: str, path: str, headers, keys
+) -> tuple[int, UnreadBody]:
+    """A request declaring a huge body that is never sent."""
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [*headers, (b"content-length", str(10**12).encode())],
+        "app": app_state(keys),
+    }
+    receive = UnreadBody()
+    starts = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            starts.append(message["status"])
+
+    await mw(scope, receive, send)
+    return starts[0], receive
+
+
+PRODUCER_ROUTES = [
+    ("POST", "/invocations"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/tokenize"),
+    ("POST", "/ping"),
+    ("PUT", "/anything"),
+    ("PATCH", "/v1/anything"),
+    ("GET", "/v1/models"),
+    ("GET", "/version"),
+    ("GET", "/metrics/extra"),
+    ("POST", "/health"),
+    ("POST", "/metrics"),
+    ("OPTIONS", "/v1/completions"),
+    ("GET", METADATA_PATH),
+]
+
+
+@pytest.fixture
+def producer(monkeypatch):
+    use_node(monkeypatch, PRODUCER)
+    app = FakeVLLM()
+    return PDServeMiddleware(app), app
+
+
+@pytest.mark.parametrize(("method", "path"), PRODUCER_ROUTES)
+@pytest.mark.parametrize("headers", [[], bearer("Bearer nope")])
+def test_every_producer_route_needs_its_key(producer, method, path, headers):
+    mw, app = producer
+    status, receive = run(call_unread(mw, method, path, headers, [KEY]))
+    assert status == 401
+    assert receive.calls == 0 and app.seen == []
+
+
+@pytest.mark.parametrize(("method", "path"), PRODUCER_ROUTES)
+def test_producer_routes_with_the_key(producer, method, path):
+    mw, app = producer
+    answer = run(
+        call(mw, method, path, b"{}", bearer(f"Bearer {KEY}"), app_state([KEY]))
+    )
+    assert answer.status == 200
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics"])
+def test_producer_health_and_metrics_are_open(producer, path):
+    mw, app = producer
+    answer = run(call(mw, "GET", path, b"", [], app_state([KEY])))
+    assert answer.status == 200
+    assert [seen.path for seen in app.seen] == [path]
+
+
+def test_producer_routes_open_without_a_key(producer):
+    mw, app = producer
+    assert run(call(mw, "POST", "/invocations", b"{}", [])).status == 200
+    assert app.seen[0].path == "/invocations"
+
+
+async def websocket(mw: PDServeMiddleware, headers, keys) -> list[dict]:
+    scope = {
+        "type": "websocket",
+        "path": "/v1/realtime",
+        "root_path": "",
+        "headers": headers,
+        "app": app_state(keys),
+    }
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await mw(scope, receive, send)
+    return sent
+
+
+def test_producer_websockets_need_its_key(monkeypatch):
+    use_node(monkeypatch, PRODUCER)
+    reached = []
+
+    async def app(scope, receive, send) -> None:
+        reached.append(scope["path"])
+
+    mw = PDServeMiddleware(app)
+    closed = run(websocket(mw, [], [KEY]))
+    assert closed == [{"type": "websocket.close", "code": 1008}] and reached == []
+    assert run(websocket(mw, bearer(f"Bearer {KEY}"), [KEY])) == []
+    assert reached == ["/v1/realtime"]
+
+
+# --- the key before any body --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/completions"),
+        ("POST", "/tokenize"),
+        ("POST", "/invocations"),
+        ("PUT", "/x"),
+        ("PATCH", "/x"),
+        ("POST", "/generate"),
+    ],
+)
+def test_no_body_is_read_before_the_key(node, method, path):
+    mw, app = node
+    status, receive = run(call_unread(mw, method, path, [], [KEY]))
+    assert status == 401
+    assert receive.calls == 0 and app.seen == []
+
+
+def test_consumer_leaves_other_routes_to_vllm(monkeypatch):
+    # GETs whose body pdserve does not read: vLLM's own check decides.
+    use_node(monkeypatch, CONSUMER)
+    app = FakeVLLM()
+    mw = PDServeMiddleware(app)
+    assert run(call(mw, "GET", "/v1/models", b"", [], app_state([KEY]))).status == 200
+    assert [seen.path for seen in app.seen] == ["/v1/models"]

@@ -29,7 +29,7 @@ class FakePrefill:
     async def producers_saturated(self, api_key=None) -> bool:
         return False
 
-    async def request_lease(self, path, payload, headers, **kwargs):
+    async def request_lease(self, path, payload, **kwargs):
         self.asked.set()
         await self.answer.wait()
         return self.lease

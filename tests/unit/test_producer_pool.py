@@ -98,7 +98,7 @@ def prompt_for(prefill: RemotePrefill, fake: FakeProducer, tag: str = "") -> dic
 
 
 async def ask(prefill: RemotePrefill, payload: dict, **kwargs: Any) -> Lease | None:
-    return await prefill.request_lease(COMPLETIONS, payload, {}, **kwargs)
+    return await prefill.request_lease(COMPLETIONS, payload, **kwargs)
 
 
 # --- the demand estimate ------------------------------------------------------
@@ -422,5 +422,169 @@ def test_one_producer_under_two_addresses_counts_once():
             async with consumer([a.url, b.url]) as prefill:
                 await prefill.pool.ready()
                 assert len(prefill.pool.producers()) == 1
+
+    run(scenario())
+
+
+# --- refusals -----------------------------------------------------------------
+
+
+def test_lease_cap_refusal_prefills_here_at_once():
+    refused = {"kv_transfer_params": {"pdserve_refused": "lease_cap"}}
+
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(fake_producer(lambda _: refused))
+            b = await stack.enter_async_context(fake_producer(lease_answer))
+            prefill = await stack.enter_async_context(consumer([a.url, b.url]))
+            payload = prompt_for(prefill, a)
+            before = sum(failovers(r) for r in ("timeout", "http_5xx", "unreachable"))
+            local = local_prefills("producer_lease_cap")
+            assert await ask(prefill, payload) is None
+            assert local_prefills("producer_lease_cap") == local + 1
+            # No failover: the next producer is not asked, a stays up.
+            assert b.requests == [] and not by_url(prefill, a).health.down
+            after = sum(failovers(r) for r in ("timeout", "http_5xx", "unreachable"))
+            assert after == before
+
+    run(scenario())
+
+
+# --- a producer that stops answering ------------------------------------------
+
+
+def never_answers(gate: asyncio.Event):
+    async def answer(payload: dict) -> dict:
+        await gate.wait()
+        return lease_answer(payload)
+
+    return answer
+
+
+def test_hung_producer_is_abandoned_in_time_for_the_next():
+    """The first producer never answers: its attempt ends at its share of
+    the budget, and the next producer still has time to lease."""
+    gate = asyncio.Event()
+
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(fake_producer(never_answers(gate)))
+            b = await stack.enter_async_context(fake_producer(lease_answer))
+            prefill = await stack.enter_async_context(
+                consumer([a.url, b.url], prefill_timeout=0.6)
+            )
+            stack.callback(gate.set)  # first out: lets a's handlers end
+            payload = prompt_for(prefill, a)
+            timeouts = failovers("timeout")
+            lease = await ask(prefill, payload)
+            assert lease is not None
+            assert (len(a.requests), len(b.requests)) == (1, 1)
+            assert failovers("timeout") == timeouts + 1
+            hung = by_url(prefill, a)
+            assert hung.health.down and hung.health.hung
+            # Later requests skip it.
+            assert await ask(prefill, payload) is not None
+            assert (len(a.requests), len(b.requests)) == (1, 2)
+
+    run(scenario())
+
+
+def test_hung_producer_is_back_only_once_it_answers_work(monkeypatch):
+    """/health says 200 all along (vLLM answers it while its engine is
+    stuck): only a real completion, with this node's key, brings it back."""
+    monkeypatch.setattr(ProducerHealth, "WORK_PROBE_SECONDS", 0.1)
+    gate = asyncio.Event()
+
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(fake_producer(never_answers(gate)))
+            b = await stack.enter_async_context(fake_producer(lease_answer))
+            prefill = await stack.enter_async_context(
+                consumer([a.url, b.url], prefill_timeout=0.4)
+            )
+            stack.callback(gate.set)
+            await prefill.pool.ready("sk-own")
+            payload = prompt_for(prefill, a)
+            assert await ask(prefill, payload, api_key="sk-own") is not None
+            hung = by_url(prefill, a)
+            assert hung.health.hung
+            # Probes time out; its /health answering 200 does not count.
+            while len(a.bodies) < 3:
+                await asyncio.sleep(0.02)
+            assert hung.health.down
+            assert not any(path == "/health" for path, _ in a.gets)
+
+            gate.set()  # the engine answers again
+            while hung.health.down:
+                await asyncio.sleep(0.02)
+            assert not hung.health.hung
+            probes = [
+                (body, headers)
+                for (path, body, headers) in a.requests
+                if body.get("max_tokens") == 1 and "kv_transfer_params" not in body
+            ]
+            assert probes and all(
+                h["Authorization"] == "Bearer sk-own" for _, h in probes
+            )
+            assert await ask(prefill, payload, api_key="sk-own") is not None
+            assert len(b.requests) == 1  # a took it again
+
+    run(scenario())
+
+
+# --- producers absent when the consumer starts ---------------------------------
+
+
+def test_producer_absent_at_start_joins_when_it_comes_up():
+    async def scenario() -> None:
+        async with producers(1) as (gone,):
+            url = gone.url  # nothing listens there any more
+        port = int(url.rsplit(":", 1)[1])
+        async with consumer([url]) as prefill:
+            before = local_prefills("no_producer")
+            assert await ask(prefill, {"prompt": "hi"}) is None
+            assert local_prefills("no_producer") == before + 1
+            assert prefill.pool.state()["remote_prefill"] is False
+            async with fake_producer(lease_answer, port=port) as late:
+                while not prefill.pool.producers():
+                    await asyncio.sleep(0.02)
+                assert await ask(prefill, {"prompt": "hi"}) is not None
+                assert len(late.requests) == 1
+                assert prefill.pool.state() == {
+                    "producers_known": 1,
+                    "producers_usable": 1,
+                    "remote_prefill": True,
+                }
+
+    run(scenario())
+
+
+def test_attempts_are_bounded_by_measured_calls(monkeypatch):
+    """Once calls were measured, an attempt that is not the last is bounded
+    by them (down to the floor), not by half the budget."""
+    from pdserve.consumer import attempt_timeout as rule
+    from pdserve.consumer import remote_prefill
+
+    used: list[tuple[int, float | None, float]] = []
+
+    def spy(remaining, left, budget, bound):
+        timeout = rule.attempt_timeout(remaining, left, budget, bound)
+        used.append((left, bound, timeout))
+        return timeout
+
+    monkeypatch.setattr(remote_prefill, "attempt_timeout", spy)
+
+    async def scenario() -> None:
+        async with (
+            producers(2) as (a, b),
+            consumer([a.url, b.url], prefill_timeout=60.0) as prefill,
+        ):
+            for i in range(rule.MIN_SAMPLES + 1):
+                assert await ask(prefill, {"prompt": f"{i} p"}) is not None
+            first, last = used[0], used[-1]
+            assert first == (2, None, pytest.approx(30.0, abs=0.1))
+            # Fast calls: the floor, a quarter of the budget.
+            assert last[0] == 2 and last[1] is not None and last[1] < 1.0
+            assert last[2] == 60.0 * rule.FLOOR_FRACTION
 
     run(scenario())

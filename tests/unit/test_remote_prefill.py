@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,13 @@ from pdserve.consumer.remote_prefill import (
 )
 from pdserve.entrypoints.middleware import PDServeMiddleware
 from pdserve.lease import Lease
-from pdserve.settings import ENV_VAR
+from pdserve.request_proof import (
+    ProofRejected,
+    ProofVerifier,
+    body_digest,
+    proof_key,
+)
+from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, kv_secret
 from tests.unit.http_fakes import (
     CONSUMER,
     Answer,
@@ -52,6 +59,8 @@ MESSAGES = [{"role": "user", "content": "Hello"}]
         (COMPLETIONS, {"prompt": "Hello", "logprobs": 3, "stream": True}),
         (CHAT, {"messages": MESSAGES}),
         (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
+        (COMPLETIONS, {"prompt": "Hello", "use_beam_search": False}),
+        (CHAT, {"messages": MESSAGES, "use_beam_search": None}),
     ],
 )
 def test_remote_prefill_allowed(path, payload):
@@ -73,6 +82,11 @@ def test_remote_prefill_allowed(path, payload):
         (COMPLETIONS, {"prompt": "Hi", "echo": True}, "prompt_logprobs"),
         (COMPLETIONS, {"prompt": ["a", "b"]}, "batched_prompts"),
         (COMPLETIONS, {"prompt": [[1, 2], [3]]}, "batched_prompts"),
+        (COMPLETIONS, {"prompt": "Hi", "use_beam_search": True}, "beam_search"),
+        (CHAT, {"messages": MESSAGES, "use_beam_search": True}, "beam_search"),
+        # vLLM's parser takes these as true too.
+        (COMPLETIONS, {"prompt": "Hi", "use_beam_search": "true"}, "beam_search"),
+        (COMPLETIONS, {"prompt": "Hi", "use_beam_search": 1}, "beam_search"),
     ],
 )
 def test_local_reason(path, payload, reason):
@@ -203,17 +217,20 @@ def flow(
     status: int = 200,
     headers: list[tuple[bytes, bytes]] | None = None,
     engine: Any = None,
+    keys: list[str] | None = None,
 ) -> Flow:
-    """One completion through a consumer whose producer answers ``answer``."""
+    """One completion through a consumer whose producer answers ``answer``
+    (and requires a KV secret when the consumer has one)."""
     key = use_node(monkeypatch, CONSUMER)
 
     async def scenario() -> Flow:
         async with fake_producer(answer) as producer:
+            producer.metadata["kv_auth"] = kv_secret() is not None
             settings = msgspec.structs.replace(CONSUMER, producer_urls=[producer.url])
             monkeypatch.setenv(ENV_VAR, settings.to_json())
             vllm = FakeVLLM(status=status)
             mw = PDServeMiddleware(vllm)
-            state = app_state(engine=engine)
+            state = app_state(api_key=keys, engine=engine)
             try:
                 got = await call(
                     mw, "POST", COMPLETIONS, json.dumps(body).encode(), headers, state
@@ -310,18 +327,52 @@ def test_client_params_do_not_force_a_local_prefill(monkeypatch):
     assert local_prefills("client_kv_params") == before
 
 
-def test_client_headers_forwarded_to_producer(monkeypatch):
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"authorization", b"Bearer client-key"),
-        (b"x-request-id", b"req-7"),
-        (b"cookie", b"session=1"),
-    ]
-    done = flow(monkeypatch, {"prompt": "Hello"}, headers=headers)
-    sent = {k.lower(): v for k, v in done.producer.requests[0][2].items()}
-    assert sent["authorization"] == "Bearer client-key"
-    assert sent["x-request-id"] == "req-7"
-    assert "cookie" not in sent
+CLIENT_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"authorization", b"Bearer client-key"),
+    (b"x-request-id", ("r" * 300).encode()),
+    (b"cookie", b"session=1"),
+    (b"x-forwarded-for", b"10.9.9.9"),
+]
+
+
+def sent_headers(done: Flow) -> dict[str, str]:
+    [(_, _, headers)] = done.producer.requests
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def test_no_client_header_reaches_the_producer(monkeypatch):
+    done = flow(monkeypatch, {"prompt": "Hello"}, headers=CLIENT_HEADERS)
+    sent = sent_headers(done)
+    # No key on this node: no Authorization at all, not the client's.
+    assert "authorization" not in sent
+    assert "cookie" not in sent and "x-forwarded-for" not in sent
+    assert re.fullmatch(r"pdserve-[0-9a-f]{32}", sent["x-request-id"])
+    # The consumer's own vLLM gets the client's request as the client sent it.
+    [seen] = done.vllm.seen
+    assert seen.headers[b"x-request-id"] == b"r" * 300
+    assert seen.headers[b"authorization"] == b"Bearer client-key"
+
+
+def test_client_request_id_stays_on_the_consumer(monkeypatch):
+    body = {"prompt": "Hello", "request_id": "c" * 300}
+    done = flow(monkeypatch, body, headers=CLIENT_HEADERS)
+    [(_, asked, _)] = done.producer.requests
+    assert "request_id" not in asked
+    assert "c" * 300 not in json.dumps(asked)
+    assert done.forwarded()["request_id"] == "c" * 300
+
+
+def test_each_prefill_has_its_own_request_id(monkeypatch):
+    ids = set()
+    for _ in range(2):
+        ids.add(sent_headers(flow(monkeypatch, {"prompt": "Hello"}))["x-request-id"])
+    assert len(ids) == 2
+
+
+def test_prefill_body_drops_the_client_request_id():
+    body = prefill_body(COMPLETIONS, {"prompt": "Hi", "request_id": "mine"})
+    assert "request_id" not in body
 
 
 @pytest.mark.parametrize("status", [400, 404, 422, 500])
@@ -383,3 +434,66 @@ def test_failing_hand_back_is_logged_not_raised(pdserve_log):
     run(release_lease(DeadEngine(), make_lease(), "rejected"))
     assert released("rejected") == before
     assert "engine dead" in pdserve_log.text
+
+
+def test_beam_search_is_prefilled_here_without_asking(monkeypatch):
+    before = local_prefills("beam_search")
+    body = {"prompt": "Hello", "use_beam_search": True, "max_tokens": 3}
+    done = flow(monkeypatch, body)
+    assert done.producer.requests == []
+    assert "kv_transfer_params" not in done.forwarded()
+    assert local_prefills("beam_search") == before + 1
+
+
+# --- a producer that will not lease ------------------------------------------
+
+
+def refusing(reason: Any):
+    return lambda payload: {"kv_transfer_params": {"pdserve_refused": reason}}
+
+
+@pytest.mark.parametrize(
+    ("reason", "counted"),
+    [
+        ("lease_cap", "producer_lease_cap"),
+        ("draining", "producer_refused"),
+        ("x" * 500, "producer_refused"),
+        ({"nested": 1}, "producer_refused"),
+        (None, "producer_refused"),
+    ],
+)
+def test_refusal_means_local_prefill_counted_by_reason(monkeypatch, reason, counted):
+    before = local_prefills(counted)
+    failovers = metrics.PRODUCER_FAILOVERS.labels(reason="timeout")._value.get()
+    done = flow(monkeypatch, {"prompt": "Hello"}, refusing(reason))
+    assert done.answer.status == 200
+    assert "kv_transfer_params" not in done.forwarded()
+    assert local_prefills(counted) == before + 1
+    assert metrics.PRODUCER_FAILOVERS.labels(reason="timeout")._value.get() == failovers
+
+
+# --- proof of a consumer -------------------------------------------------------
+
+
+def test_prefills_carry_a_proof_the_producer_accepts(monkeypatch):
+    monkeypatch.setenv(KV_SECRET_ENV_VAR, "shared-secret")
+    done = flow(monkeypatch, {"prompt": "Hello"})
+    sent = sent_headers(done)
+    [data] = done.producer.bodies
+    verifier = ProofVerifier(proof_key(b"shared-secret"))
+    verifier.verify(sent["x-pdserve-proof"], "POST", COMPLETIONS, body_digest(data))
+    # Bound to that body and route; once only.
+    with pytest.raises(ProofRejected):
+        verifier.verify(sent["x-pdserve-proof"], "POST", COMPLETIONS, body_digest(data))
+    other = ProofVerifier(proof_key(b"shared-secret"))
+    with pytest.raises(ProofRejected, match="MAC"):
+        other.verify(sent["x-pdserve-proof"], "POST", CHAT, body_digest(data))
+    with pytest.raises(ProofRejected, match="MAC"):
+        other.verify(sent["x-pdserve-proof"], "POST", COMPLETIONS, body_digest(b"{}"))
+    assert "shared-secret" not in json.dumps(sent)
+
+
+def test_no_proof_without_a_secret(monkeypatch):
+    monkeypatch.delenv(KV_SECRET_ENV_VAR, raising=False)
+    done = flow(monkeypatch, {"prompt": "Hello"})
+    assert "x-pdserve-proof" not in sent_headers(done)

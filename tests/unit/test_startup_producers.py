@@ -4,6 +4,8 @@ incompatible one."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pdserve import handshake
@@ -82,6 +84,28 @@ def test_any_incompatible_producer_refuses_the_start(network):
     assert "model: consumer='m' producer='other'" in str(exc.value)
 
 
-def test_none_reachable_times_out(network):
-    with pytest.raises(TimeoutError, match="not reachable within"):
-        find_producers(consumer("http://svc", timeout=0.1), {})
+def test_none_reachable_starts_without_producers(network, caplog):
+    logger = logging.getLogger("pdserve")
+    logger.addHandler(caplog.handler)
+    try:
+        assert find_producers(consumer("http://svc", timeout=0.1), {}) == []
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "No producer (http://svc) reachable within 0s" in caplog.text
+    assert "prefilled locally until a producer joins" in caplog.text
+
+
+def test_incompatible_still_refuses_after_a_wait(network, monkeypatch):
+    """One that answers late, but incompatible, still stops the start."""
+    calls = 0
+
+    def late(url, timeout, headers=None):
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionRefusedError("not yet")
+        return producer_metadata(model="other")
+
+    monkeypatch.setattr(handshake, "fetch_metadata_once", late)
+    with pytest.raises(IncompatibleProducer, match="model: consumer='m'"):
+        find_producers(consumer("http://one:8000", timeout=5), {})
