@@ -56,10 +56,22 @@ _TTFT_BUCKETS = [
     2.5,
     5,
 ]
+TTFT_HTTP_IN = Histogram(
+    "pdserve:ttft_http_in_seconds",
+    "TTFT phase: the request reaching the consumer's HTTP layer to its call to "
+    "a producer (body, placement, rendering and tokenization).",
+    buckets=_TTFT_BUCKETS,
+)
 TTFT_PRODUCER_CALL = Histogram(
     "pdserve:ttft_producer_call_seconds",
-    "TTFT phase: the consumer's call to the producer, less the producer engine's "
-    "queue and prefill (both HTTP layers, network).",
+    "TTFT phase: the consumer's call to the producer until the producer engine "
+    "queues it (the call out, the producer's HTTP layer and frontend).",
+    buckets=_TTFT_BUCKETS,
+)
+TTFT_ANSWER_BACK = Histogram(
+    "pdserve:ttft_answer_back_seconds",
+    "TTFT phase: the producer issuing the lease to the consumer's HTTP layer "
+    "holding it (the producer's frontend out, the answer's way back).",
     buckets=_TTFT_BUCKETS,
 )
 TTFT_PRODUCER_QUEUE = Histogram(
@@ -70,5 +82,18 @@ TTFT_PRODUCER_QUEUE = Histogram(
 TTFT_PRODUCER_PREFILL = Histogram(
     "pdserve:ttft_producer_prefill_seconds",
     "TTFT phase: the producer engine's prefill, first step to lease.",
+    buckets=_TTFT_BUCKETS,
+)
+TTFT_HTTP = Histogram(
+    "pdserve:ttft_http_seconds",
+    "Time to first token as the consumer's HTTP layer sees it: the request "
+    "reaching it to the first streamed event sent (remote prefills).",
+    buckets=_TTFT_BUCKETS,
+)
+SECOND_TOKEN = Histogram(
+    "pdserve:second_token_seconds",
+    "The gap between a streamed remote prefill's first and second events, as "
+    "the consumer's HTTP layer sends them (the KV pull and the consumer's "
+    "first step on it lie here when the first token is the producer's).",
     buckets=_TTFT_BUCKETS,
 )

@@ -64,3 +64,14 @@ def uses_v2_model_runner(vllm_config: Any) -> bool:
     Triton is available; the CPU build runs V1). The property exists from
     0.25 on; a vLLM without it runs V1."""
     return bool(getattr(vllm_config, "use_v2_model_runner", False))
+
+
+def reuses_chat_prompt_ids() -> bool:
+    """Whether vLLM's chat handler takes a prompt already rendered from
+    ``kv_transfer_params["prompt_token_ids"]`` (0.26 – 0.32: decode-side
+    token reuse; 0.25 renders the messages again and ignores the key)."""
+    try:
+        from vllm.renderers import online_renderer
+    except ImportError:
+        return False
+    return hasattr(online_renderer, "_reused_prompt_token_ids")

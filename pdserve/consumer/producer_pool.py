@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from pdserve.consumer.producer_metadata import ProducerMetadata, own_metadata
 from pdserve.consumer.producer_source import Endpoint, ProducerSource
 from pdserve.handshake import IncompatibleProducer
 from pdserve.log import init_logger
+from pdserve.pairings import NodePairings, PairingTarget, write_targets
 from pdserve.settings import Settings
 
 logger = init_logger(__name__)
@@ -51,6 +53,10 @@ METADATA_TIMEOUT_SECONDS = 5.0
 # requests from breaking affinity on an otherwise idle pool.
 AFFINITY_LOAD_FACTOR = 2.0
 AFFINITY_SLACK_TOKENS = 4096.0
+# How long an address remembers which instances answered there: a restart
+# is one new instance; an old one answering again within this is a
+# load-balanced URL.
+INSTANCE_MEMORY_SECONDS = 600.0
 
 
 @dataclass(eq=False)
@@ -107,6 +113,17 @@ class ProducerPool:
         self._session: aiohttp.ClientSession | None = None
         self._refresher: asyncio.Task | None = None
         self._first_refresh = asyncio.Event()
+        # Which instances each address served, lately: one seen again after
+        # another means answers come from several (a load-balanced URL).
+        self._instances_seen: dict[str, dict[str, float]] = {}
+        # Every engine rank of this node publishes what it paired with; a
+        # producer is sent work only once all have (files in the run dir).
+        self._run_dir = settings.run_dir
+        self._pairings = (
+            NodePairings(settings.run_dir, settings.tensor_parallel_size)
+            if settings.run_dir
+            else None
+        )
 
     # ---- lifecycle ----
 
@@ -212,8 +229,11 @@ class ProducerPool:
         self._producers[endpoint.key] = Producer(
             endpoint, metadata, ProducerHealth(endpoint)
         )
+        self._seen(endpoint.key, metadata.instance_id)
+        self._publish_targets()
         logger.info(
-            "Producer %s joined: instance %s, KV ports %s",
+            "Producer %s joined: instance %s, KV ports %s (used once this node's "
+            "engine ranks have paired with it)",
             endpoint.key,
             metadata.instance_id,
             metadata.kv_ports,
@@ -235,7 +255,65 @@ class ProducerPool:
         # Keeps the per-producer series bounded by the producers present.
         with contextlib.suppress(KeyError):
             metrics.REMOTE_PREFILLS.remove(key)
+        self._publish_targets()
         logger.info("Producer %s left", key)
+
+    # ---- instances and pairing ----
+
+    def _seen(self, key: str, instance_id: str) -> None:
+        seen = self._instances_seen.setdefault(key, {})
+        seen[instance_id] = time.monotonic()
+        for old, at in list(seen.items()):
+            if time.monotonic() - at > INSTANCE_MEMORY_SECONDS:
+                del seen[old]
+
+    def instance_changed(self, producer: Producer, instance_id: str) -> None:
+        """``producer``'s address answered as another instance than the one
+        admitted. A new one (a restart): dropped now, admitted again (and
+        paired) on the next refresh. One seen before: several instances
+        answer at that address; it is never used again while it has it."""
+        key = producer.key
+        back_again = instance_id in self._instances_seen.get(key, {})
+        self._seen(key, instance_id)
+        if self._producers.get(key) is producer:
+            self._drop(key)
+        if back_again:
+            logger.error(
+                "Producer %s answers as several instances (%s): a load-balanced "
+                "URL? List each producer by its own address (e.g. a headless "
+                "Service). Not used while it has this address.",
+                key,
+                ", ".join(sorted(self._instances_seen[key])),
+            )
+            self._incompatible.add(key)
+        else:
+            logger.warning(
+                "Producer %s is now instance %s (restarted): pairing again",
+                key,
+                instance_id,
+            )
+
+    def _publish_targets(self) -> None:
+        """Tell this node's engine ranks whom to pair with ahead of work."""
+        if not self._run_dir:
+            return
+        targets = [_target(p) for p in self._producers.values()]
+        try:
+            write_targets(self._run_dir, targets)
+        except OSError as exc:
+            logger.warning("pdserve: cannot publish producers to pair with: %s", exc)
+
+    def _paired(self, producer: Producer) -> bool:
+        """Whether every engine rank of this node paired with it; one that
+        never will (a mismatch at rank level) is dropped, saying why."""
+        if self._pairings is None:
+            return True
+        paired, error, incompatible = self._pairings.state(_target(producer))
+        if incompatible:
+            logger.error("Producer %s will not be used: %s", producer.key, error)
+            self._incompatible.add(producer.key)
+            self._drop(producer.key)
+        return paired
 
     # ---- choosing ----
 
@@ -243,7 +321,12 @@ class ProducerPool:
         return list(self._producers.values())
 
     def healthy(self) -> list[Producer]:
-        return [p for p in self._producers.values() if not p.health.down]
+        """Producers that may be sent work: up, and paired by every rank."""
+        return [
+            p
+            for p in list(self._producers.values())
+            if not p.health.down and self._paired(p)
+        ]
 
     def order(self, demand: Demand) -> list[Producer]:
         """Healthy producers in the order this request tries them."""
@@ -295,6 +378,12 @@ class ProducerPool:
 
     def describe(self) -> list[dict[str, Any]]:
         return [p.describe() for p in self._producers.values()]
+
+
+def _target(producer: Producer) -> PairingTarget:
+    return PairingTarget(
+        producer.address, tuple(producer.kv_ports), producer.instance_id
+    )
 
 
 def rendezvous(affinity_key: bytes, producer_key: str) -> bytes:

@@ -48,6 +48,9 @@ logger = init_logger(__name__)
 KNOWN_REFUSALS = frozenset(
     {"lease_cap", "multimodal", "prompt_embeds", "no_token_ids", "unleasable"}
 )
+# kv_transfer_params key under which vLLM (0.26+) takes a chat's prompt
+# already rendered: its handler then skips templating and tokenization.
+PROMPT_IDS_KEY = "prompt_token_ids"
 # Reasons that describe a state (no producer at all) rather than a
 # request: logged once when they start, not for every request.
 STATE_REASONS = frozenset({"no_producer", "producer_down"})
@@ -70,10 +73,38 @@ def local_reason(path: str, payload: Any) -> str | None:
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             return "batched_prompts"
+    # Inputs a lease's fingerprint does not cover (the producer would fetch
+    # and process them itself): never KV of other inputs on this node.
+    if payload.get("prompt_embeds") is not None:
+        return "prompt_embeds"
+    if multimodal(payload):
+        return "multimodal"
     return None
 
 
-def prefill_body(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+def multimodal(payload: dict[str, Any]) -> bool:
+    """Whether a request carries images, audio or video (or other parts
+    than text): their KV depends on more than token ids."""
+    if payload.get("multi_modal_data"):
+        return True
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list) and any(
+                not isinstance(part, dict) or part.get("type") not in (None, "text")
+                for part in content
+            ):
+                return True
+    return False
+
+
+def prefill_body(
+    path: str, payload: dict[str, Any], prompt_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """What a producer is asked: the client's request, one token, no
+    stream; ``prompt_ids``: a chat's prompt as this node rendered it (the
+    producer's vLLM then skips its own rendering)."""
     body = copy.deepcopy(payload)
     # The producer's token is the request's first: sampled under the
     # client's own rules (min_tokens 1 keeps EOS out of it if asked).
@@ -86,12 +117,16 @@ def prefill_body(path: str, payload: dict[str, Any]) -> dict[str, Any]:
     # The client's id: the producer's request id is this consumer's own.
     body.pop("request_id", None)
     body[KV_PARAMS_KEY] = {DO_REMOTE_DECODE: True}
+    if prompt_ids is not None and path.endswith("/chat/completions"):
+        body[KV_PARAMS_KEY][PROMPT_IDS_KEY] = list(prompt_ids)
     return body
 
 
-def prefill_bytes(path: str, payload: dict[str, Any]) -> tuple[bytes, str]:
+def prefill_bytes(
+    path: str, payload: dict[str, Any], prompt_ids: list[int] | None = None
+) -> tuple[bytes, str]:
     """The exact bytes sent to producers, and their SHA-256 (for the proof)."""
-    data = json.dumps(prefill_body(path, payload)).encode()
+    data = json.dumps(prefill_body(path, payload, prompt_ids)).encode()
     return data, body_digest(data)
 
 
@@ -100,6 +135,16 @@ def refusal_reason(value: Any) -> str:
     if isinstance(value, str) and value in KNOWN_REFUSALS:
         return f"producer_{value}"
     return "producer_refused"
+
+
+class Answer(NamedTuple):
+    """The producers' answer for one request: a lease signed by this node,
+    or why there is none (the request is prefilled locally, counted)."""
+
+    lease: Lease | None
+    reason: str = ""
+    # The call that gave the lease (for placement's cost model).
+    seconds: float = 0.0
 
 
 class Failure(NamedTuple):
@@ -125,6 +170,9 @@ class RemotePrefill:
         self._proof_key = proof_key(secret) if secret is not None else None
         self.calls = CallTimes()
         self._last_fallback: str | None = None
+        # Leases from an instance this node never paired with (released by
+        # the HTTP layer, which reaches the engine).
+        self.stray_leases: list[Lease] = []
 
     async def close(self) -> None:
         await self.pool.close()
@@ -143,18 +191,36 @@ class RemotePrefill:
         api_key: str | None = None,
         size: int = 0,
     ) -> Lease | None:
-        """A producer's lease signed by this node, or None to prefill locally.
+        """A producer's lease signed by this node, or None to prefill locally
+        (``ask`` says why)."""
+        answer = await self.ask(path, payload, prompt_tokens, api_key, size)
+        return answer.lease
+
+    async def ask(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        prompt_tokens: int | None = None,
+        api_key: str | None = None,
+        size: int = 0,
+        prompt_ids: list[int] | None = None,
+        started_at: float = 0.0,
+    ) -> Answer:
+        """The producers' answer: a lease signed by this node, or why not.
 
         ``api_key``: this node's own key, which producers are called with;
         ``size``: the client body's size (a large one is encoded off the
-        event loop)."""
+        event loop); ``prompt_ids``: the prompt as this node rendered it;
+        ``started_at``: when (wall clock) the request reached this node."""
         await self.pool.ready(api_key)
         demand = demand_of(payload, prompt_tokens)
         candidates = self.pool.order(demand)
         if not candidates:
             known = bool(self.pool.producers())
             return self._fallback("producer_down" if known else "no_producer")
-        data, digest = await off_loop(size, prefill_bytes, path, payload)
+        data, digest = await off_loop(size, prefill_bytes, path, payload, prompt_ids)
+        if started_at:
+            metrics.TTFT_HTTP_IN.observe(max(0.0, time.time() - started_at))
         # One budget for all attempts: failover must not multiply the wait.
         budget = self.settings.prefill_timeout
         deadline = time.monotonic() + budget
@@ -172,13 +238,22 @@ class RemotePrefill:
             asked = time.perf_counter()
             with self.pool.sending(producer, demand):
                 outcome = await self._ask(producer, path, data, digest, timeout)
+            if isinstance(outcome, Lease) and outcome.epoch != producer.instance_id:
+                # Another instance answered at this address: it restarted, or
+                # the address is load-balanced over several (never paired).
+                self.pool.instance_changed(producer, outcome.epoch)
+                self.stray_leases.append(outcome.signed(self._key, producer.address))
+                outcome = Failure("instance_changed", False)
             if isinstance(outcome, Lease):
                 seconds = time.perf_counter() - asked
                 self.calls.add(seconds, work)
                 if self.pool.has(producer):  # a gone one's series stays gone
                     observe(producer, outcome, seconds)
                 self._last_fallback = None
-                return outcome.signed(self._key, kv_host=producer.address)
+                lease = outcome.signed(self._key, kv_host=producer.address)
+                return Answer(lease, "", seconds)
+            if outcome.reason == "instance_changed":
+                continue  # the next producer, if any
             if not outcome.producer_fault:
                 return self._fallback(outcome.reason)
             logger.warning("Producer %s failed: %s", producer.key, outcome.reason)
@@ -232,22 +307,27 @@ class RemotePrefill:
             return Failure("producer_gave_no_kv", False)
         return lease
 
-    def _fallback(self, reason: str) -> None:
+    def _fallback(self, reason: str) -> Answer:
         if reason not in STATE_REASONS or reason != self._last_fallback:
             logger.warning("Prefilling locally: %s", reason)
         self._last_fallback = reason
         metrics.LOCAL_PREFILLS.labels(reason=reason).inc()
-        return None
+        return Answer(None, reason)
 
 
 def observe(producer: Producer, lease: Lease, seconds: float) -> None:
-    """Metrics of one remote prefill that gave a lease."""
+    """Metrics of one remote prefill that gave a lease: the call's hops.
+    The way back is timed from the producer's wall clock (the same host's,
+    or NTP-close: clamped at 0); the call out is what is left."""
     metrics.REMOTE_PREFILLS.labels(producer=producer.key).inc()
     metrics.REMOTE_PREFILL_SECONDS.observe(seconds)
+    back = max(0.0, time.time() - lease.issued_at) if lease.issued_at else 0.0
+    back = min(back, seconds)
     engine = lease.producer_queue_seconds + lease.producer_prefill_seconds
-    metrics.TTFT_PRODUCER_CALL.observe(max(0.0, seconds - engine))
+    metrics.TTFT_PRODUCER_CALL.observe(max(0.0, seconds - engine - back))
     metrics.TTFT_PRODUCER_QUEUE.observe(lease.producer_queue_seconds)
     metrics.TTFT_PRODUCER_PREFILL.observe(lease.producer_prefill_seconds)
+    metrics.TTFT_ANSWER_BACK.observe(back)
 
 
 async def release_lease(engine_client: Any, lease: Lease, reason: str) -> None:

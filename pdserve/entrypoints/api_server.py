@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 
 from pdserve.consumer.prefix_index import KVEventsConfigError, consumer_kv_events
 from pdserve.entrypoints.cli_args import (
@@ -132,10 +133,15 @@ def export_kv_secret(args: argparse.Namespace) -> None:
 def prepare_node(settings: Settings) -> None:
     """Per-start identity, set before vLLM starts so its processes inherit it:
     the lease key that never leaves this node, and a producer's instance id
-    (the epoch of its leases: a restarted producer issues new ones)."""
+    (the epoch of its leases: a restarted producer issues new ones). A
+    consumer's private run directory (0700): its HTTP layer and engine
+    processes meet there (pairings, the lease inbox); gone with the node."""
     os.environ[NODE_KEY_ENV_VAR] = new_node_key()
     if settings.role == "producer":
         settings.instance_id = secrets.token_hex(8)
+    else:
+        settings.run_dir = tempfile.mkdtemp(prefix="pdserve-")
+        atexit.register(shutil.rmtree, settings.run_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,10 +24,8 @@ may have it: with a KV secret, one that proves it comes from a consumer
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import vllm
@@ -35,8 +33,10 @@ import vllm
 import pdserve
 from pdserve.consumer import client_body
 from pdserve.consumer.client_body import Body, BodyTooDeep, off_loop
+from pdserve.consumer.lease_outbox import LeaseOutbox
 from pdserve.consumer.placer import Placer
-from pdserve.consumer.remote_prefill import RemotePrefill, local_reason, release_lease
+from pdserve.consumer.remote_prefill import RemotePrefill
+from pdserve.consumer.request_flow import Call, RequestFlow
 from pdserve.entrypoints.auth import (
     UNAUTHORIZED,
     accepted_keys,
@@ -50,9 +50,8 @@ from pdserve.entrypoints.legacy_generate import (
     to_completion_request,
 )
 from pdserve.handshake import METADATA_PATH
-from pdserve.lease import Lease
+from pdserve.lease import node_key
 from pdserve.log import init_logger
-from pdserve.metrics import LOCAL_PREFILLS
 from pdserve.request_proof import (
     PROOF_HEADER,
     ProofRejected,
@@ -166,51 +165,6 @@ def with_body(
     return new_scope, replay
 
 
-class ClientWatch:
-    """Stands between the client and the app, noting whether the client went
-    away before any response body reached it."""
-
-    def __init__(self, receive: Any) -> None:
-        self._receive = receive
-        self._pending: asyncio.Future | None = None
-        self.body_sent = False
-        # The client left before receiving a byte of the answer: whatever
-        # happened inside vLLM, nobody will use this request's KV.
-        self.left_early = False
-
-    async def receive(self) -> dict:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            message = await pending
-        else:
-            message = await self._receive()
-        self._note(message)
-        return message
-
-    def _note(self, message: dict) -> None:
-        if message["type"] == "http.disconnect" and not self.body_sent:
-            self.left_early = True
-
-    async def during(self, work: Awaitable[T]) -> T:
-        """Await ``work`` while listening for the client leaving meanwhile.
-
-        The message listened for is kept for the app's next receive."""
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._receive())
-        result = await work
-        if self._pending.done() and not self._pending.cancelled():
-            self._note(self._pending.result())
-        return result
-
-    def wrap_send(self, send: Any) -> Any:
-        async def watched(message: dict) -> None:
-            if message["type"] == "http.response.body" and message.get("body"):
-                self.body_sent = True
-            await send(message)
-
-        return watched
-
-
 def own_key(scope: dict) -> str | None:
     """This node's own API key (its first), the one it calls producers with."""
     return next(iter(accepted_keys(scope)), None)
@@ -232,7 +186,17 @@ class PDServeMiddleware:
         self.settings = settings
         self.metadata = node_metadata(settings)
         self.prefill = RemotePrefill(settings) if settings.role == "consumer" else None
-        self.placer = Placer(settings) if settings.role == "consumer" else None
+        self.flow = (
+            RequestFlow(
+                settings,
+                self.prefill,
+                Placer(settings),
+                LeaseOutbox(settings.run_dir),
+                node_key(),
+            )
+            if self.prefill is not None
+            else None
+        )
         secret = kv_secret() if settings.role == "producer" else None
         self.proofs = ProofVerifier(proof_key(secret)) if secret is not None else None
 
@@ -287,6 +251,7 @@ class PDServeMiddleware:
     async def _with_body(
         self, scope: dict, receive: Any, send: Any, route: str
     ) -> None:
+        entered_at = time.time()  # TTFT as this node sees it starts here
         limit = self.settings.max_request_body_bytes
         declared = declared_length(scope)
         if declared is not None and declared > limit:
@@ -305,9 +270,9 @@ class PDServeMiddleware:
         except BodyTooDeep as exc:
             return await send_json(send, 400, {"error": f"invalid request: {exc}"})
         if (route, scope["method"]) == (LEGACY_PATH, "POST"):
-            return await self._legacy_generate(scope, receive, send, body)
+            return await self._legacy_generate(scope, receive, send, body, entered_at)
         if self._remote(route, scope["method"]):
-            return await self._completion(scope, receive, send, body, route)
+            return await self._completion(scope, receive, send, body, route, entered_at)
         await self._forward(scope, receive, send, body)
 
     async def _parsed(self, scope: dict, data: bytes, route: str) -> Body:
@@ -351,69 +316,24 @@ class PDServeMiddleware:
             await send(message)
 
     async def _completion(
-        self, scope: dict, receive: Any, send: Any, body: Body, route: str
-    ) -> None:
-        payload = body.payload if body.is_json else None
-        if (reason := local_reason(route, payload)) is not None:
-            LOCAL_PREFILLS.labels(reason=reason).inc()
-            return await self._forward(scope, receive, send, body, route)
-        assert self.prefill is not None and self.placer is not None
-        with self.placer.serving():
-            await self._placed(scope, receive, send, body, route, payload)
-
-    async def _placed(
         self,
         scope: dict,
         receive: Any,
         send: Any,
         body: Body,
         route: str,
-        payload: dict[str, Any],
+        entered_at: float | None = None,
     ) -> None:
-        """Prefill here if that is cheaper (placement), else on a producer."""
-        assert self.prefill is not None and self.placer is not None
-        # This node's key: producers are called with it (never the client's),
-        # and asked for their metadata with it, as at startup.
-        api_key = own_key(scope)
-        saturated = await self.prefill.producers_saturated(api_key)
-        decision, ids = await self.placer.place(scope, route, payload, saturated)
-        if decision is not None and decision.local:
-            LOCAL_PREFILLS.labels(reason=decision.reason).inc()
-            streamed = bool(payload.get("stream"))
-            timed = self.placer.timed_local(send, decision.new_tokens, streamed)
-            return await self._forward(scope, receive, timed, body, route)
-        client = ClientWatch(receive)
-        asking = self.prefill.request_lease(
-            route,
-            payload,
-            prompt_tokens=len(ids) if ids is not None else None,
-            api_key=api_key,
-            size=len(body.data),
-        )
-        started = time.perf_counter()
-        lease = await client.during(asking)
-        if lease is None:
-            return await self._forward(scope, client.receive, send, body, route)
-        self.placer.observe_remote(time.perf_counter() - started, lease)
-        if client.left_early:
-            # Gone while the producer prefilled: do not start the request.
-            return await self._release(scope, lease, "client_disconnected")
-        with_lease = dict(payload, kv_transfer_params=lease.to_params())
-        leased = await off_loop(len(body.data), Body.of, with_lease)
-        status = await self._forward(
-            scope, client.receive, client.wrap_send(send), leased, route
-        )
-        if client.left_early:
-            # vLLM aborted the request, maybe before its engine saw the lease;
-            # if the engine did, it releases too, and the second is a no-op.
-            await self._release(scope, lease, "client_disconnected")
-        elif status >= 400:
-            await self._release(scope, lease, "rejected")
+        """A completion on the consumer: its whole flow is ``RequestFlow``."""
+        assert self.flow is not None
 
-    @staticmethod
-    async def _release(scope: dict, lease: Lease, reason: str) -> None:
-        state = getattr(scope.get("app"), "state", None)
-        await release_lease(getattr(state, "engine_client", None), lease, reason)
+        async def forward(receive: Any, send: Any, body: Body) -> int:
+            return await self._forward(scope, receive, send, body, route)
+
+        call = Call(scope, receive, send, body, route, forward, api_key=own_key(scope))
+        if entered_at is not None:
+            call.entered_at = entered_at
+        await self.flow.serve(call)
 
     async def _forward(
         self,
@@ -437,7 +357,12 @@ class PDServeMiddleware:
         return status
 
     async def _legacy_generate(
-        self, scope: dict, receive: Any, send: Any, body: Body
+        self,
+        scope: dict,
+        receive: Any,
+        send: Any,
+        body: Body,
+        entered_at: float | None = None,
     ) -> None:
         # Parsed whatever the content type: vLLM's retired server did too.
         try:
@@ -452,4 +377,6 @@ class PDServeMiddleware:
         if self.prefill is None:
             await self._forward(scope, receive, reply_send, translated, target)
             return
-        await self._completion(scope, receive, reply_send, translated, target)
+        await self._completion(
+            scope, receive, reply_send, translated, target, entered_at
+        )

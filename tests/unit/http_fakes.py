@@ -222,7 +222,15 @@ class FakeProducer:
             answer = await answer
         if isinstance(answer, web.StreamResponse):
             return answer
-        return web.json_response(answer)
+        return web.json_response(self._own_instance(answer))
+
+    def _own_instance(self, answer: Any) -> Any:
+        """A producer's leases carry its own instance id (its epoch)."""
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        lease = params.get("pdserve_lease") if isinstance(params, dict) else None
+        if isinstance(lease, dict) and lease.get("epoch") == "e1":
+            lease["epoch"] = self.metadata["instance_id"]
+        return answer
 
     async def handle_get(self, request: web.Request) -> web.Response:
         self.gets.append((request.path, dict(request.headers)))

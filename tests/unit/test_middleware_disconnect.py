@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import pytest
 
 from pdserve import metrics
+from pdserve.consumer.remote_prefill import Answer
 from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.lease import Lease
 from tests.unit.http_fakes import CONSUMER, FakeEngine, app_state, make_lease, use_node
 
 BODY = json.dumps({"prompt": "Hello", "max_tokens": 4, "stream": True}).encode()
@@ -22,6 +25,7 @@ class FakePrefill:
     def __init__(self, key: bytes) -> None:
         self.answer = asyncio.Event()
         self.asked = asyncio.Event()
+        self.key = key
         self.lease = make_lease().signed(key, kv_host="10.0.0.1")
         self.engine = FakeEngine()
         self._counts = {reason: count(reason) for reason in REASONS}
@@ -29,16 +33,18 @@ class FakePrefill:
     async def producers_saturated(self, api_key=None) -> bool:
         return False
 
-    async def request_lease(self, path, payload, **kwargs):
+    stray_leases: list = []
+
+    async def ask(self, path, payload, **kwargs) -> Answer:
         self.asked.set()
         await self.answer.wait()
-        return self.lease
+        return Answer(self.lease, "", 0.01)
 
     @property
     def released(self) -> list[tuple[str, str]]:
         """(producer request id, reason) of each lease handed to the engine."""
         leases = self.engine.leases()
-        assert all(lease == self.lease for lease in leases)
+        assert all(same_lease(lease, self.lease, self.key) for lease in leases)
         reasons = [
             reason
             for reason in REASONS
@@ -49,6 +55,13 @@ class FakePrefill:
 
 
 REASONS = ("client_disconnected", "rejected")
+
+
+def same_lease(given: Lease, issued: Lease, key: bytes) -> bool:
+    """``given`` is ``issued``, signed by this node (with when it was handed
+    to vLLM, or not)."""
+    unsigned = msgspec.structs.replace(given, handed_at=0.0, mac="")
+    return given.verified(key) and unsigned == msgspec.structs.replace(issued, mac="")
 
 
 def count(reason: str) -> float:
@@ -94,7 +107,7 @@ def middleware(monkeypatch):
     def build(script) -> tuple[PDServeMiddleware, FakeVLLM, FakePrefill]:
         app = FakeVLLM(script)
         mw = PDServeMiddleware(app)
-        mw.prefill = FakePrefill(key)
+        mw.prefill = mw.flow.prefill = FakePrefill(key)
         return mw, app, mw.prefill
 
     return build
@@ -165,7 +178,11 @@ def test_client_staying_gets_the_lease_forwarded(middleware):
 
     app, prefill, client = run(scenario())
     assert prefill.released == []
-    assert app.bodies[0]["kv_transfer_params"] == prefill.lease.to_params()
+    forwarded = Lease.from_params(app.bodies[0]["kv_transfer_params"])
+    # The producer's lease, signed again with when it was handed to vLLM.
+    assert forwarded.verified(prefill.key) and forwarded.handed_at > 0
+    unsigned = msgspec.structs.replace(forwarded, handed_at=0.0, mac="")
+    assert unsigned == msgspec.structs.replace(prefill.lease, mac="")
     assert [m.get("body") for m in client.received[1:]] == [b"data: x\n\n", b""]
 
 

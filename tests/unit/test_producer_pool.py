@@ -471,7 +471,7 @@ def test_hung_producer_is_abandoned_in_time_for_the_next():
             a = await stack.enter_async_context(fake_producer(never_answers(gate)))
             b = await stack.enter_async_context(fake_producer(lease_answer))
             prefill = await stack.enter_async_context(
-                consumer([a.url, b.url], prefill_timeout=0.6)
+                consumer([a.url, b.url], prefill_timeout=3.0)
             )
             stack.callback(gate.set)  # first out: lets a's handlers end
             payload = prompt_for(prefill, a)
@@ -500,7 +500,7 @@ def test_hung_producer_is_back_only_once_it_answers_work(monkeypatch):
             a = await stack.enter_async_context(fake_producer(never_answers(gate)))
             b = await stack.enter_async_context(fake_producer(lease_answer))
             prefill = await stack.enter_async_context(
-                consumer([a.url, b.url], prefill_timeout=0.4)
+                consumer([a.url, b.url], prefill_timeout=3.0)
             )
             stack.callback(gate.set)
             await prefill.pool.ready("sk-own")
@@ -586,5 +586,93 @@ def test_attempts_are_bounded_by_measured_calls(monkeypatch):
             # Fast calls: the floor, a quarter of the budget.
             assert last[0] == 2 and last[1] is not None and last[1] < 1.0
             assert last[2] == 60.0 * rule.FLOOR_FRACTION
+
+    run(scenario())
+
+
+# --- pairing and instances ---------------------------------------------------
+
+
+def test_producer_is_used_only_once_every_rank_paired(tmp_path):
+    """Admitted by its metadata, a producer is published for this node's
+    ranks to pair with, and sent work only once all of them have."""
+    from pdserve.pairings import PeerState, RankPairings, targets_reader, write_rank
+
+    async def scenario() -> None:
+        async with producers(1) as (fake,), consumer(
+            [fake.url], run_dir=str(tmp_path), tensor_parallel_size=2
+        ) as prefill:
+            (target,) = targets_reader(str(tmp_path)).read()
+            assert target.epoch == fake.metadata["instance_id"]
+            assert prefill.pool.healthy() == []
+            assert await ask(prefill, {"prompt": "p"}) is None
+            write_rank(str(tmp_path), RankPairings(0, [PeerState(target, True)]))
+            assert prefill.pool.healthy() == []  # rank 1 has not paired yet
+            write_rank(str(tmp_path), RankPairings(1, [PeerState(target, True)]))
+            assert [p.url for p in prefill.pool.healthy()] == [fake.url]
+            assert await ask(prefill, {"prompt": "p"}) is not None
+
+    run(scenario())
+
+
+def test_producer_no_rank_can_pair_with_is_dropped_saying_why(tmp_path, caplog):
+    from pdserve.pairings import PeerState, RankPairings, targets_reader, write_rank
+
+    async def scenario() -> None:
+        async with producers(1) as (fake,), consumer(
+            [fake.url], run_dir=str(tmp_path)
+        ) as prefill:
+            (target,) = targets_reader(str(tmp_path)).read()
+            error = "KV cache dtype: consumer='auto' producer='fp8_e5m2'"
+            state = PeerState(target, False, error, incompatible=True)
+            write_rank(str(tmp_path), RankPairings(0, [state]))
+            with caplog.at_level(logging.ERROR):
+                assert prefill.pool.healthy() == []
+            assert prefill.pool.producers() == []
+            assert "fp8_e5m2" in caplog.text
+
+    run(scenario())
+
+
+def test_restarted_producer_is_dropped_then_admitted_again():
+    """A lease of a new instance at a known address: not used (this node
+    never paired with it), the producer is looked up and paired again."""
+
+    async def scenario() -> None:
+        async with producers(1) as (fake,), consumer([fake.url]) as prefill:
+            first = fake.metadata["instance_id"]
+            fake.metadata = dict(fake.metadata, instance_id="restarted")
+            fake.answer = lambda p: {
+                "kv_transfer_params": make_lease(epoch="restarted").to_params()
+            }
+            assert await ask(prefill, {"prompt": "p"}) is None
+            assert len(prefill.stray_leases) == 1  # handed back by the caller
+            await prefill.pool.refresh()
+            (producer,) = prefill.pool.producers()
+            assert producer.instance_id == "restarted" != first
+            assert await ask(prefill, {"prompt": "p"}) is not None
+
+    run(scenario())
+
+
+def test_load_balanced_url_is_detected_and_left(caplog):
+    """Two instances behind one address answer in turn: every lease would
+    be from an instance never paired with. Detected, logged, not used."""
+
+    async def scenario() -> None:
+        async with producers(1) as (fake,), consumer([fake.url]) as prefill:
+            a = fake.metadata["instance_id"]
+            epochs = iter(["b", a])
+            fake.answer = lambda p: {
+                "kv_transfer_params": make_lease(epoch=next(epochs)).to_params()
+            }
+            fake.metadata = dict(fake.metadata, instance_id="b")
+            assert await ask(prefill, {"prompt": "p"}) is None  # b: a restart?
+            await prefill.pool.refresh()
+            with caplog.at_level(logging.ERROR):
+                assert await ask(prefill, {"prompt": "p"}) is None  # a again
+            assert "several instances" in caplog.text
+            await prefill.pool.refresh()
+            assert prefill.pool.producers() == []
 
     run(scenario())
