@@ -1,10 +1,11 @@
 """PD (producer + consumer) against plain vLLM on this machine's CPU, one
 request at a time, hop by hop.
 
-Starts a producer, a consumer and a plain-vLLM baseline (producer on its own
-cores, consumer and baseline on the others; the baseline is only used while
-the consumer is idle), warms every prompt length up on both, then sends
-fresh random prompts to the consumer and the baseline in turn. Per request:
+Starts a producer and a consumer (each on its own cores), then, once they
+are stopped, a plain-vLLM baseline on the consumer's cores (vLLM's CPU
+workers spin: engines sharing a core would time each other). Each setup
+warms every prompt length up, then gets the same fresh random prompts, one
+request at a time. Per request:
 time to first token, the gap between tokens 1 and 2, end to end, and, for
 PD, every TTFT hop and the consumer engine steps before tokens 1 and 2 from
 the nodes' metrics (scraped before and after each request: requests never
@@ -35,22 +36,30 @@ from urllib.parse import urlparse
 from pdserve.local_cluster import ServerProcess, cpu_env, scrape_metrics, split_cores
 from pdserve.tiny_model import ensure_tiny_model
 
-# The TTFT hops in path order, as pdserve's metrics name them (each
-# ``pdserve:ttft_<hop>_seconds``); those a run lacks are left out.
-HOPS = (
+# The TTFT hops of a remote prefill in path order, as pdserve's metrics
+# name them (``pdserve:ttft_<hop>_seconds``); a run lacking one leaves it
+# out. ``http`` is the TTFT the consumer's HTTP layer saw: what it does not
+# cover is the client's side; what the hops do not cover of it is the
+# consumer's frontend sending the first token out.
+PATH_HOPS = (
     "http_in",
     "producer_call",
     "producer_queue",
     "producer_prefill",
     "answer_back",
-    "consumer_frontend_in",
+    "lease_delivery",
     "consumer_admission",
+)
+# Hops that overlap the path (the request admitted while the producer
+# prefills) or follow the first token (the KV pull, the step on it).
+OTHER_HOPS = (
+    "consumer_frontend_in",
     "consumer_queue",
     "transfer_wait",
     "transfer_copy",
     "first_token",
-    "consumer_frontend_out",
 )
+HOPS = (*PATH_HOPS, *OTHER_HOPS, "http")
 STEPS = ("engine_steps_to_first_token", "engine_steps_to_second_token")
 # The consumer's flags that pin the remote path (no placement, no saturation).
 ALWAYS_REMOTE = [
@@ -143,14 +152,17 @@ def spread(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(ordered), q[-1]
 
 
-def start_nodes(args: argparse.Namespace, logs: Path) -> list[ServerProcess]:
-    model = ensure_tiny_model()
+def engine_args(args: argparse.Namespace) -> list[str]:
     engine = ["--dtype", args.dtype, "--max-model-len", "2048", "--enforce-eager"]
-    engine += ["--block-size", str(args.block_size), "--seed", "0"]
+    return engine + ["--block-size", str(args.block_size), "--seed", "0"]
+
+
+def start_pd(args: argparse.Namespace, logs: Path) -> list[ServerProcess]:
+    model = ensure_tiny_model()
     producer_cores, consumer_cores = split_cores()
     producer = ServerProcess.pdserve(
         "producer",
-        ["--model", model, "--kv-role", "producer", *engine],
+        ["--model", model, "--kv-role", "producer", *engine_args(args)],
         logs,
         cpu_env(cores=producer_cores),
     )
@@ -159,47 +171,63 @@ def start_nodes(args: argparse.Namespace, logs: Path) -> list[ServerProcess]:
         "consumer",
         ["--model", model, "--kv-role", "consumer", "--producer-url", producer.url]
         + ALWAYS_REMOTE
-        + engine,
+        + engine_args(args),
         logs,
         cpu_env(cores=consumer_cores),
     )
-    baseline = ServerProcess.plain_vllm(
-        "baseline", [model, *engine], logs, cpu_env(cores=consumer_cores)
-    )
     consumer.wait_ready()
+    return [producer, consumer]
+
+
+def start_baseline(args: argparse.Namespace, logs: Path) -> ServerProcess:
+    """Plain vLLM on the consumer's cores, alone on the machine (vLLM's CPU
+    workers spin: two engines on one core would time each other)."""
+    _, consumer_cores = split_cores()
+    baseline = ServerProcess.plain_vllm(
+        "baseline",
+        [ensure_tiny_model(), *engine_args(args)],
+        logs,
+        cpu_env(cores=consumer_cores),
+    )
     baseline.wait_ready()
-    return [producer, consumer, baseline]
+    return baseline
 
 
-def measure(args: argparse.Namespace, nodes: list[ServerProcess]) -> dict:
-    producer, consumer, baseline = nodes
+def prompts(args: argparse.Namespace) -> dict[int, list[list[int]]]:
+    """The same fresh prompts for both setups: per length, warm-ups first."""
     rng = random.Random(args.seed)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    return {
+        length: [
+            [rng.randrange(10, 800) for _ in range(length)]
+            for _ in range(WARMUPS + args.runs)
+        ]
+        for length in (int(x) for x in args.lengths.split(","))
+    }
 
-    def prompt(length: int) -> list[int]:
-        return [rng.randrange(10, 800) for _ in range(length)]
 
-    for length in lengths:  # every shape warmed up on both nodes
-        for _ in range(WARMUPS):
-            stream(consumer.url, prompt(length), args.max_tokens)
-            stream(baseline.url, prompt(length), args.max_tokens)
-    results: dict = {"pd": {}, "baseline": {}}
-    for length in lengths:
-        pd_rows, base_rows = [], []
-        for run in range(args.runs):
-            tokens = prompt(length)
-            order = ("pd", "baseline") if run % 2 == 0 else ("baseline", "pd")
-            for node in order:
-                if node == "pd":
-                    row = pd_request(
-                        consumer.url, producer.url, tokens, args.max_tokens
-                    )
-                    check_remote(row, length)
-                    pd_rows.append(row)
-                else:
-                    base_rows.append(stream(baseline.url, tokens, args.max_tokens))
-        results["pd"][length] = pd_rows
-        results["baseline"][length] = base_rows
+def measure_pd(args, nodes: list[ServerProcess], work: dict) -> dict:
+    producer, consumer = nodes
+    results = {}
+    for length, batch in work.items():
+        for tokens in batch[:WARMUPS]:  # every shape warmed up
+            stream(consumer.url, tokens, args.max_tokens)
+        rows = []
+        for tokens in batch[WARMUPS:]:
+            row = pd_request(consumer.url, producer.url, tokens, args.max_tokens)
+            check_remote(row, length)
+            rows.append(row)
+        results[length] = rows
+    return results
+
+
+def measure_baseline(args, baseline: ServerProcess, work: dict) -> dict:
+    results = {}
+    for length, batch in work.items():
+        for tokens in batch[:WARMUPS]:
+            stream(baseline.url, tokens, args.max_tokens)
+        results[length] = [
+            stream(baseline.url, tokens, args.max_tokens) for tokens in batch[WARMUPS:]
+        ]
     return results
 
 
@@ -222,23 +250,35 @@ def report(results: dict, args: argparse.Namespace, out=sys.stdout) -> None:
                 for k in ("ttft", "gap12", "e2e")
             ]
             out.write(f"{length:>6} {node:<9} " + " ".join(cells) + "\n")
-    out.write("\nPD TTFT hop by hop (p50 ms) and consumer engine steps (p50)\n")
+    out.write("\nPD TTFT hop by hop, p50 ms (the path's hops, then the rest)\n")
     for length, rows in results["pd"].items():
-        hops = [h for h in HOPS if any(h in r for r in rows)]
-        named = [statistics.median([r.get(h, 0.0) for r in rows]) for h in hops]
-        rest = statistics.median(
-            [r["ttft"] - sum(r.get(h, 0.0) for h in hops) for r in rows]
-        )
-        cells = [f"{h}={v * 1e3:.2f}" for h, v in zip(hops, named, strict=True)]
-        cells.append(f"unattributed={rest * 1e3:.2f}")
+        cells = [f"{h}={p50(rows, h):.2f}" for h in PATH_HOPS if has(rows, h)]
+        frontend_out = [
+            r.get("http", 0.0) - sum(r.get(h, 0.0) for h in PATH_HOPS) for r in rows
+        ]
+        client = [r["ttft"] - r.get("http", r["ttft"]) for r in rows]
+        cells.append(f"frontend_out={statistics.median(frontend_out) * 1e3:.2f}")
+        cells.append(f"client={statistics.median(client) * 1e3:.2f}")
+        other = [f"{h}={p50(rows, h):.2f}" for h in OTHER_HOPS if has(rows, h)]
         steps = [statistics.median([r[s] for r in rows]) for s in STEPS]
         first = sum(r["first_token_from_producer"] for r in rows)
         out.write(
-            f"{length:>6}: " + ", ".join(cells) + f"\n        steps to tokens 1/2: "
-            f"{steps[0]:.0f}/{steps[1]:.0f}; first token from the producer in "
-            f"{first:.0f} of {len(rows)}\n"
+            f"{length:>6}: "
+            + ", ".join(cells)
+            + "\n        off the path: "
+            + ", ".join(other)
+            + f"\n        engine steps to tokens 1/2: {steps[0]:.0f}/{steps[1]:.0f};"
+            f" first token from the producer in {first:.0f} of {len(rows)}\n"
         )
     out.flush()
+
+
+def has(rows: list[dict], hop: str) -> bool:
+    return any(hop in r for r in rows)
+
+
+def p50(rows: list[dict], hop: str) -> float:
+    return statistics.median([r.get(hop, 0.0) for r in rows]) * 1e3
 
 
 def plot(results: dict, path: Path) -> None:
@@ -294,12 +334,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
-    nodes = start_nodes(args, logs)
+    work = prompts(args)
+    results = {}
+    nodes = start_pd(args, logs)
     try:
-        results = measure(args, nodes)
+        results["pd"] = measure_pd(args, nodes, work)
     finally:
         for node in reversed(nodes):
             node.stop()
+    baseline = start_baseline(args, logs)
+    try:
+        results["baseline"] = measure_baseline(args, baseline, work)
+    finally:
+        baseline.stop()
     report(results, args)
     if args.out:
         out = Path(args.out)

@@ -59,7 +59,11 @@ class ConsumerScheduler(SchedulerHalf):
         self._pending: dict[str, _Pending] = {}
         self._inbox = LeaseInbox(settings.run_dir) if settings.run_dir else None
         self.tickets = TicketBook(
-            self._inbox, self._give_back, settings.prefill_timeout, clock
+            self._inbox,
+            self._give_back,
+            settings.prefill_timeout,
+            clock,
+            on_delivered=self._delivered,
         )
 
     # ---- vLLM's connector calls ----
@@ -218,11 +222,11 @@ class ConsumerScheduler(SchedulerHalf):
             return lease, None
         if not ticket.verified(self._key):
             return None, "lease_refused"
+        self._clock.arrived(request.request_id, ticket.handed_at)
         if self.tickets.answer(ticket.id) is None:
             if self._now() > ticket.deadline:
                 return None, "ticket_expired"
             return WAIT
-        self._clock.arrived(request.request_id, ticket.handed_at)
         answer, _ = self.tickets.answer(ticket.id)
         if take:
             self.tickets.take(ticket.id)
@@ -285,6 +289,9 @@ class ConsumerScheduler(SchedulerHalf):
     def _fail_pull(self, request_id: str, blocks: KVCacheBlocks, lease: Lease) -> None:
         self._meta.failed_loads.append((request_id, list(blocks.get_block_ids()[0])))
         self._give_back(lease)
+
+    def _delivered(self, seconds: float) -> None:
+        self._stats.observe("ttft_lease_delivery_seconds", seconds)
 
     def _give_back(self, lease: Lease) -> None:
         """Release a lease this consumer will not read."""

@@ -58,12 +58,15 @@ HISTOGRAMS = {
     "the consumer's blocks.",
     "ttft_first_token_seconds": "TTFT phase: KV in place to the consumer's "
     "first-token step done (requests whose first token the consumer computes).",
-    "ttft_consumer_frontend_in_seconds": "TTFT phase: the consumer's HTTP layer "
-    "handing the leased request to its vLLM handler, to the request reaching the "
-    "engine (the handler's render and tokenization, the hop to the engine core).",
-    "ttft_consumer_admission_seconds": "TTFT phase: the request reaching the "
-    "consumer engine to the producer's first token emitted (engine steps before "
-    "its admission).",
+    "ttft_consumer_frontend_in_seconds": "The consumer's HTTP layer handing a "
+    "request to its vLLM handler, to the request reaching the engine (the "
+    "handler's work, the hop to the engine core). Admitted while the producer "
+    "prefills, this overlaps the producer call: not on the TTFT path then.",
+    "ttft_lease_delivery_seconds": "TTFT phase: the consumer's HTTP layer sending "
+    "the producer's answer to its engine, to the engine taking it.",
+    "ttft_consumer_admission_seconds": "TTFT phase: the producer's first token "
+    "known to the consumer engine, to its output (the request's admission: "
+    "blocks allocated, its pull started).",
 }
 
 # Counts of consumer engine steps per request (a step: one schedule() call).

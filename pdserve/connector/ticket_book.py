@@ -32,8 +32,11 @@ class TicketBook:
         give_back: Callable[[Lease], None],
         hold_seconds: float,
         clock: Callable[[], float] = time.time,
+        on_delivered: Callable[[float], None] | None = None,
     ) -> None:
         self._inbox = inbox
+        # Told how long each answer took from the HTTP layer to here.
+        self._on_delivered = on_delivered
         self._give_back = give_back
         self._hold = hold_seconds
         self._now = clock
@@ -75,7 +78,10 @@ class TicketBook:
             return self._release(delivery)
         if delivery.ticket_id in self._answers:
             return self._release(delivery)  # a second answer: not ours to keep
-        self._answers[delivery.ticket_id] = (delivery, self._now())
+        now = self._now()
+        self._answers[delivery.ticket_id] = (delivery, now)
+        if self._on_delivered is not None and delivery.sent_at:
+            self._on_delivered(max(0.0, now - delivery.sent_at))
         while len(self._answers) > MAX_REMEMBERED:
             self._release(self._answers.popitem(last=False)[1][0])
 
