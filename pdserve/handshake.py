@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from pdserve.identity import identity_pairs
+from pdserve.identity import identity_pairs, serving_pairs
 from pdserve.log import init_logger
 from pdserve.protocol import LayerInfo, RankInfo
 
@@ -233,4 +233,7 @@ def check_producer_metadata(mine: dict[str, Any], theirs: dict[str, Any]) -> Non
     # "auto" resolves inside the engine; the per-rank handshake checks it then.
     if "auto" not in (mine.get("dtype"), theirs.get("dtype")):
         pairs.append(("dtype", mine.get("dtype"), theirs.get("dtype")))
+    pairs += serving_pairs(
+        mine.get("serving_identity") or {}, theirs.get("serving_identity")
+    )
     _raise_if(describe_mismatches(pairs))

@@ -11,7 +11,9 @@ flags spelled differently but meaning the same compare equal.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -72,6 +74,65 @@ def engine_identity(model_config: Any) -> ModelIdentity:
         tokenizer_revision=str(getattr(model_config, "tokenizer_revision", None) or ""),
         generation_defaults=_generation_defaults(model_config),
     )
+
+
+# What the API server renders and constrains with, beyond the engine's own
+# config: compared through /pdserve/metadata before any engine starts.
+SERVING_LABELS = {
+    "chat_template": "chat template (--chat-template)",
+    "chat_template_content_format": "--chat-template-content-format",
+    "lora_modules": "LoRA adapters (--lora-modules)",
+    "tokenizer_mode": "--tokenizer-mode",
+    "reasoning_parser": "--reasoning-parser",
+    "tool_call_parser": "--tool-call-parser",
+    "structured_outputs_backend": "structured outputs backend",
+}
+
+
+def serving_identity(args: Any) -> dict[str, str]:
+    """This node's serving identity from ``vllm serve``'s parsed arguments:
+    a chat template by its content's digest (a path or inline text), LoRA
+    adapters by name and path."""
+    structured = getattr(args, "structured_outputs_config", None)
+    modules = getattr(args, "lora_modules", None) or []
+    return {
+        "chat_template": _template_digest(getattr(args, "chat_template", None)),
+        "chat_template_content_format": str(
+            getattr(args, "chat_template_content_format", "") or ""
+        ),
+        "lora_modules": ",".join(
+            sorted(f"{m.name}={m.path}" for m in modules if hasattr(m, "name"))
+        ),
+        "tokenizer_mode": str(getattr(args, "tokenizer_mode", "") or ""),
+        "reasoning_parser": str(getattr(args, "reasoning_parser", "") or ""),
+        "tool_call_parser": str(getattr(args, "tool_call_parser", "") or ""),
+        "structured_outputs_backend": str(getattr(structured, "backend", "") or ""),
+    }
+
+
+def _template_digest(template: str | None) -> str:
+    if not template:
+        return ""  # the tokenizer's own (the model, revision and tokenizer say)
+    path = Path(template)
+    try:
+        data = path.read_bytes() if path.is_file() else template.encode()
+    except OSError:
+        data = template.encode()
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def serving_pairs(
+    mine: dict[str, str], theirs: Any
+) -> list[tuple[str, object, object]]:
+    """(label, consumer's, producer's) of each serving identity field.
+    Metadata without one compares nothing (its pdserve version differs,
+    which is refused on its own)."""
+    if not isinstance(theirs, dict):
+        return []
+    return [
+        (label, mine.get(key, ""), theirs.get(key, ""))
+        for key, label in SERVING_LABELS.items()
+    ]
 
 
 def identity_pairs(

@@ -61,6 +61,9 @@ class Settings(msgspec.Struct, kw_only=True):
     kv_events: str = ""
     prefill_timeout: float = 60.0
     transfer_timeout: float = 30.0
+    # What this node's API server renders and constrains with (chat
+    # template digest, LoRA adapters, parsers): peers must agree.
+    serving_identity: dict[str, str] = {}
     # Consumer: this node's private directory, shared by its HTTP layer and
     # engine ranks (which producers each rank has paired with); "" = none.
     run_dir: str = ""

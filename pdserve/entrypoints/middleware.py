@@ -96,6 +96,7 @@ def node_metadata(settings: Settings) -> dict[str, Any]:
         "pdserve_version": pdserve.__version__,
         "protocol_version": pdserve.PROTOCOL_VERSION,
         "vllm_version": vllm.__version__,
+        "serving_identity": settings.serving_identity,
     }
 
 

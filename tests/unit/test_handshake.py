@@ -21,7 +21,12 @@ from pdserve.handshake import (
     check_producer_metadata,
     fetch_producer_metadata,
 )
-from pdserve.identity import ModelIdentity, engine_identity
+from pdserve.identity import (
+    SERVING_LABELS,
+    ModelIdentity,
+    engine_identity,
+    serving_identity,
+)
 from pdserve.protocol import LayerInfo, RankInfo
 from pdserve.settings import Settings
 
@@ -398,3 +403,62 @@ def test_identity_is_read_from_vllms_resolved_config():
     assert identity.hf_overrides == '{"max_position_embeddings": 65536}'
     assert identity.generation_defaults == '{"temperature": 0.7, "top_p": 0.8}'
     assert identity.tokenizer_revision == ""
+
+
+@pytest.mark.parametrize(
+    ("field", "mine", "theirs", "expected"),
+    [
+        (
+            "chat_template",
+            "sha256:aaaa",
+            "sha256:bbbb",
+            "chat template (--chat-template): consumer='sha256:aaaa' "
+            "producer='sha256:bbbb'",
+        ),
+        (
+            "lora_modules",
+            "sql=/a/sql",
+            "",
+            "LoRA adapters (--lora-modules): consumer='sql=/a/sql' producer=''",
+        ),
+        (
+            "reasoning_parser",
+            "qwen3",
+            "deepseek_r1",
+            "--reasoning-parser: consumer='qwen3' producer='deepseek_r1'",
+        ),
+    ],
+)
+def test_serving_identity_mismatch_names_both_values(field, mine, theirs, expected):
+    """Nodes rendering or constraining differently give other tokens: their
+    chat template, LoRA adapters and parsers must agree."""
+    base = {k: "" for k in SERVING_LABELS}
+    consumer = consumer_metadata(serving_identity=base | {field: mine})
+    producer = producer_metadata(serving_identity=base | {field: theirs})
+    message = metadata_mismatch(consumer, producer)
+    assert expected in message
+    assert message.count("consumer=") == 1
+
+
+def test_serving_identity_from_vllms_arguments(tmp_path):
+    from argparse import Namespace
+    from dataclasses import dataclass
+
+    @dataclass
+    class Module:
+        name: str
+        path: str
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    args = Namespace(
+        chat_template=str(template),
+        lora_modules=[Module("b", "/b"), Module("a", "/a")],
+        tokenizer_mode="auto",
+    )
+    identity = serving_identity(args)
+    assert identity["lora_modules"] == "a=/a,b=/b"
+    assert identity["chat_template"].startswith("sha256:")
+    inline = serving_identity(Namespace(chat_template="{{ messages }}"))
+    assert inline["chat_template"] == identity["chat_template"]  # same content
+    assert serving_identity(Namespace())["chat_template"] == ""
