@@ -80,6 +80,17 @@ def integer_in(low: int, high: float = math.inf) -> Callable[[str], int]:
 port_number = integer_in(0, 65535)
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdserve",
@@ -146,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_seconds,
         default=default("lease_seconds"),
         help="producer: free prefilled KV a consumer has not read after this long",
+    )
+    pd.add_argument(
+        "--kv-max-leased-fraction",
+        type=fraction,
+        default=default("max_leased_fraction"),
+        help="producer: leases hold at most this share of its KV cache blocks; "
+        "past it a prefill is answered without a lease and the consumer "
+        "prefills it itself",
     )
     pd.add_argument(
         "--kv-secret",
@@ -301,6 +320,7 @@ def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
         transport=args.kv_transport,
         kv_host=args.kv_host,
         lease_seconds=args.kv_lease_seconds,
+        max_leased_fraction=args.kv_max_leased_fraction,
         producer_urls=args.producer_url,
         producer_saturation_requests=args.producer_saturation_requests,
         local_prefill_max_tokens=args.local_prefill_max_tokens,

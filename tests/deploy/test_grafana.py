@@ -32,7 +32,9 @@ def pdserve_metrics() -> dict[str, str]:
         for family in value.describe()
     }
     found |= {f"pdserve:{name}": "counter" for name in stats.COUNTERS}
+    found |= {f"pdserve:{name}": "counter" for name in stats.LABELED_COUNTERS}
     found |= {f"pdserve:{name}": "histogram" for name in stats.HISTOGRAMS}
+    found |= {f"pdserve:{name}": "histogram" for name in stats.STEP_HISTOGRAMS}
     return found
 
 
@@ -93,7 +95,7 @@ def test_every_readme_metric_and_ttft_phase_is_plotted():
     assert len(readme) >= 15
     assert readme <= set(pdserve_metrics()), "README names a metric pdserve lacks"
     ttft = {name for name in pdserve_metrics() if name.startswith("pdserve:ttft_")}
-    assert len(ttft) == 7
+    assert len(ttft) == 13
     assert readme | ttft <= plotted, sorted((readme | ttft) - plotted)
     assert {
         "vllm:num_requests_running",

@@ -453,3 +453,19 @@ def test_flag_defaults_are_the_settings_defaults():
         "max_request_body_bytes",
     ):
         assert getattr(settings, name) == getattr(plain, name), name
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan", "half"])
+def test_leased_fraction_must_be_a_share(value, capsys):
+    with pytest.raises(SystemExit):
+        parse(
+            ["--kv-role", "producer", "--model", "m", "--kv-max-leased-fraction", value]
+        )
+    assert "--kv-max-leased-fraction" in capsys.readouterr().err
+
+
+def test_leased_fraction_reaches_the_producer():
+    args, rest = parse(
+        ["--kv-role", "producer", "--model", "m", "--kv-max-leased-fraction", "0.25"]
+    )
+    assert make_settings(args, rest).max_leased_fraction == 0.25
