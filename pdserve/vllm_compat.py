@@ -75,3 +75,14 @@ def reuses_chat_prompt_ids() -> bool:
     except ImportError:
         return False
     return hasattr(online_renderer, "_reused_prompt_token_ids")
+
+
+def replay_frame(frames: list[bytes]) -> tuple[bytes, bytes] | None:
+    """(sequence bytes, payload) of one frame of vLLM's KV-events replay as a
+    DEALER receives it, or None for a frame of neither form: 0.26 – 0.32
+    send (empty, topic, seq, payload); 0.25 (empty, seq, payload)."""
+    if len(frames) == 4:
+        return frames[2], frames[3]
+    if len(frames) == 3:
+        return frames[1], frames[2]
+    return None

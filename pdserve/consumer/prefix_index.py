@@ -47,6 +47,7 @@ import msgspec
 import zmq
 
 from pdserve.log import init_logger
+from pdserve.vllm_compat import replay_frame
 
 logger = init_logger(__name__)
 
@@ -396,13 +397,13 @@ class KVEventSubscriber:
             dealer.connect(self.replay_endpoint)
             dealer.send_multipart([b"", start.to_bytes(8, "big")])
             while dealer.poll(self.REPLAY_TIMEOUT_MS):
-                frames = dealer.recv_multipart()
-                if len(frames) != 4:
+                frame = replay_frame(dealer.recv_multipart())
+                if frame is None:
                     break
-                seq = int.from_bytes(frames[2], "big", signed=True)
+                seq = int.from_bytes(frame[0], "big", signed=True)
                 if seq == _END_SEQ:
                     break
-                out.append((seq, frames[3]))
+                out.append((seq, frame[1]))
         finally:
             dealer.close(linger=0)
         return out
