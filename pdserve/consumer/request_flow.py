@@ -138,14 +138,14 @@ class RequestFlow:
             _BACKGROUND.add(task)
             task.add_done_callback(_BACKGROUND.discard)
             return
-        await self._answer(call, ticket, asking, None)
+        answer = await self._answer(call, ticket, asking, None)
         status = await forwarding
         if status >= 400:
-            await self.outbox.send(Cancel(ticket.id))
+            await self._cancel(ticket, answer)
 
     async def _answer(
         self, call: Call, ticket: Ticket, asking: asyncio.Future, status: int | None
-    ) -> None:
+    ) -> Answer:
         """Hand the producer's answer for ``ticket`` to the engine."""
         answer: Answer = await asking
         if answer.lease is not None:
@@ -156,8 +156,15 @@ class RequestFlow:
         if not await self.outbox.send(delivery) and answer.lease is not None:
             await release_lease(call.engine, answer.lease, "inbox_unreachable")
         if status is not None and status >= 400:
-            await self.outbox.send(Cancel(ticket.id))
+            await self._cancel(ticket, answer)
         await self._release_strays(call)
+        return answer
+
+    async def _cancel(self, ticket: Ticket, answer: Answer) -> None:
+        """vLLM rejected the request: its engine lets go of the ticket's
+        lease (if it never saw the request, at once)."""
+        if await self.outbox.send(Cancel(ticket.id)) and answer.lease is not None:
+            metrics.LEASES_RELEASED.labels(reason="rejected").inc()
 
     # ---- the request handed over once its lease is in ----
 
