@@ -2,7 +2,8 @@
 # One GPU-box experiment per device call (see ../shared/gpu/README.md for the
 # staging): installs the carried vLLM, runs one experiment, and packs every log
 # and result into $OUT/results.tar.gz (only a few files come back).
-#   bash benchmarks/gpu_session.sh micro|exact|restart|xpyd|placement|e2e-aggregated|e2e-pdserve ...
+#   bash benchmarks/gpu_session.sh micro|exact|restart|xpyd|placement|first-token-exact|
+#     first-token-light|e2e-aggregated|e2e-pdserve ...
 # (several experiments run one after another in the same call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,12 @@ case $what in
   xpyd)
     python3 benchmarks/gpu_xpyd.py --model "$TINY" --transport "${TRANSPORT:-ipc}" \
       --out "$OUT/r/xpyd" 2>&1 | tee "$OUT/r/xpyd.txt" || status=1 ;;
+  first-token-exact)
+    python3 benchmarks/gpu_first_token.py exact --model "$TINY" --out "$OUT/r/ft-exact" \
+      2>&1 | tee "$OUT/r/ft-exact.txt" || status=1 ;;
+  first-token-light)
+    python3 benchmarks/gpu_first_token.py light --model "$QWEN" --out "$OUT/r/ft-light" \
+      --runs "${RUNS:-12}" 2>&1 | tee "$OUT/r/ft-light.txt" || status=1 ;;
   placement)
     python3 benchmarks/gpu_placement.py --model "$TINY" --out "$OUT/r/placement" 2>&1 \
       | tee "$OUT/r/placement.txt" || status=1 ;;
