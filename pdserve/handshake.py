@@ -23,6 +23,11 @@ class IncompatibleProducer(RuntimeError):
     pass
 
 
+class InstanceGone(IncompatibleProducer):
+    """The producer instance asked for is gone: another one serves at its
+    address now (a restart). Not a mismatch: the new one may well pair."""
+
+
 class KVAuthError(IncompatibleProducer):
     """The two nodes' KV secrets differ (or only one has one): never retried."""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -46,9 +47,20 @@ class PairingTarget(msgspec.Struct, frozen=True):
 class PeerState(msgspec.Struct, frozen=True):
     target: PairingTarget
     paired: bool
-    # Why pairing failed; ``incompatible``: it never will (a mismatch).
+    # Why pairing failed; ``incompatible``: it never will (a mismatch);
+    # ``gone``: another instance serves at its address now (a restart).
     error: str = ""
     incompatible: bool = False
+    gone: bool = False
+
+
+class NodeState(NamedTuple):
+    """A producer instance as every rank of this node sees it."""
+
+    paired: bool
+    error: str = ""
+    incompatible: bool = False
+    gone: bool = False
 
 
 class RankPairings(msgspec.Struct):
@@ -126,9 +138,8 @@ class NodePairings:
     def __init__(self, run_dir: str, tp_size: int) -> None:
         self._ranks = [rank_reader(run_dir, r) for r in range(tp_size)]
 
-    def state(self, target: PairingTarget) -> tuple[bool, str, bool]:
-        """(paired on every rank, an error if one failed, whether that
-        error is a mismatch that never heals)."""
+    def state(self, target: PairingTarget) -> NodeState:
+        """Paired on every rank; else why not, if a rank said."""
         paired = True
         for reader in self._ranks:
             pairings: RankPairings | None = reader.read()
@@ -137,8 +148,9 @@ class NodePairings:
                 paired = False
                 continue
             if not peer.paired:
-                return False, f"rank {pairings.rank}: {peer.error}", peer.incompatible
-        return paired, "", False
+                error = f"rank {pairings.rank}: {peer.error}"
+                return NodeState(False, error, peer.incompatible, peer.gone)
+        return NodeState(paired)
 
 
 def _find(pairings: RankPairings | None, target: PairingTarget) -> PeerState | None:

@@ -5,11 +5,17 @@ a ticket instead of a lease, and asks the producer meanwhile: vLLM's handler
 renders and tokenizes and the engine takes the request while the producer
 prefills, so nothing of the consumer's own path waits for the producer's
 answer. The answer reaches the engine as a ``Delivery`` for the ticket (the
-lease, or why there is none) through the node's lease inbox.
+lease, or why there is none); a ``Cancel`` says the ticket's request will
+never reach the engine (vLLM rejected it).
 
-A ticket is signed with the node's key like a lease: client
-``kv_transfer_params`` can never pose as one. It carries a deadline (wall
-clock): an engine that has heard nothing by then prefills locally.
+Both travel through vLLM's own way of handing an engine KV-transfer
+parameters outside a request (``notify_kv_transfer_request_rejected``: a
+request aborted on arrival, whose connector ``request_finished`` runs): it
+needs nothing of ours between the processes, and it wakes an idle engine.
+
+Tickets and answers are signed with the node's key like a lease: client
+``kv_transfer_params`` can never pose as either. A ticket carries a deadline
+(wall clock): an engine that has heard nothing by then prefills locally.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import msgspec
 from pdserve.lease import DO_REMOTE_PREFILL, Lease
 
 TICKET_KEY = "pdserve_ticket"
+ANSWER_KEY = "pdserve_answer"
 TicketId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+Mac = Annotated[str, msgspec.Meta(max_length=128)]
 
 
 class Ticket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -33,22 +41,14 @@ class Ticket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # When (wall clock) the HTTP layer handed the request to its own vLLM:
     # the engine times its frontend from it.
     handed_at: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    mac: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    mac: Mac = ""
 
     @classmethod
     def issue(cls, key: bytes, deadline: float, handed_at: float) -> Ticket:
-        ticket = cls(secrets.token_hex(16), deadline, handed_at)
-        return msgspec.structs.replace(ticket, mac=ticket._mac(key))
+        return _signed(cls(secrets.token_hex(16), deadline, handed_at), key)
 
     def verified(self, key: bytes) -> bool:
-        return bool(self.mac) and hmac.compare_digest(
-            self.mac.encode(), self._mac(key).encode()
-        )
-
-    def _mac(self, key: bytes) -> str:
-        body = f"pdserve-ticket:{self.id}:{self.deadline!r}:{self.handed_at!r}"
-        body = body.encode()
-        return hmac.new(key, body, hashlib.sha256).hexdigest()
+        return _verified(self, key)
 
     def to_params(self) -> dict[str, Any]:
         """kv_transfer_params of a request waiting for its lease."""
@@ -74,13 +74,48 @@ class Delivery(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True
     # When (wall clock) the HTTP layer sent it: the hop to the engine is
     # timed from it.
     sent_at: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    mac: Mac = ""
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True, forbid_unknown_fields=True):
-    """The ticket's request will never reach the engine (vLLM's handler
-    rejected it): a lease delivered for it goes back at once."""
+    """The ticket's request is over (vLLM rejected it, its client left): a
+    lease delivered for it, or delivered later, goes back at once."""
 
     ticket_id: TicketId
+    mac: Mac = ""
 
 
 Message = Delivery | Cancel
+
+
+def message_params(key: bytes, message: Message) -> dict[str, Any]:
+    """kv_transfer_params that carry ``message`` to the engine, signed."""
+    signed = _signed(message, key)
+    return {DO_REMOTE_PREFILL: True, ANSWER_KEY: msgspec.to_builtins(signed)}
+
+
+def message_from_params(params: object, key: bytes) -> Message | None:
+    """The signed message in ``params``, or None (none, malformed, forged)."""
+    if not isinstance(params, dict) or ANSWER_KEY not in params:
+        return None
+    try:
+        message = msgspec.convert(params[ANSWER_KEY], type=Message)
+    except (msgspec.ValidationError, TypeError, ValueError):
+        return None
+    return message if _verified(message, key) else None
+
+
+def _signed(value: Any, key: bytes) -> Any:
+    return msgspec.structs.replace(value, mac=_mac(value, key))
+
+
+def _verified(value: Any, key: bytes) -> bool:
+    return bool(value.mac) and hmac.compare_digest(
+        value.mac.encode(), _mac(value, key).encode()
+    )
+
+
+def _mac(value: Any, key: bytes) -> str:
+    body = msgspec.msgpack.encode(msgspec.structs.replace(value, mac=""))
+    name = type(value).__name__.encode()
+    return hmac.new(key, b"pdserve-" + name + b":" + body, hashlib.sha256).hexdigest()

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pdserve.connector.lease_inbox import LeaseInbox
 from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.scheduler import SchedulerHalf, never_raises
 from pdserve.connector.ticket_book import TicketBook
@@ -21,7 +20,7 @@ from pdserve.fingerprint import kv_fingerprint, uncovered
 from pdserve.lease import DO_REMOTE_PREFILL, FirstToken, Lease
 from pdserve.log import init_logger
 from pdserve.settings import Settings
-from pdserve.ticket import Ticket
+from pdserve.ticket import Ticket, message_from_params
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -57,9 +56,7 @@ class ConsumerScheduler(SchedulerHalf):
     ) -> None:
         super().__init__(settings, block_size, node_key, clock)
         self._pending: dict[str, _Pending] = {}
-        self._inbox = LeaseInbox(settings.run_dir) if settings.run_dir else None
         self.tickets = TicketBook(
-            self._inbox,
             self._give_back,
             settings.prefill_timeout,
             clock,
@@ -106,8 +103,12 @@ class ConsumerScheduler(SchedulerHalf):
             self._fail_pull(request.request_id, blocks, pending.lease)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Any:
-        self.drain_tickets()  # answers arrived this step count from the next
+        self._expire_tickets()
         return super().build_connector_meta(scheduler_output)
+
+    @never_raises(default=None)
+    def _expire_tickets(self) -> None:
+        self.tickets.expire()
 
     @never_raises(default=None)
     def update_connector_output(self, connector_output: Any) -> None:
@@ -133,15 +134,7 @@ class ConsumerScheduler(SchedulerHalf):
         finally:
             self._clock.forget(request.request_id)
 
-    def shutdown(self) -> None:
-        if self._inbox is not None:
-            self._inbox.close()
-
     # ---- the first token, for the scheduler class ----
-
-    @never_raises(default=None)
-    def drain_tickets(self) -> None:
-        self.tickets.drain()
 
     def first_token_of(self, request: Request) -> FirstToken | str | Wait | None:
         """The producer's first token for ``request``, if its lease is one
@@ -252,7 +245,12 @@ class ConsumerScheduler(SchedulerHalf):
         return None
 
     def _let_go(self, params: dict) -> None:
-        """An undecided request ends: its lease, or its ticket's answer."""
+        """An undecided request ends: its lease, or its ticket's answer. A
+        request the HTTP layer submitted only to carry an answer for a
+        ticket (aborted on arrival) hands it over."""
+        if (message := message_from_params(params, self._key)) is not None:
+            self.tickets.receive(message)
+            return
         ticket = Ticket.from_params(params)
         if ticket is not None:
             if ticket.verified(self._key):

@@ -99,6 +99,27 @@ class FirstTokenMixin:
             self._ft_after_schedule(output)
         return output
 
+    def has_requests(self) -> bool:
+        """Whether the engine has anything to step for. Requests that only
+        wait for their ticket's answer do not count: the engine then sleeps
+        on its input queue instead of stepping (and, on CPU, spinning its
+        workers) while the producer prefills; the answer wakes it, as it
+        comes through that same queue."""
+        if not super().has_requests():
+            return False
+        if not self._ft_awaiting or self.has_finished_requests():
+            return True
+        return self.get_num_unfinished_requests() > len(self._ft_waiting_only())
+
+    def _ft_waiting_only(self) -> list[str]:
+        """Awaiting requests still waiting (not finished or gone)."""
+        return [
+            r
+            for r in self._ft_awaiting
+            if (request := self.requests.get(r)) is not None
+            and not request.is_finished()
+        ]
+
     def update_from_output(self, scheduler_output: Any, model_output: Any) -> Any:
         outputs = super().update_from_output(scheduler_output, model_output)
         if self._ft_role == "producer":
@@ -124,7 +145,6 @@ class FirstTokenMixin:
     def _ft_answered(self) -> None:
         """Requests whose ticket got its answer since the last step."""
         connector = _connector_scheduler(self)
-        connector.drain_tickets()
         for request_id in list(self._ft_awaiting):
             request = self.requests.get(request_id)
             if request is None or request.is_finished():

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from pdserve.connector.producer_peer import ProducerPeer
-from pdserve.handshake import IncompatibleProducer
+from pdserve.handshake import IncompatibleProducer, InstanceGone
 from pdserve.log import init_logger
 from pdserve.pairings import PairingTarget, PeerState, RankPairings, write_rank
 
@@ -144,22 +144,32 @@ class Pairer:
         self.paired(target)
 
     def _failed(self, target: PairingTarget, exc: Exception) -> None:
-        incompatible = isinstance(exc, IncompatibleProducer)
-        logger.warning(
+        gone = isinstance(exc, InstanceGone)
+        incompatible = isinstance(exc, IncompatibleProducer) and not gone
+        error = str(exc) or repr(exc)
+        with self._lock:
+            state = self._states.get(target)
+        # Once per error: a producer that is down is tried again and again.
+        log = (
+            logger.debug
+            if state is not None and state.error == error
+            else (logger.warning)
+        )
+        log(
             "pdserve: consumer rank %d cannot pair with producer %s:%s "
             "(instance %s): %s",
             self.rank,
             target.host,
             list(target.kv_ports),
             target.epoch,
-            exc,
+            error,
         )
         with self._lock:
             # Counted from the end of the attempt: a slow failure waits too.
             self._failed_at[target] = self._clock()
             while len(self._failed_at) > MAX_REMEMBERED:
                 self._failed_at.pop(next(iter(self._failed_at)))
-        self._set(PeerState(target, False, str(exc) or repr(exc), incompatible))
+        self._set(PeerState(target, False, error, incompatible, gone))
 
     def _set(self, state: PeerState) -> None:
         with self._lock:

@@ -23,7 +23,7 @@ from pdserve.connector.tp_mapping import (
     rank_heads,
     whole_blocks,
 )
-from pdserve.handshake import IncompatibleProducer, check_compatible
+from pdserve.handshake import IncompatibleProducer, InstanceGone, check_compatible
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
@@ -116,8 +116,8 @@ class ProducerPeer:
             remote = first if first is not None and rank == self.info.tp_rank else None
             remote = remote or client.rank_info()
             if remote.epoch != self.epoch:
-                raise IncompatibleProducer(
-                    f"lease of producer {self.epoch}, rank serves {remote.epoch}"
+                raise InstanceGone(
+                    f"instance {self.epoch} is gone: its ports serve {remote.epoch}"
                 )
             if remote.tp_rank != rank or remote.tp_size != len(self.kv_ports):
                 raise IncompatibleProducer(

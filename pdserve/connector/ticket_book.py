@@ -1,13 +1,12 @@
 """Consumer engine: the producers' answers for ticketed requests.
 
 A request admitted before its lease existed (``pdserve.ticket``) waits in
-vLLM's waiting queue (the connector says "not yet" each step) until the
-answer for its ticket arrives from the HTTP layer: the lease, or why there
-is none. Answers and requests can come in either order, and either may never
-come: an answer whose request has ended (client gone, rejected) or never
-shows up is given back (its lease released on the producer) at once or when
-it expires; a request whose answer never comes prefills locally at its
-ticket's deadline.
+vLLM's waiting queue (the connector says "not yet") until the answer for its
+ticket arrives from the HTTP layer: the lease, or why there is none. Answers
+and requests can come in either order, and either may never come: an answer
+whose request has ended (client gone, rejected) or never shows up is given
+back (its lease released on the producer) at once or when it expires; a
+request whose answer never comes prefills locally at its ticket's deadline.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from pdserve.connector.lease_inbox import LeaseInbox
 from pdserve.lease import Lease
-from pdserve.ticket import Cancel, Delivery
+from pdserve.ticket import Cancel, Delivery, Message
 
 # Answers or ended tickets remembered at most (bounds, never reached: the
 # API server bounds the requests in flight).
@@ -28,32 +26,36 @@ MAX_REMEMBERED = 1 << 16
 class TicketBook:
     def __init__(
         self,
-        inbox: LeaseInbox | None,
         give_back: Callable[[Lease], None],
         hold_seconds: float,
         clock: Callable[[], float] = time.time,
         on_delivered: Callable[[float], None] | None = None,
     ) -> None:
-        self._inbox = inbox
-        # Told how long each answer took from the HTTP layer to here.
-        self._on_delivered = on_delivered
         self._give_back = give_back
         self._hold = hold_seconds
         self._now = clock
+        # Told how long each answer took from the HTTP layer to here.
+        self._on_delivered = on_delivered
         # Answers not taken yet, by ticket: (answer, when it arrived here).
         self._answers: OrderedDict[str, tuple[Delivery, float]] = OrderedDict()
         # Tickets whose request ended before their answer: when to forget.
         self._ended: OrderedDict[str, float] = OrderedDict()
 
-    def drain(self) -> None:
-        """Take what the inbox received; let go of what expired."""
-        if self._inbox is not None:
-            for message in self._inbox.take():
-                if isinstance(message, Cancel):
-                    self.ended(message.ticket_id)
-                else:
-                    self._received(message)
-        self._expire()
+    def receive(self, message: Message) -> None:
+        """An answer or a cancellation from the HTTP layer."""
+        if isinstance(message, Cancel):
+            self.ended(message.ticket_id)
+            return
+        if self._ended.pop(message.ticket_id, None) is not None:
+            return self._release(message)
+        if message.ticket_id in self._answers:
+            return self._release(message)  # a second answer: not ours to keep
+        now = self._now()
+        self._answers[message.ticket_id] = (message, now)
+        if self._on_delivered is not None and message.sent_at:
+            self._on_delivered(max(0.0, now - message.sent_at))
+        while len(self._answers) > MAX_REMEMBERED:
+            self._release(self._answers.popitem(last=False)[1][0])
 
     def answer(self, ticket_id: str) -> tuple[Delivery, float] | None:
         """The answer for ``ticket_id`` and when it arrived, if it has."""
@@ -73,19 +75,8 @@ class TicketBook:
         while len(self._ended) > MAX_REMEMBERED:
             self._ended.popitem(last=False)
 
-    def _received(self, delivery: Delivery) -> None:
-        if self._ended.pop(delivery.ticket_id, None) is not None:
-            return self._release(delivery)
-        if delivery.ticket_id in self._answers:
-            return self._release(delivery)  # a second answer: not ours to keep
-        now = self._now()
-        self._answers[delivery.ticket_id] = (delivery, now)
-        if self._on_delivered is not None and delivery.sent_at:
-            self._on_delivered(max(0.0, now - delivery.sent_at))
-        while len(self._answers) > MAX_REMEMBERED:
-            self._release(self._answers.popitem(last=False)[1][0])
-
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """Let go of answers whose request never came, and forget old ends."""
         now = self._now()
         while self._answers:
             ticket_id, (delivery, arrived) = next(iter(self._answers.items()))

@@ -116,6 +116,7 @@ class ProducerPool:
         # Which instances each address served, lately: one seen again after
         # another means answers come from several (a load-balanced URL).
         self._instances_seen: dict[str, dict[str, float]] = {}
+        self._soon: set[asyncio.Task] = set()
         # Every engine rank of this node publishes what it paired with; a
         # producer is sent work only once all have (files in the run dir).
         self._run_dir = settings.run_dir
@@ -277,6 +278,8 @@ class ProducerPool:
         self._seen(key, instance_id)
         if self._producers.get(key) is producer:
             self._drop(key)
+        if not back_again:
+            self._refresh_soon()
         if back_again:
             logger.error(
                 "Producer %s answers as several instances (%s): a load-balanced "
@@ -304,16 +307,30 @@ class ProducerPool:
             logger.warning("pdserve: cannot publish producers to pair with: %s", exc)
 
     def _paired(self, producer: Producer) -> bool:
-        """Whether every engine rank of this node paired with it; one that
-        never will (a mismatch at rank level) is dropped, saying why."""
+        """Whether every engine rank of this node paired with it. One that
+        never will (a mismatch at rank level) is dropped, saying why; one
+        whose instance is gone (a restart) is dropped and looked up again
+        at once."""
         if self._pairings is None:
             return True
-        paired, error, incompatible = self._pairings.state(_target(producer))
-        if incompatible:
-            logger.error("Producer %s will not be used: %s", producer.key, error)
+        state = self._pairings.state(_target(producer))
+        if state.incompatible:
+            logger.error("Producer %s will not be used: %s", producer.key, state.error)
             self._incompatible.add(producer.key)
             self._drop(producer.key)
-        return paired
+        elif state.gone:
+            logger.warning("Producer %s restarted (%s)", producer.key, state.error)
+            self._drop(producer.key)
+            self._refresh_soon()
+        return state.paired
+
+    def _refresh_soon(self) -> None:
+        """Look the producers up now, not at the next round (a restarted one
+        is admitted, and paired with, as soon as it answers)."""
+        with contextlib.suppress(RuntimeError):  # no running loop: next round
+            task = asyncio.get_running_loop().create_task(self.refresh())
+            self._soon.add(task)
+            task.add_done_callback(self._soon.discard)
 
     # ---- choosing ----
 

@@ -11,7 +11,8 @@
    vLLM's handler, the hop to the engine and its admission all happen
    meanwhile, nothing of this node's path waits for the producer's answer.
 4. **The answer**, the lease with the producer's first token, goes to the
-   engine through its lease inbox; the engine emits that token at once and
+   engine through vLLM's own path for KV-transfer parameters outside a
+   request (``pdserve.ticket``); the engine emits that token at once and
    continues from it (``connector/first_token.py``), pulling the prompt's KV
    meanwhile. No lease, no answer in time, or the producer's refusal: the
    engine prefills locally.
@@ -19,21 +20,21 @@
    the request, the client left, another instance answered) goes back to
    its producer through the engine, which owns every release.
 
-Where the engine has no inbox (older pdserve engines) step 3 waits for the
-lease first, then hands the request to vLLM with the lease inline.
+Where vLLM's engine client offers no such path, step 3 waits for the lease
+first, then hands the request to vLLM with the lease inline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve import metrics
 from pdserve.consumer.client_body import Body, off_loop
-from pdserve.consumer.lease_outbox import LeaseOutbox
 from pdserve.consumer.placer import Placer
 from pdserve.consumer.prompt_tokens import prompt_token_ids
 from pdserve.consumer.remote_prefill import (
@@ -46,7 +47,7 @@ from pdserve.consumer.remote_prefill import (
 from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.settings import Settings
-from pdserve.ticket import Cancel, Delivery, Ticket
+from pdserve.ticket import Cancel, Delivery, Message, Ticket, message_params
 from pdserve.vllm_compat import reuses_chat_prompt_ids
 
 logger = init_logger(__name__)
@@ -87,14 +88,15 @@ class RequestFlow:
         settings: Settings,
         prefill: RemotePrefill,
         placer: Placer,
-        outbox: LeaseOutbox,
         node_key: bytes,
     ) -> None:
         self.settings = settings
         self.prefill = prefill
         self.placer = placer
-        self.outbox = outbox
         self._key = node_key
+        # Admit requests while a producer prefills them (off: wait for the
+        # lease first, then hand it inline; both paths are tested).
+        self.admit_early = True
 
     async def serve(self, call: Call) -> None:
         payload = call.payload
@@ -116,7 +118,7 @@ class RequestFlow:
             if ids is None:
                 ids = await prompt_token_ids(call.scope, call.route, payload)
             call.send = timed_tokens(call.send, call.entered_at, payload)
-            if self.outbox.available():
+            if self.admit_early and _notify(call.engine) is not None:
                 await self._admitted_while_asking(call, ids)
             else:
                 await self._admitted_with_lease(call, ids)
@@ -141,7 +143,7 @@ class RequestFlow:
         answer = await self._answer(call, ticket, asking, None)
         status = await forwarding
         if status >= 400:
-            await self._cancel(ticket, answer)
+            await self._cancel(call, ticket, answer)
 
     async def _answer(
         self, call: Call, ticket: Ticket, asking: asyncio.Future, status: int | None
@@ -153,18 +155,31 @@ class RequestFlow:
         delivery = Delivery(
             ticket.id, answer.lease, refused=answer.reason, sent_at=time.time()
         )
-        if not await self.outbox.send(delivery) and answer.lease is not None:
-            await release_lease(call.engine, answer.lease, "inbox_unreachable")
+        await self._deliver(call, delivery)
         if status is not None and status >= 400:
-            await self._cancel(ticket, answer)
+            await self._cancel(call, ticket, answer)
         await self._release_strays(call)
         return answer
 
-    async def _cancel(self, ticket: Ticket, answer: Answer) -> None:
+    async def _cancel(self, call: Call, ticket: Ticket, answer: Answer) -> None:
         """vLLM rejected the request: its engine lets go of the ticket's
         lease (if it never saw the request, at once)."""
-        if await self.outbox.send(Cancel(ticket.id)) and answer.lease is not None:
+        if await self._deliver(call, Cancel(ticket.id)) and answer.lease is not None:
             metrics.LEASES_RELEASED.labels(reason="rejected").inc()
+
+    async def _deliver(self, call: Call, message: Message) -> bool:
+        """Hand ``message`` to this node's engine (it wakes it)."""
+        notify = _notify(call.engine)
+        if notify is None:
+            return False
+        try:
+            await notify(
+                f"pdserve-answer-{uuid.uuid4().hex}", message_params(self._key, message)
+            )
+        except Exception as exc:  # engine dead or shutting down
+            logger.warning("pdserve: handing an answer to the engine failed: %r", exc)
+            return False
+        return True
 
     # ---- the request handed over once its lease is in ----
 
@@ -226,6 +241,12 @@ class RequestFlow:
         while self.prefill.stray_leases:
             lease: Lease = self.prefill.stray_leases.pop()
             await release_lease(call.engine, lease, "instance_changed")
+
+
+def _notify(engine: Any) -> Any:
+    """vLLM's way of handing its engine KV-transfer parameters outside a
+    request (a request aborted on arrival), if this engine client has it."""
+    return getattr(engine, "notify_kv_transfer_request_rejected", None)
 
 
 # Answers still being handed to the engine after their response ended.

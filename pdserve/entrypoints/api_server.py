@@ -144,7 +144,8 @@ def prepare_node(settings: Settings) -> None:
     the lease key that never leaves this node, and a producer's instance id
     (the epoch of its leases: a restarted producer issues new ones). A
     consumer's private run directory (0700): its HTTP layer and engine
-    processes meet there (pairings, the lease inbox); gone with the node."""
+    processes meet there (which producers each rank paired with); gone with
+    the node."""
     os.environ[NODE_KEY_ENV_VAR] = new_node_key()
     if settings.role == "producer":
         settings.instance_id = secrets.token_hex(8)

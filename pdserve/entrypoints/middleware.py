@@ -33,7 +33,6 @@ import vllm
 import pdserve
 from pdserve.consumer import client_body
 from pdserve.consumer.client_body import Body, BodyTooDeep, off_loop
-from pdserve.consumer.lease_outbox import LeaseOutbox
 from pdserve.consumer.placer import Placer
 from pdserve.consumer.remote_prefill import RemotePrefill
 from pdserve.consumer.request_flow import Call, RequestFlow
@@ -188,13 +187,7 @@ class PDServeMiddleware:
         self.metadata = node_metadata(settings)
         self.prefill = RemotePrefill(settings) if settings.role == "consumer" else None
         self.flow = (
-            RequestFlow(
-                settings,
-                self.prefill,
-                Placer(settings),
-                LeaseOutbox(settings.run_dir),
-                node_key(),
-            )
+            RequestFlow(settings, self.prefill, Placer(settings), node_key())
             if self.prefill is not None
             else None
         )

@@ -263,40 +263,34 @@ def test_scheduler_is_the_one_vllm_would_have_used(model):
 
 
 def test_request_admitted_before_its_lease_emits_the_first_token_on_arrival(
-    model, tmp_path
+    model,
 ):
     """The HTTP layer hands the request over with a ticket while the producer
-    prefills; the lease (and its first token) arrive through the inbox."""
-    import asyncio
+    prefills: the engine does not step for it (nothing to do) until the lease,
+    and its first token, arrive; then the token goes out at once."""
     import time
 
-    from pdserve.consumer.lease_outbox import LeaseOutbox
-    from pdserve.ticket import Delivery, Ticket
-    from tests.eventually import eventually
+    from pdserve.ticket import Delivery, Ticket, message_params
 
-    sched = scheduler(model, run_dir=str(tmp_path))
+    sched = scheduler(model)
     ticket = Ticket.issue(node_key(), time.time() + 60, handed_at=time.time())
     params = SamplingParams(max_tokens=8, temperature=0)
     params.update_from_generation_config({}, eos_token_id=2)
     params.extra_args = {"kv_transfer_params": ticket.to_params()}
     request = Request("r1", list(PROMPT), params, None, block_hasher=HASHER)
     sched.add_request(request)
-    output, outputs = step(sched)
-    assert emitted(outputs) == [] and output.kv_connector_metadata.loads == []
+    assert not sched.has_requests()  # the engine sleeps on its input queue
 
     lease = leased_request().kv_transfer_params["pdserve_lease"]
     delivery = Delivery(ticket.id, msgspec.convert(lease, type=Lease))
-    loop = asyncio.new_event_loop()
-    outbox = LeaseOutbox(str(tmp_path))
-    assert loop.run_until_complete(outbox.send(delivery))
+    # As vLLM's engine client hands it over: a request aborted on arrival.
+    carrier = SamplingParams(max_tokens=1)
+    carrier.extra_args = {"kv_transfer_params": message_params(node_key(), delivery)}
+    sched.add_request(Request("answer", [0], carrier, None, abort_immediately=True))
+    sched.finish_requests("answer", RequestStatus.FINISHED_ABORTED)
+    assert sched.has_requests()
 
-    def arrived():
-        _, outputs = step(sched)
-        return emitted(outputs)
-
-    (first,) = eventually(arrived, 5, "the first token")
+    _, outputs = step(sched)
+    (first,) = emitted(outputs)
     assert first.new_token_ids == [T1]
     assert request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
-    loop.run_until_complete(outbox.close())
-    loop.close()
-    sched.connector.shutdown()

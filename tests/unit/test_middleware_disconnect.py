@@ -108,6 +108,7 @@ def middleware(monkeypatch):
         app = FakeVLLM(script)
         mw = PDServeMiddleware(app)
         mw.prefill = mw.flow.prefill = FakePrefill(key)
+        mw.flow.admit_early = False  # the lease inline (tickets: test_request_flow)
         return mw, app, mw.prefill
 
     return build

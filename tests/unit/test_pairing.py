@@ -9,6 +9,7 @@ from pdserve.connector.pairing import Pairer
 from pdserve.handshake import IncompatibleProducer
 from pdserve.pairings import (
     NodePairings,
+    NodeState,
     PairingTarget,
     targets_reader,
     write_targets,
@@ -74,15 +75,11 @@ def test_each_rank_publishes_what_it_paired_with(tmp_path):
     that instance; a mismatch says why and that it will not heal."""
     run_dir = str(tmp_path)
     node = NodePairings(run_dir, tp_size=2)
-    assert node.state(TARGET) == (False, "", False)
+    assert node.state(TARGET) == NodeState(False)
 
     rank0 = Pairer(0, FakePeer, backoff=1.0, run_dir=run_dir)
     rank0.want(TARGET)
-    eventually(
-        lambda: node.state(TARGET) != (False, "", False) or rank0.take_ready(),
-        5,
-        "rank 0 to pair",
-    )
+    eventually(rank0.take_ready, 5, "rank 0 to pair")
     assert node.state(TARGET)[0] is False  # rank 1 has not paired yet
 
     def mismatch(target):
@@ -90,11 +87,9 @@ def test_each_rank_publishes_what_it_paired_with(tmp_path):
 
     rank1 = Pairer(1, mismatch, backoff=1.0, run_dir=run_dir)
     rank1.want(TARGET)
-    paired, error, incompatible = eventually(
-        lambda: (s := node.state(TARGET))[1] and s, 5, "rank 1 to fail"
-    )
-    assert not paired and incompatible
-    assert "rank 1" in error and "bfloat16" in error
+    state = eventually(lambda: (s := node.state(TARGET)).error and s, 5, "rank 1")
+    assert not state.paired and state.incompatible and not state.gone
+    assert "rank 1" in state.error and "bfloat16" in state.error
 
     rank1 = Pairer(1, FakePeer, backoff=1.0, run_dir=run_dir)
     rank1.want(TARGET)
@@ -114,3 +109,19 @@ def test_targets_round_trip_and_are_read_again_only_when_changed(tmp_path):
     assert reader.read() == [TARGET]
     (tmp_path / "targets.json").write_text("not json")
     assert reader.read() is None  # unreadable: treated as absent, no raise
+
+
+def test_a_restarted_instance_is_gone_not_incompatible(tmp_path):
+    """Its ports answer as another instance: the HTTP layer looks it up
+    again (it may pair fine), it does not write the producer off."""
+    from pdserve.handshake import InstanceGone
+
+    def restarted(target):
+        raise InstanceGone(f"instance {target.epoch} is gone: its ports serve b")
+
+    run_dir = str(tmp_path)
+    pairer = Pairer(0, restarted, backoff=1.0, run_dir=run_dir)
+    pairer.want(TARGET)
+    node = NodePairings(run_dir, tp_size=1)
+    state = eventually(lambda: (s := node.state(TARGET)).error and s, 5, "the failure")
+    assert state.gone and not state.incompatible

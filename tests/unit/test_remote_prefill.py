@@ -230,6 +230,7 @@ def flow(
             monkeypatch.setenv(ENV_VAR, settings.to_json())
             vllm = FakeVLLM(status=status)
             mw = PDServeMiddleware(vllm)
+            mw.flow.admit_early = False  # the lease inline (tickets: test_request_flow)
             state = app_state(api_key=keys, engine=engine)
             try:
                 got = await call(

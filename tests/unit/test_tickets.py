@@ -1,20 +1,18 @@
 """Requests admitted before their lease (tickets): the engine waits for the
 answer without blocking, takes the lease when it comes, prefills locally on
-a refusal or at the deadline, and never keeps a lease nobody will read."""
+a refusal or at the deadline, and never keeps a lease nobody will read.
+Answers reach the engine as vLLM hands it KV-transfer parameters outside a
+request: a request aborted on arrival, whose request_finished runs."""
 
 from __future__ import annotations
-
-import asyncio
 
 import msgspec
 import pytest
 
 from pdserve.connector.scheduler import scheduler_half
-from pdserve.consumer.lease_outbox import LeaseOutbox
 from pdserve.settings import Settings
-from pdserve.ticket import Cancel, Delivery, Ticket
-from tests.eventually import eventually
-from tests.unit.test_scheduler import BLOCK, KEY, PROMPT, FakeBlocks, lease, request
+from pdserve.ticket import Cancel, Delivery, Ticket, message_params
+from tests.unit.test_scheduler import BLOCK, KEY, FakeBlocks, lease, request
 
 
 class Clock:
@@ -26,29 +24,10 @@ class Clock:
 
 
 @pytest.fixture
-def node(tmp_path):
+def node():
     clock = Clock()
-    settings = Settings(
-        role="consumer", model="m", run_dir=str(tmp_path), prefill_timeout=60
-    )
-    sched = scheduler_half(settings, BLOCK, KEY, clock=clock)
-    loop = asyncio.new_event_loop()
-    outbox = Sender(LeaseOutbox(str(tmp_path)), loop)
-    yield sched, outbox, clock
-    loop.run_until_complete(outbox.outbox.close())
-    loop.close()
-    sched.shutdown()
-
-
-class Sender:
-    """The HTTP layer's outbox, on one event loop of the test's own."""
-
-    def __init__(self, outbox: LeaseOutbox, loop: asyncio.AbstractEventLoop) -> None:
-        self.outbox = outbox
-        self.loop = loop
-
-    def send(self, message) -> bool:
-        return self.loop.run_until_complete(self.outbox.send(message))
+    settings = Settings(role="consumer", model="m", prefill_timeout=60)
+    return scheduler_half(settings, BLOCK, KEY, clock=clock), clock
 
 
 def ticketed(clock: Clock, rid: str = "req-1", deadline: float = 60.0):
@@ -56,18 +35,10 @@ def ticketed(clock: Clock, rid: str = "req-1", deadline: float = 60.0):
     return ticket, request(ticket.to_params(), rid=rid)
 
 
-def deliver(sched, outbox: Sender, message) -> None:
-    """Send as the HTTP layer does; wait until the engine has it."""
-    assert outbox.send(message)
-    book = sched.tickets
-    eventually(
-        lambda: (
-            (book.drain(), book.answer(message.ticket_id))[1]
-            or isinstance(message, Cancel)
-        ),
-        5,
-        "the answer to reach the engine",
-    )
+def deliver(sched, message, key: bytes = KEY) -> None:
+    """As the HTTP layer hands it over: a request aborted on arrival."""
+    params = message_params(key, message)
+    sched.request_finished(request(params, prompt=[0], rid="pdserve-answer"), [])
 
 
 def signed_lease():
@@ -75,10 +46,10 @@ def signed_lease():
 
 
 def test_request_waits_without_blocking_then_loads_its_lease(node):
-    sched, outbox, clock = node
+    sched, clock = node
     ticket, req = ticketed(clock)
     assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # not yet
-    deliver(sched, outbox, Delivery(ticket.id, signed_lease()))
+    deliver(sched, Delivery(ticket.id, signed_lease()))
     assert sched.get_num_new_matched_tokens(req, 0) == (50, True)
     sched.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 50)
     (load,) = sched.build_connector_meta(None).loads
@@ -86,21 +57,21 @@ def test_request_waits_without_blocking_then_loads_its_lease(node):
 
 
 def test_answer_may_come_before_the_request(node):
-    sched, outbox, clock = node
+    sched, clock = node
     ticket, req = ticketed(clock)
-    deliver(sched, outbox, Delivery(ticket.id, signed_lease()))
+    deliver(sched, Delivery(ticket.id, signed_lease()))
     assert sched.get_num_new_matched_tokens(req, 0) == (50, True)
 
 
 def test_refusal_prefills_locally(node):
-    sched, outbox, clock = node
+    sched, clock = node
     ticket, req = ticketed(clock)
-    deliver(sched, outbox, Delivery(ticket.id, refused="producer_down"))
+    deliver(sched, Delivery(ticket.id, refused="producer_down"))
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
 def test_no_answer_by_the_deadline_prefills_locally(node):
-    sched, _, clock = node
+    sched, clock = node
     _, req = ticketed(clock, deadline=5)
     assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
     clock.now += 6
@@ -111,38 +82,33 @@ def test_no_answer_by_the_deadline_prefills_locally(node):
 def test_lease_of_a_request_that_ended_first_is_released(node):
     """The client left while the producer prefilled: vLLM ended the request;
     its lease arrives afterwards and goes straight back."""
-    sched, outbox, clock = node
+    sched, clock = node
     ticket, req = ticketed(clock)
     assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
     sched.request_finished(req, [])
-    deliver_then = Delivery(ticket.id, signed_lease())
-    assert outbox.send(deliver_then)
-    eventually(
-        lambda: (sched.tickets.drain(), sched.build_connector_meta(None).releases)[1],
-        5,
-        "the lease to be released",
-    )
+    deliver(sched, Delivery(ticket.id, signed_lease()))
+    assert sched.build_connector_meta(None).releases == [signed_lease()]
 
 
 def test_answer_whose_request_never_comes_is_released_when_it_expires(node):
-    sched, outbox, clock = node
+    sched, clock = node
     ticket, _ = ticketed(clock)
-    deliver(sched, outbox, Delivery(ticket.id, signed_lease()))
+    deliver(sched, Delivery(ticket.id, signed_lease()))
     assert sched.build_connector_meta(None).releases == []
     clock.now += 61
     assert sched.build_connector_meta(None).releases == [signed_lease()]
 
 
 def test_cancel_releases_a_delivered_lease_at_once(node):
-    sched, outbox, clock = node
+    sched, clock = node
     ticket, _ = ticketed(clock)
-    deliver(sched, outbox, Delivery(ticket.id, signed_lease()))
-    deliver(sched, outbox, Cancel(ticket.id))
+    deliver(sched, Delivery(ticket.id, signed_lease()))
+    deliver(sched, Cancel(ticket.id))
     assert sched.build_connector_meta(None).releases == [signed_lease()]
 
 
-def test_forged_ticket_or_lease_is_never_loaded(node):
-    sched, outbox, clock = node
+def test_forged_ticket_answer_or_lease_is_never_loaded(node):
+    sched, clock = node
     ticket, _ = ticketed(clock)
     forged = msgspec.structs.replace(ticket, deadline=ticket.deadline + 1)
     assert sched.get_num_new_matched_tokens(request(forged.to_params()), 0) == (
@@ -150,7 +116,7 @@ def test_forged_ticket_or_lease_is_never_loaded(node):
         False,
     )
     ticket, req = ticketed(clock, rid="req-2")
-    unsigned = lease()  # the producer's, never signed by this node
-    deliver(sched, outbox, Delivery(ticket.id, unsigned))
+    deliver(sched, Delivery(ticket.id, signed_lease()), key=b"not-this-node")
+    assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # ignored
+    deliver(sched, Delivery(ticket.id, lease()))  # the producer's, never signed
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
-    assert PROMPT  # the requests above carry the lease's own prompt
