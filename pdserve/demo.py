@@ -48,29 +48,57 @@ def timed_stream(
     return text, first or 0.0, time.perf_counter() - start
 
 
+# The TTFT hops of a remote prefill in path order, as pdserve's metrics
+# name them (pdserve:ttft_<hop>_seconds).
+PATH_HOPS = (
+    ("http_in", "consumer HTTP layer (placement, tokens)"),
+    ("producer_call", "call to the producer (HTTP, its frontend)"),
+    ("producer_queue", "producer queue"),
+    ("producer_prefill", "producer prefill"),
+    ("answer_back", "the lease back to the consumer"),
+    ("lease_delivery", "the lease to the consumer's engine"),
+    ("consumer_admission", "admission, the producer's token out"),
+)
+
+
 def report(consumer: str, prompt: str, max_tokens: int, out=sys.stdout) -> None:
     before = scrape_metrics(consumer)
     text, ttft, total = timed_stream(consumer, prompt, max_tokens)
+    time.sleep(0.1)  # the engine's stats reach /metrics just after the answer
     after = scrape_metrics(consumer)
-    prefill, transfer = (
-        after.get(n, 0.0) - before.get(n, 0.0)
-        for n in (
-            "pdserve:remote_prefill_seconds_sum",
-            "pdserve:kv_transfer_seconds_sum",
-        )
-    )
-    kv_bytes = after.get("pdserve:kv_bytes_received_total", 0.0)
+
+    def moved(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
     out.write(f"\nprompt: {prompt!r}\nanswer: {text!r}\n\n")
+    out.write("time to first token, hop by hop (this request):\n")
+    named = 0.0
+    for hop, label in PATH_HOPS:
+        seconds = moved(f"pdserve:ttft_{hop}_seconds_sum")
+        named += seconds
+        out.write(f"  {label:<44} {seconds * 1000:8.1f} ms\n")
+    http = moved("pdserve:ttft_http_seconds_sum")
     rows = [
-        ("producer prefill (HTTP round trip)", prefill),
-        ("KV transfer (consumer pull)", transfer),
-        ("consumer first token + overhead", max(ttft - prefill - transfer, 0.0)),
-        ("time to first token", ttft),
+        ("the consumer's frontend sending it", max(0.0, http - named)),
+        ("time to first token (at the client)", ttft),
+        (
+            "token 1 to token 2 (the KV pull lies here)",
+            moved("pdserve:second_token_seconds_sum"),
+        ),
         (f"end to end ({max_tokens} tokens)", total),
     ]
     for label, seconds in rows:
-        out.write(f"  {label:<38} {seconds * 1000:9.1f} ms\n")
-    out.write(f"  {'KV bytes pulled so far':<38} {kv_bytes:9.0f} B\n")
+        out.write(f"  {label:<44} {seconds * 1000:8.1f} ms\n")
+    first = moved("pdserve:first_tokens_from_producer_total")
+    steps = [
+        moved(f"pdserve:engine_steps_to_{n}_token_sum") for n in ("first", "second")
+    ]
+    out.write(
+        f"  {'first token from the producer':<44} {'yes' if first else 'no':>8}\n"
+        f"  {'consumer engine steps to tokens 1 / 2':<44} "
+        f"{steps[0]:>4.0f} / {steps[1]:.0f}\n"
+        f"  {'KV bytes pulled':<44} {moved('pdserve:kv_bytes_received_total'):8.0f} B\n"
+    )
     out.flush()
 
 

@@ -45,6 +45,11 @@ REHANDSHAKE_BACKOFF_SECONDS = 1.0
 # How often the watch thread checks the producers, and how long it waits.
 WATCH_SECONDS = 1.0
 WATCH_TIMEOUT_SECONDS = 2.0
+# While the engine is idle the watch thread sends pending releases, pumping
+# every few milliseconds for up to this long (a connection to open and prove
+# included).
+FLUSH_SECONDS = 3.0
+FLUSH_PUMP_SECONDS = 0.002
 # Producers paired with at once; the least recently used idle one goes.
 MAX_PEERS = 64
 
@@ -224,11 +229,26 @@ class ConsumerRank:
                 with self._lock:
                     if self.peers.get(peer.key) is peer:
                         self._forget(peer)
+            self._flush_releases()
+
+    def _flush_releases(self) -> None:
+        """Drive releases out while the engine is idle: a lease handed back
+        from an idle engine (one step, then none) must not wait for the next
+        request, nor a connection that must be opened (and proven) first.
+        A few milliseconds between pumps, the lock released between them."""
+        deadline = time.monotonic() + FLUSH_SECONDS
+        while not self._stopped.is_set():
             with self._lock:
                 for peer in list(self.peers.values()):
                     for load in peer.flush_releases():
                         self._record(load)
                 self._orphans.pump()
+                pending = self._orphans or any(
+                    peer.releasing() for peer in self.peers.values()
+                )
+            if not pending or time.monotonic() > deadline:
+                return
+            self._stopped.wait(FLUSH_PUMP_SECONDS)
 
     def _pair_with_targets(self) -> None:
         """Pair ahead with the producers the HTTP layer found: it sends one

@@ -56,6 +56,10 @@ class OrphanReleases:
                 del self._links[address]
         return []
 
+    def __bool__(self) -> bool:
+        """Whether releases are still on their way."""
+        return bool(self._links)
+
     def close(self) -> None:
         for link in self._links.values():
             link.close("shutting down")

@@ -291,13 +291,20 @@ class ProducerPeer:
             pair.link.release(lease, pair.readers)
 
     def flush_releases(self) -> list[Load]:
-        """Send what release-only links hold (the watch thread, each second:
-        the engine may not step again after a request's last pull)."""
+        """Send what links hold to release when no load is in flight on
+        them (the watch thread: the engine may not step again after a
+        request's last pull, or after handing back a lease)."""
         finished: list[Load] = []
         for pair in self.pairs.values():
-            if pair.release_only and pair.link.has_releases():
+            if pair.link.has_releases() and not pair.link.busy():
                 finished += pair.link.pump()
         return finished
+
+    def releasing(self) -> bool:
+        """Whether a link still has releases to send (idle links only)."""
+        return any(
+            p.link.has_releases() and not p.link.busy() for p in self.pairs.values()
+        )
 
     def release_unread(self, lease: Lease) -> None:
         """A pull of ``lease`` ended: the producer ranks it did not read

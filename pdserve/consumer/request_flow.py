@@ -130,25 +130,34 @@ class RequestFlow:
         ticket = Ticket.issue(self._key, deadline, handed_at=time.time())
         asking = asyncio.ensure_future(self._ask(call, ids))
         body = await self._engine_body(call, ids, ticket.to_params())
-        forwarding = asyncio.ensure_future(call.forward(call.receive, call.send, body))
+        client = ClientWatch(call.receive)
+        forwarding = asyncio.ensure_future(
+            call.forward(client.receive, client.wrap_send(call.send), body)
+        )
         await asyncio.wait({asking, forwarding}, return_when=asyncio.FIRST_COMPLETED)
         if forwarding.done() and not asking.done():
-            # vLLM answered before the producer (a rejection, the client
-            # gone): the answer still goes to the engine, which releases it.
-            status = forwarding.result()
-            task = asyncio.create_task(self._answer(call, ticket, asking, status))
+            # The request ended before the producer answered (vLLM rejected
+            # it, its client left): the answer still goes to the engine,
+            # which hands its lease back (the ticket is over).
+            ended = _ended_reason(forwarding.result(), client)
+            task = asyncio.create_task(self._answer(call, ticket, asking, ended))
             _BACKGROUND.add(task)
             task.add_done_callback(_BACKGROUND.discard)
             return
         answer = await self._answer(call, ticket, asking, None)
         status = await forwarding
         if status >= 400:
-            await self._cancel(call, ticket, answer)
+            await self._cancel(call, ticket, answer, "rejected")
+        elif client.left_early and answer.lease is not None:
+            # Gone before any of the answer: the engine aborted the request
+            # and hands its lease back itself.
+            metrics.LEASES_RELEASED.labels(reason="client_disconnected").inc()
 
     async def _answer(
-        self, call: Call, ticket: Ticket, asking: asyncio.Future, status: int | None
+        self, call: Call, ticket: Ticket, asking: asyncio.Future, ended: str | None
     ) -> Answer:
-        """Hand the producer's answer for ``ticket`` to the engine."""
+        """Hand the producer's answer for ``ticket`` to the engine; and, if
+        its request already ended (``ended``: why), cancel the ticket."""
         answer: Answer = await asking
         if answer.lease is not None:
             self.placer.observe_remote(answer.seconds, answer.lease)
@@ -156,16 +165,18 @@ class RequestFlow:
             ticket.id, answer.lease, refused=answer.reason, sent_at=time.time()
         )
         await self._deliver(call, delivery)
-        if status is not None and status >= 400:
-            await self._cancel(call, ticket, answer)
+        if ended is not None:
+            await self._cancel(call, ticket, answer, ended)
         await self._release_strays(call)
         return answer
 
-    async def _cancel(self, call: Call, ticket: Ticket, answer: Answer) -> None:
-        """vLLM rejected the request: its engine lets go of the ticket's
-        lease (if it never saw the request, at once)."""
+    async def _cancel(
+        self, call: Call, ticket: Ticket, answer: Answer, reason: str
+    ) -> None:
+        """The ticket's request is over: its engine lets go of the lease (if
+        it never saw the request, at once)."""
         if await self._deliver(call, Cancel(ticket.id)) and answer.lease is not None:
-            metrics.LEASES_RELEASED.labels(reason="rejected").inc()
+            metrics.LEASES_RELEASED.labels(reason=reason).inc()
 
     async def _deliver(self, call: Call, message: Message) -> bool:
         """Hand ``message`` to this node's engine (it wakes it)."""
@@ -173,9 +184,8 @@ class RequestFlow:
         if notify is None:
             return False
         try:
-            await notify(
-                f"pdserve-answer-{uuid.uuid4().hex}", message_params(self._key, message)
-            )
+            request_id = f"pdserve-answer-{uuid.uuid4().hex}"
+            await notify(request_id, message_params(self._key, message))
         except Exception as exc:  # engine dead or shutting down
             logger.warning("pdserve: handing an answer to the engine failed: %r", exc)
             return False
@@ -241,6 +251,15 @@ class RequestFlow:
         while self.prefill.stray_leases:
             lease: Lease = self.prefill.stray_leases.pop()
             await release_lease(call.engine, lease, "instance_changed")
+
+
+def _ended_reason(status: int, client: ClientWatch) -> str:
+    """Why a request ended before its producer answered."""
+    return (
+        "rejected"
+        if status >= 400 and not client.left_early
+        else ("client_disconnected")
+    )
 
 
 def _notify(engine: Any) -> Any:

@@ -215,7 +215,9 @@ def one(finished: list[Load]) -> bool:
     return len(finished) >= 1
 
 
-def consumer_rank(kv: PagedKVCache, port: int) -> ConsumerRank:
+def consumer_rank(
+    kv: PagedKVCache, port: int, secret: bytes | None = None
+) -> ConsumerRank:
     """A consumer rank of the producer rank at ``port`` (not yet paired)."""
     settings = Settings(
         role="consumer",
@@ -224,7 +226,7 @@ def consumer_rank(kv: PagedKVCache, port: int) -> ConsumerRank:
         connect_timeout=5,
         transfer_timeout=5,
     )
-    rank = ConsumerRank(settings, kv, rank_info_for(kv, epoch=""), 0, None)
+    rank = ConsumerRank(settings, kv, rank_info_for(kv, epoch=""), 0, secret)
     rank.close = rank.shutdown
     return rank
 

@@ -45,14 +45,33 @@ class Engine(FakeEngine):
         super().__init__()
         self.vllm = vllm
         self.handed_before_answer: bool | None = None
+        self.answered = asyncio.Event()
 
     async def notify_kv_transfer_request_rejected(self, request_id, params) -> None:
         if self.handed_before_answer is None and ANSWER_KEY in params:
             self.handed_before_answer = bool(self.vllm.seen)
         await super().notify_kv_transfer_request_rejected(request_id, params)
+        self.answered.set()
 
     def messages(self, key: bytes) -> list[Message]:
         return [message_from_params(p, key) for _, p in self.rejected]
+
+
+class VLLM(FakeVLLM):
+    """vLLM's app: a request it accepts is answered once its engine has the
+    producer's answer (the engine waits for it); a rejection comes at once."""
+
+    engine: Engine | None = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.status < 400 and self.engine is not None:
+
+            async def after_the_answer(message: dict) -> None:
+                await self.engine.answered.wait()
+                await send(message)
+
+            return await super().__call__(scope, receive, after_the_answer)
+        await super().__call__(scope, receive, send)
 
 
 async def _handed(engine: Engine, count: int) -> None:
@@ -74,8 +93,8 @@ def scenario(monkeypatch, answer, status: int = 200, handed: int = 1):
         async with fake_producer(answer) as producer:
             settings = msgspec.structs.replace(CONSUMER, producer_urls=[producer.url])
             monkeypatch.setenv(ENV_VAR, settings.to_json())
-            vllm = FakeVLLM(status=status)
-            engine = Engine(vllm)
+            vllm = VLLM(status=status)
+            engine = vllm.engine = Engine(vllm)
             mw = PDServeMiddleware(vllm)
             body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 4}).encode()
             try:

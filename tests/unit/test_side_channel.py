@@ -571,3 +571,23 @@ def test_lease_of_a_producer_that_cannot_be_paired_is_released(closing):
         server.step()
         time.sleep(0.005)
     assert server.leases.take_released() == 1
+
+
+def test_lease_handed_back_by_an_idle_engine_reaches_its_producer(closing):
+    """The engine steps once (the lease handed back: a rejected request, a
+    client gone) and then no more: the release still reaches the producer,
+    over a connection the watch thread opens and proves by itself."""
+    secret = b"s" * 16
+    producer = paged_kv()
+    leases = LeaseTable(30)
+    server = start_server(producer, leases, secret=secret)
+    closing(server)
+    rank = consumer_rank(empty_like(producer), server.port, secret)
+    closing(rank)
+    rank.connect()
+    lease = make_lease("idle", [4, 5], server.port)
+    leases.grant("idle", [4, 5], lease.prompt_hash)
+    only_pair(rank).link.close("closed while idle")  # no connection open now
+    rank.start([], [lease], [])  # the engine's one step; none follows
+    eventually(lambda: len(leases) == 0, 10, "the release at the producer")
+    assert leases.take_released() == 1
