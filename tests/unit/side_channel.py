@@ -160,19 +160,38 @@ def link_to(
     return link
 
 
+class LetsGo:
+    """Plays the ``Pull`` for loads on a bare link: when one ends, from
+    inside the link's pump, its lease is released on that link."""
+
+    def __init__(self, link: ProducerLink) -> None:
+        self.link = link
+
+    def copying(self, load: Load) -> None:
+        pass
+
+    def ended(self, load: Load) -> None:
+        self.link.release(load.spec.lease, load.releases_needed)
+
+
 def load_of(
     lease: Lease,
     local_block_ids: list[int],
     remote_block_ids: list[int] | None = None,
     seconds: float = 5,
+    releasing_on: ProducerLink | None = None,
 ) -> Load:
+    """A load of ``lease``; with ``releasing_on``, its lease is released
+    there when it ends."""
     spec = LoadSpec(
         "consumer-" + lease.request_id,
         lease,
         list(lease.block_ids if remote_block_ids is None else remote_block_ids),
         list(local_block_ids),
     )
-    return Load(spec, get_transport("tcp"), "", time.monotonic() + seconds)
+    owner = LetsGo(releasing_on) if releasing_on is not None else None
+    deadline = time.monotonic() + seconds
+    return Load(spec, get_transport("tcp"), "", deadline, owner=owner)
 
 
 def pump(
@@ -257,9 +276,9 @@ def pair_with(rank: ConsumerRank, port: int, epoch: str = EPOCH) -> None:
     """What the HTTP layer has every rank do before it sends a producer work:
     pair with it (in the background), then the engine takes the pairing."""
     target = PairingTarget("127.0.0.1", (port,), epoch)
-    rank.pairer.want(target)
+    rank.producers.pairer.want(target)
     eventually(
-        lambda: (peer := rank.peers.get(target.key)) and peer.epoch == epoch,
+        lambda: (peer := rank.producers.peers.get(target.key)) and peer.epoch == epoch,
         10,
         f"rank paired with {target}",
         step=lambda: rank.start([], [], []),
@@ -267,7 +286,7 @@ def pair_with(rank: ConsumerRank, port: int, epoch: str = EPOCH) -> None:
 
 
 def only_peer(rank: ConsumerRank) -> ProducerPeer:
-    (peer,) = rank.peers.values()
+    (peer,) = rank.producers.peers.values()
     return peer
 
 

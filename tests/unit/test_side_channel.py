@@ -294,8 +294,8 @@ def test_a_timed_out_read_fails_alone_and_nothing_else_is_lost(closing, monkeypa
     closing(link)
     big, small = granted(server, "big", list(range(60))), granted(server, "s", [61])
     other = granted(server, "other", [62])
-    link.submit(load_of(big, list(range(60)), seconds=10))
-    link.submit(load_of(small, [63], seconds=10))
+    link.submit(load_of(big, list(range(60)), seconds=10, releasing_on=link))
+    link.submit(load_of(small, [63], seconds=10, releasing_on=link))
     pump(link, server, lambda _: link._inflight and link._inflight[0].incoming)
     link.release(other)
     link.pump()  # the release goes out; the consumer reads nothing more
@@ -413,7 +413,7 @@ def test_release_goes_out_in_the_step_the_load_finishes(closing):
     leases.grant("r", [4], lease.prompt_hash)
     link = link_to(server, empty_like(producer))
     closing(link)
-    link.submit(load_of(lease, [1]))
+    link.submit(load_of(lease, [1], releasing_on=link))
 
     pump(link, server, one)
     # No more consumer pumps from here: only the producer steps.
@@ -440,7 +440,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     server.close()
 
     deadline = time.monotonic() + 10
-    while rank.peers:  # nobody calls the rank: the engine is idle
+    while rank.producers.peers:  # nobody calls the rank: the engine is idle
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert dropped
@@ -492,7 +492,7 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     rank = consumer_rank(empty_like(first), a.port)
     closing(rank)
     rank.connect()  # only producer a is known at startup
-    assert [peer.epoch for peer in rank.peers.values()] == ["a"]
+    assert [peer.epoch for peer in rank.producers.peers.values()] == ["a"]
 
     lease_a = make_lease("x", [2, 3], a.port, epoch="a")
     lease_b = make_lease("y", [4, 5], b.port, epoch="b")
@@ -501,13 +501,13 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     assert run_load(rank, a, lease_a, [10, 11]) is None
     pair_with(rank, b.port, "b")
     assert run_load(rank, b, lease_b, [12, 13]) is None
-    assert sorted(peer.epoch for peer in rank.peers.values()) == ["a", "b"]
+    assert sorted(peer.epoch for peer in rank.producers.peers.values()) == ["a", "b"]
     assert blocks_equal(first, [2, 3], rank.kv, [10, 11])
     assert blocks_equal(second, [4, 5], rank.kv, [12, 13])
 
     a.close()
     deadline = time.monotonic() + 10
-    while len(rank.peers) > 1:  # the watch lets go of a only
+    while len(rank.producers.peers) > 1:  # the watch lets go of a only
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert only_peer(rank).epoch == "b"
@@ -529,10 +529,12 @@ def test_producer_that_is_down_fails_fast_and_is_not_retried_at_once(closing):
     lease = make_lease("d", [1], dead_port, epoch="gone")
     target = PairingTarget("127.0.0.1", (dead_port,), "gone")
     assert "not paired yet" in run_load(rank, server, lease, [1])
-    eventually(lambda: rank.pairer.failed_recently(target), 5, "the attempt to fail")
+    eventually(
+        lambda: rank.producers.pairer.failed_recently(target), 5, "the attempt to fail"
+    )
     assert "failed recently" in run_load(rank, server, lease, [2])
-    assert not rank.pairer.want(target)  # still backing off
-    assert len(rank.peers) == 1
+    assert not rank.producers.pairer.want(target)  # still backing off
+    assert len(rank.producers.peers) == 1
 
 
 def test_pairing_never_holds_the_engine_thread(closing):
