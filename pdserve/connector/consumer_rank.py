@@ -119,7 +119,7 @@ class ConsumerRank:
         self.stats.add("kv_loads")
         self.stats.add("kv_bytes_received", pull.nbytes)
         self.stats.add("kv_blocks_received", len(pull.spec.local_block_ids))
-        self.stats.observe("kv_transfer_seconds", time.monotonic() - pull.started)
+        self.stats.observe("kv_transfer_seconds", pull.seconds)
         if pull.spec.scheduled_at:
             wait = pull.replied_at - pull.spec.scheduled_at
             self.stats.observe("ttft_transfer_wait_seconds", max(0.0, wait))

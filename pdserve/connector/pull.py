@@ -62,7 +62,9 @@ class Pull:
         self.let_go: set[int] = set()  # parts ended (producer ranks)
         self._orphaned = False  # the whole lease went to ``orphans``
         self.error: str | None = None
+        self._clock = clock
         self.started = clock()
+        self.seconds = 0.0  # from the start to the end
         self.nbytes = 0
         self.replied_at = 0.0  # wall clock, of the latest answer
         self.done_at = 0.0
@@ -129,6 +131,7 @@ class Pull:
         for part in parts:
             self._let_go(part)
         self.state = PullState.FAILED if self.error is not None else PullState.DONE
+        self.seconds = self._clock() - self.started
         if self.spec is not None:
             self._on_end(self)
 

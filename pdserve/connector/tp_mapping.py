@@ -109,7 +109,7 @@ class TPPlan(msgspec.Struct, frozen=True):
     the runs of heads it reads (from which producer rank) and every producer
     rank it lets go of a lease on."""
 
-    slices: list[HeadSlice]
+    slices: list[HeadSlice]  # at most one per producer rank (runs merged)
     roles: dict[int, RankRole]
 
     @property

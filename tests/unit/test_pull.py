@@ -11,7 +11,7 @@ from pdserve.connector.kv_client import Load
 from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.pull import WHOLE_LEASE, Pull, PullState
 from pdserve.transport import get_transport
-from tests.unit.side_channel import make_lease
+from tests.unit.side_channel import FakeClock, make_lease
 
 LEASE = make_lease("r", [4, 5], 7000)
 
@@ -56,10 +56,11 @@ class FakeOrphans:
         self.released.append(lease.request_id)
 
 
-def new_pull(ended: list, spec: bool = True) -> tuple[Pull, FakeOrphans]:
+def new_pull(ended: list, spec: bool = True, clock=None) -> tuple[Pull, FakeOrphans]:
     orphans = FakeOrphans()
     load_spec = LoadSpec("c-r", LEASE, [4, 5], [1, 2]) if spec else None
-    return Pull(LEASE, load_spec, orphans, ended.append), orphans
+    clock = clock or FakeClock()
+    return Pull(LEASE, load_spec, orphans, ended.append, clock), orphans
 
 
 def finish(load: Load, error: str | None = None, nbytes: int = 10) -> Load:
@@ -68,8 +69,8 @@ def finish(load: Load, error: str | None = None, nbytes: int = 10) -> Load:
 
 
 def test_a_pull_goes_through_its_states_and_releases_each_rank_once():
-    ended = []
-    pull, orphans = new_pull(ended)
+    ended, clock = [], FakeClock()
+    pull, orphans = new_pull(ended, clock=clock)
     peer = FakePeer(ranks=(0, 1, 2), reads=(0, 1))  # rank 2: released only
     assert pull.state == PullState.PAIRING
     pull.read(peer, deadline=1.0)
@@ -79,11 +80,13 @@ def test_a_pull_goes_through_its_states_and_releases_each_rank_once():
 
     pull.ended(finish(peer.loads[0]))
     assert peer.released == [0]  # its part ends with its load
+    clock.now += 0.25
     pull.ended(finish(peer.loads[1]))
     pull.ended(finish(peer.loads[1]))  # told twice: counted once
 
     assert pull.state == PullState.DONE and ended == [pull]
     assert sorted(peer.released) == [0, 1, 2] and pull.nbytes == 20
+    assert pull.seconds == 0.25
     assert orphans.released == []
 
 
