@@ -14,4 +14,6 @@ __version__ = "0.1.0"
 #    ServerProof) and every later frame, a tcp payload included (PayloadEnd),
 #    carries a tag under per-direction keys; a release names its consumer
 #    rank (counted once).
-PROTOCOL_VERSION = 5
+# 6: the producer instance is ``instance_id`` in rank info and leases (was
+#    ``epoch``), the name /pdserve/metadata gives it.
+PROTOCOL_VERSION = 6

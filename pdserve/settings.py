@@ -40,7 +40,7 @@ class Settings(msgspec.Struct, kw_only=True):
     # Producer: leases hold at most this share of its KV cache blocks; past
     # it a prefill is answered without a lease (the consumer prefills).
     max_leased_fraction: float = 0.5
-    # Producer: this instance's id (epoch); a restarted producer has a new one.
+    # Producer: this instance's id; a restarted producer has a new one.
     # Made once where Settings are made; every engine process reads the same.
     instance_id: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
     # Consumer: its producers as given (--producer-url, each a name that may

@@ -238,10 +238,13 @@ class RemotePrefill:
             asked = time.perf_counter()
             with self.pool.sending(producer, demand):
                 outcome = await self._ask(producer, path, data, digest, timeout)
-            if isinstance(outcome, Lease) and outcome.epoch != producer.instance_id:
+            if (
+                isinstance(outcome, Lease)
+                and outcome.instance_id != producer.instance_id
+            ):
                 # Another instance answered at this address: it restarted, or
                 # the address is load-balanced over several (never paired).
-                self.pool.instance_changed(producer, outcome.epoch)
+                self.pool.instance_changed(producer, outcome.instance_id)
                 self.stray_leases.append(outcome.signed(self._key, producer.address))
                 outcome = Failure("instance_changed", False)
             if isinstance(outcome, Lease):

@@ -603,7 +603,7 @@ def test_producer_is_used_only_once_every_rank_paired(tmp_path):
             [fake.url], run_dir=str(tmp_path), tensor_parallel_size=2
         ) as prefill:
             (target,) = targets_reader(str(tmp_path)).read()
-            assert target.epoch == fake.metadata["instance_id"]
+            assert target.instance_id == fake.metadata["instance_id"]
             assert prefill.pool.healthy() == []
             assert await ask(prefill, {"prompt": "p"}) is None
             write_rank(str(tmp_path), RankPairings(0, [PeerState(target, True)]))
@@ -643,7 +643,7 @@ def test_restarted_producer_is_dropped_then_admitted_again():
             first = fake.metadata["instance_id"]
             fake.metadata = dict(fake.metadata, instance_id="restarted")
             fake.answer = lambda p: {
-                "kv_transfer_params": make_lease(epoch="restarted").to_params()
+                "kv_transfer_params": make_lease(instance_id="restarted").to_params()
             }
             assert await ask(prefill, {"prompt": "p"}) is None
             assert len(prefill.stray_leases) == 1  # handed back by the caller
@@ -662,9 +662,11 @@ def test_load_balanced_url_is_detected_and_left(caplog):
     async def scenario() -> None:
         async with producers(1) as (fake,), consumer([fake.url]) as prefill:
             a = fake.metadata["instance_id"]
-            epochs = iter(["b", a])
+            instance_ids = iter(["b", a])
             fake.answer = lambda p: {
-                "kv_transfer_params": make_lease(epoch=next(epochs)).to_params()
+                "kv_transfer_params": make_lease(
+                    instance_id=next(instance_ids)
+                ).to_params()
             }
             fake.metadata = dict(fake.metadata, instance_id="b")
             assert await ask(prefill, {"prompt": "p"}) is None  # b: a restart?
