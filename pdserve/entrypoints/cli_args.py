@@ -8,7 +8,6 @@ import math
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from pdserve.settings import EXTRA_CONFIG_KEY, KV_SECRET_ENV_VAR, Settings, default
@@ -231,12 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-parallel-size", "-pp", type=int, default=1, help=argparse.SUPPRESS
     )
     return parser
-
-
-@dataclass
-class Launch:
-    settings: Settings
-    vllm_args: list[str]
 
 
 def free_ports(host: str, count: int) -> list[int]:

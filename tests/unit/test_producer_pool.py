@@ -98,7 +98,7 @@ def prompt_for(prefill: RemotePrefill, fake: FakeProducer, tag: str = "") -> dic
 
 
 async def ask(prefill: RemotePrefill, payload: dict, **kwargs: Any) -> Lease | None:
-    return await prefill.request_lease(COMPLETIONS, payload, **kwargs)
+    return (await prefill.ask(COMPLETIONS, payload, **kwargs)).lease
 
 
 # --- the demand estimate ------------------------------------------------------
