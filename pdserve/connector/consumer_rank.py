@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
+from pdserve.connector.cpu_pacing import pace
 from pdserve.connector.kv_client import BlockingClient, Load
 from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.orphan_releases import OrphanReleases
@@ -36,20 +36,17 @@ from pdserve.log import init_logger
 from pdserve.pairings import PairingTarget, targets_reader
 from pdserve.protocol import RankInfo
 from pdserve.settings import ProducerAddress, Settings
+from pdserve.timing import (
+    CONSUMER_WAIT_SECONDS,
+    FLUSH_PUMP_SECONDS,
+    FLUSH_SECONDS,
+    REHANDSHAKE_BACKOFF_SECONDS,
+    WATCH_SECONDS,
+    WATCH_TIMEOUT_SECONDS,
+)
 
 logger = init_logger(__name__)
 
-# After a failed pairing with a producer, it is not tried again for this
-# long, counted from the end of the failed attempt.
-REHANDSHAKE_BACKOFF_SECONDS = 1.0
-# How often the watch thread checks the producers, and how long it waits.
-WATCH_SECONDS = 1.0
-WATCH_TIMEOUT_SECONDS = 2.0
-# While the engine is idle the watch thread sends pending releases, pumping
-# every few milliseconds for up to this long (a connection to open and prove
-# included).
-FLUSH_SECONDS = 3.0
-FLUSH_PUMP_SECONDS = 0.002
 # Producers paired with at once; the least recently used idle one goes.
 MAX_PEERS = 64
 

@@ -15,13 +15,12 @@ import pytest
 from aiohttp import web
 
 from pdserve import metrics
-from pdserve.consumer import producer_pool
+from pdserve.consumer import producer_health, producer_pool
 from pdserve.consumer.prefill_demand import (
     AFFINITY_PREFIX_CHARS,
     Demand,
     demand_of,
 )
-from pdserve.consumer.producer_health import ProducerHealth
 from pdserve.consumer.producer_pool import Producer, ProducerPool
 from pdserve.consumer.producer_source import ProducerSource
 from pdserve.consumer.remote_prefill import RemotePrefill
@@ -57,7 +56,7 @@ def local_prefills(reason: str) -> float:
 @pytest.fixture(autouse=True)
 def quick(monkeypatch):
     """Short probe and resolve intervals; a node key for signing."""
-    monkeypatch.setattr(ProducerHealth, "PROBE_SECONDS", 0.05)
+    monkeypatch.setattr(producer_health, "HEALTH_PROBE_SECONDS", 0.05)
     monkeypatch.setattr(producer_pool, "RESOLVE_SECONDS", 0.05)
     use_node(monkeypatch, CONSUMER)
 
@@ -492,7 +491,7 @@ def test_hung_producer_is_abandoned_in_time_for_the_next():
 def test_hung_producer_is_back_only_once_it_answers_work(monkeypatch):
     """/health says 200 all along (vLLM answers it while its engine is
     stuck): only a real completion, with this node's key, brings it back."""
-    monkeypatch.setattr(ProducerHealth, "WORK_PROBE_SECONDS", 0.1)
+    monkeypatch.setattr(producer_health, "WORK_PROBE_SECONDS", 0.1)
     gate = asyncio.Event()
 
     async def scenario() -> None:
