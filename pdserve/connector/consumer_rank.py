@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
+from pdserve.connector.cpu_pacing import pace
 from pdserve.connector.kv_client import BlockingClient, Load
 from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.orphan_releases import OrphanReleases
@@ -36,20 +36,17 @@ from pdserve.log import init_logger
 from pdserve.pairings import PairingTarget, targets_reader
 from pdserve.protocol import RankInfo
 from pdserve.settings import ProducerAddress, Settings
+from pdserve.timing import (
+    CONSUMER_WAIT_SECONDS,
+    FLUSH_PUMP_SECONDS,
+    FLUSH_SECONDS,
+    REHANDSHAKE_BACKOFF_SECONDS,
+    WATCH_SECONDS,
+    WATCH_TIMEOUT_SECONDS,
+)
 
 logger = init_logger(__name__)
 
-# After a failed pairing with a producer, it is not tried again for this
-# long, counted from the end of the failed attempt.
-REHANDSHAKE_BACKOFF_SECONDS = 1.0
-# How often the watch thread checks the producers, and how long it waits.
-WATCH_SECONDS = 1.0
-WATCH_TIMEOUT_SECONDS = 2.0
-# While the engine is idle the watch thread sends pending releases, pumping
-# every few milliseconds for up to this long (a connection to open and prove
-# included).
-FLUSH_SECONDS = 3.0
-FLUSH_PUMP_SECONDS = 0.002
 # Producers paired with at once; the least recently used idle one goes.
 MAX_PEERS = 64
 
@@ -127,7 +124,7 @@ class ConsumerRank:
             self._secret,
         )
         first = wait_for_rank_info(client, timeout)
-        peer = self._new_peer(address.host, address.kv_ports, first.epoch)
+        peer = self._new_peer(address.host, address.kv_ports, first.instance_id)
         try:
             peer.open(
                 self.settings.transfer_timeout, first if own == self.tp_rank else None
@@ -140,7 +137,7 @@ class ConsumerRank:
 
     def _pair(self, target: PairingTarget) -> ProducerPeer:
         """Pair with ``target`` (on a pairing thread, never the engine's)."""
-        peer = self._new_peer(target.host, list(target.kv_ports), target.epoch)
+        peer = self._new_peer(target.host, list(target.kv_ports), target.instance_id)
         try:
             peer.open(self.settings.transfer_timeout)
         except BaseException:
@@ -153,11 +150,13 @@ class ConsumerRank:
         for peer in self.pairer.take_ready():
             self._add(peer)
 
-    def _new_peer(self, host: str, kv_ports: list[int], epoch: str) -> ProducerPeer:
+    def _new_peer(
+        self, host: str, kv_ports: list[int], instance_id: str
+    ) -> ProducerPeer:
         return ProducerPeer(
             host,
             kv_ports,
-            epoch,
+            instance_id,
             self.kv,
             self.info,
             self.settings,
@@ -198,12 +197,12 @@ class ConsumerRank:
         the engine never waits for one)."""
         key = peer_key(lease)
         peer = self.peers.get(key)
-        if peer is not None and peer.epoch == lease.epoch:
+        if peer is not None and peer.instance_id == lease.instance_id:
             self._used[key] = time.monotonic()
             return peer
         if not lease.kv_host:
             raise IncompatibleProducer("the lease names no producer address")
-        target = PairingTarget(lease.kv_host, tuple(lease.kv_ports), lease.epoch)
+        target = PairingTarget(lease.kv_host, tuple(lease.kv_ports), lease.instance_id)
         if (error := self.pairer.failed_recently(target)) is not None:
             raise IncompatibleProducer(f"pairing failed recently: {error}")
         self.pairer.want(target)
@@ -257,19 +256,21 @@ class ConsumerRank:
             return
         for target in self._targets.read() or ():
             peer = self.peers.get(target.key)
-            if peer is None or peer.epoch != target.epoch:
+            if peer is None or peer.instance_id != target.instance_id:
                 self.pairer.want(target)
 
     def _producer_alive(self, peer: ProducerPeer) -> bool:
         """False only when we know: nobody listens, or another instance."""
         for rank in list(peer.pairs):
             try:
-                epoch = peer.client(rank, WATCH_TIMEOUT_SECONDS).rank_info().epoch
+                instance_id = (
+                    peer.client(rank, WATCH_TIMEOUT_SECONDS).rank_info().instance_id
+                )
             except (ConnectionRefusedError, ConnectionResetError):
                 return False
             except Exception:  # slow or busy: it may well be alive
                 continue
-            if epoch != peer.epoch:
+            if instance_id != peer.instance_id:
                 return False
         return True
 
@@ -315,7 +316,7 @@ class ConsumerRank:
 
     def _release(self, lease: Lease) -> None:
         peer = self.peers.get(peer_key(lease))
-        if peer is not None and peer.epoch == lease.epoch:
+        if peer is not None and peer.instance_id == lease.instance_id:
             peer.release(lease)
         else:
             # Not paired with its instance: a short-lived link (the producer
@@ -417,4 +418,4 @@ class ConsumerRank:
 
 
 def _target_of(peer: ProducerPeer) -> PairingTarget:
-    return PairingTarget(peer.host, tuple(peer.kv_ports), peer.epoch)
+    return PairingTarget(peer.host, tuple(peer.kv_ports), peer.instance_id)
