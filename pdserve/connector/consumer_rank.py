@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from pdserve.connector.cpu_pacing import CONSUMER_WAIT_SECONDS, pace
+from pdserve.connector.cpu_pacing import pace
 from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.producer_registry import ProducerRegistry
 from pdserve.connector.pull import Pull
@@ -24,6 +24,7 @@ from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
+from pdserve.timing import CONSUMER_WAIT_SECONDS
 
 logger = init_logger(__name__)
 

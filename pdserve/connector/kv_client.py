@@ -68,6 +68,11 @@ from pdserve.protocol import (
     server_mac,
     session_macs,
 )
+from pdserve.timing import (
+    RECONNECT_SECONDS,
+    RELEASE_CONFIRM_SECONDS,
+    RELEASE_KEEP_SECONDS,
+)
 from pdserve.transport import KVTransport
 from pdserve.transport.base import Incoming, layer_sizes
 
@@ -76,17 +81,8 @@ logger = init_logger(__name__)
 # A read goes again on a new connection at most this often after the one it
 # was sent on broke.
 MAX_RESENDS = 1
-# A release sent on a connection that then ran this long without breaking
-# has arrived; until then (or until a later read's answer proves it) it is
-# kept, to go again should the connection break.
-RELEASE_CONFIRM_SECONDS = 5.0
-# Releases waiting for a connection are kept this long (leases end on their
-# own by then) and this many at most.
-RELEASE_KEEP_SECONDS = 60.0
+# Releases waiting for a connection, this many at most.
 MAX_KEPT_RELEASES = 4096
-# After a connection attempt failed, releases alone wait this long before
-# the next one (loads try at once, and fail at once if it fails).
-RECONNECT_SECONDS = 1.0
 
 MacPair = tuple[StreamMac, StreamMac]
 

@@ -1,8 +1,8 @@
 """One producer instance as a consumer rank sees it.
 
 A producer is an address, its KV ports (one per producer TP rank) and its
-instance id (epoch). The consumer rank reads its KV heads from the producer
-ranks that hold them (``tp_mapping``): with equal TP sizes, whole blocks
+instance id. The consumer rank reads its KV heads from the producer ranks
+that hold them (``tp_mapping``): with equal TP sizes, whole blocks
 from the rank of its own index over the best transport both can use; with
 different TP sizes, a run of heads from each of one or more ranks, over tcp.
 Which ranks it reads and which it only releases on is its ``TPPlan``,
@@ -69,7 +69,7 @@ class ProducerPeer:
         self,
         host: str,
         kv_ports: list[int],
-        epoch: str,
+        instance_id: str,
         kv: PagedKVCache,
         info: RankInfo,
         settings: Settings,
@@ -78,7 +78,7 @@ class ProducerPeer:
     ) -> None:
         self.host = host
         self.kv_ports = list(kv_ports)
-        self.epoch = epoch
+        self.instance_id = instance_id
         self.kv = kv
         self.info = info
         self.settings = settings
@@ -99,7 +99,7 @@ class ProducerPeer:
         return self.host, tuple(self.kv_ports)
 
     def __repr__(self) -> str:
-        return f"producer {self.host}:{self.kv_ports} (instance {self.epoch})"
+        return f"producer {self.host}:{self.kv_ports} (instance {self.instance_id})"
 
     # ---- pairing ----
 
@@ -112,9 +112,10 @@ class ProducerPeer:
             client = self.client(rank, timeout)
             remote = first if first is not None and rank == self.info.tp_rank else None
             remote = remote or client.rank_info()
-            if remote.epoch != self.epoch:
+            if remote.instance_id != self.instance_id:
                 raise InstanceGone(
-                    f"instance {self.epoch} is gone: its ports serve {remote.epoch}"
+                    f"instance {self.instance_id} is gone: its ports serve "
+                    f"{remote.instance_id}"
                 )
             if remote.tp_rank != rank or remote.tp_size != len(self.kv_ports):
                 raise IncompatibleProducer(

@@ -33,20 +33,16 @@ from pdserve.log import init_logger
 from pdserve.pairings import PairingTarget, targets_reader
 from pdserve.protocol import RankInfo
 from pdserve.settings import ProducerAddress, Settings
+from pdserve.timing import (
+    FLUSH_PUMP_SECONDS,
+    FLUSH_SECONDS,
+    REHANDSHAKE_BACKOFF_SECONDS,
+    WATCH_SECONDS,
+    WATCH_TIMEOUT_SECONDS,
+)
 
 logger = init_logger(__name__)
 
-# After a failed pairing with a producer, it is not tried again for this
-# long, counted from the end of the failed attempt.
-REHANDSHAKE_BACKOFF_SECONDS = 1.0
-# How often the watch thread checks the producers, and how long it waits.
-WATCH_SECONDS = 1.0
-WATCH_TIMEOUT_SECONDS = 2.0
-# While the engine is idle the watch thread sends pending releases, pumping
-# every few milliseconds for up to this long (a connection to open and prove
-# included).
-FLUSH_SECONDS = 3.0
-FLUSH_PUMP_SECONDS = 0.002
 # Producers paired with at once; the least recently used idle one goes.
 MAX_PEERS = 64
 
@@ -109,7 +105,7 @@ class ProducerRegistry:
             self._secret,
         )
         first = wait_for_rank_info(client, timeout)
-        peer = self._new_peer(address.host, address.kv_ports, first.epoch)
+        peer = self._new_peer(address.host, address.kv_ports, first.instance_id)
         try:
             peer.open(
                 self.settings.transfer_timeout, first if own == self.tp_rank else None
@@ -122,7 +118,7 @@ class ProducerRegistry:
 
     def _pair(self, target: PairingTarget) -> ProducerPeer:
         """Pair with ``target`` (on a pairing thread, never the engine's)."""
-        peer = self._new_peer(target.host, list(target.kv_ports), target.epoch)
+        peer = self._new_peer(target.host, list(target.kv_ports), target.instance_id)
         try:
             peer.open(self.settings.transfer_timeout)
         except BaseException:
@@ -135,11 +131,13 @@ class ProducerRegistry:
         for peer in self.pairer.take_ready():
             self._add(peer)
 
-    def _new_peer(self, host: str, kv_ports: list[int], epoch: str) -> ProducerPeer:
+    def _new_peer(
+        self, host: str, kv_ports: list[int], instance_id: str
+    ) -> ProducerPeer:
         return ProducerPeer(
             host,
             kv_ports,
-            epoch,
+            instance_id,
             self.kv,
             self.info,
             self.settings,
@@ -177,7 +175,9 @@ class ProducerRegistry:
     def peer_of(self, lease: Lease) -> ProducerPeer | None:
         """The paired producer instance that issued ``lease``, if any."""
         peer = self.peers.get(peer_key(lease))
-        return peer if peer is not None and peer.epoch == lease.epoch else None
+        return (
+            peer if peer is not None and peer.instance_id == lease.instance_id else None
+        )
 
     def peer_for(self, lease: Lease) -> ProducerPeer:
         """The paired producer that issued ``lease``. Raises
@@ -189,7 +189,7 @@ class ProducerRegistry:
             return peer
         if not lease.kv_host:
             raise IncompatibleProducer("the lease names no producer address")
-        target = PairingTarget(lease.kv_host, tuple(lease.kv_ports), lease.epoch)
+        target = PairingTarget(lease.kv_host, tuple(lease.kv_ports), lease.instance_id)
         if (error := self.pairer.failed_recently(target)) is not None:
             raise IncompatibleProducer(f"pairing failed recently: {error}")
         self.pairer.want(target)
@@ -252,19 +252,21 @@ class ProducerRegistry:
             return
         for target in self._targets.read() or ():
             peer = self.peers.get(target.key)
-            if peer is None or peer.epoch != target.epoch:
+            if peer is None or peer.instance_id != target.instance_id:
                 self.pairer.want(target)
 
     def _producer_alive(self, peer: ProducerPeer) -> bool:
         """False only when we know: nobody listens, or another instance."""
         for rank in list(peer.pairs):
             try:
-                epoch = peer.client(rank, WATCH_TIMEOUT_SECONDS).rank_info().epoch
+                instance_id = (
+                    peer.client(rank, WATCH_TIMEOUT_SECONDS).rank_info().instance_id
+                )
             except (ConnectionRefusedError, ConnectionResetError):
                 return False
             except Exception:  # slow or busy: it may well be alive
                 continue
-            if epoch != peer.epoch:
+            if instance_id != peer.instance_id:
                 return False
         return True
 
@@ -289,4 +291,4 @@ class ProducerRegistry:
 
 
 def _target_of(peer: ProducerPeer) -> PairingTarget:
-    return PairingTarget(peer.host, tuple(peer.kv_ports), peer.epoch)
+    return PairingTarget(peer.host, tuple(peer.kv_ports), peer.instance_id)

@@ -185,13 +185,13 @@ def test_producer_let_go_of_mid_pull(closing, releases, monkeypatch):
     to it over a short-lived link, once."""
     monkeypatch.setattr(producer_registry, "MAX_PEERS", 1)
     producer, a, rank = paired_rank(closing)
-    b = start_server(paged_kv(seed=3), epoch="b")
+    b = start_server(paged_kv(seed=3), instance_id="b")
     closing(b)
     lease = granted(a, "evicted", [8])
     request_id = start_pull(rank, lease, [1])
     rank.poll()  # the read goes out, unanswered
     pair_with(rank, b.port, "b")
-    assert only_peer(rank).epoch == "b"
+    assert only_peer(rank).instance_id == "b"
     assert rank.take_done() == ({request_id}, {1})
     assert "too many producers" in rank.last_error
     released_once(rank, a, releases, lease)
@@ -201,7 +201,7 @@ def test_producer_never_paired(closing, releases):
     """The lease names another instance than the one serving: nothing to
     read through, the whole lease goes back over a short-lived link."""
     _, server, rank = paired_rank(closing)
-    lease = make_lease("orphan", [2, 3], server.port, epoch="not-this-one")
+    lease = make_lease("orphan", [2, 3], server.port, instance_id="not-this-one")
     server.leases.grant("orphan", [2, 3], lease.prompt_hash)
     assert "producer unusable" in run_load(rank, server, lease, [1, 2])
     released_once(rank, server, releases, lease)

@@ -16,7 +16,7 @@ from pdserve.lease import Lease
 from pdserve.pairings import PairingTarget
 from tests.eventually import eventually
 from tests.unit.side_channel import (
-    EPOCH,
+    INSTANCE_ID,
     NUM_BLOCKS,
     FakeClock,
     blocks_equal,
@@ -368,37 +368,41 @@ def test_restarted_producer_is_a_new_producer(closing):
     its first lease arrives and reads from it."""
     producer = paged_kv()
     consumer = empty_like(producer)
-    old = start_server(producer, epoch="old", node_key=b"1" * 32)
+    old = start_server(producer, instance_id="old", node_key=b"1" * 32)
     port = old.port
     rank = consumer_rank(consumer, port)
     closing(rank)
     rank.connect()
-    assert only_peer(rank).epoch == "old"
-    old_lease = make_lease("a", [4], port, node_key=b"1" * 32, epoch="old")
+    assert only_peer(rank).instance_id == "old"
+    old_lease = make_lease("a", [4], port, node_key=b"1" * 32, instance_id="old")
     old.leases.grant("a", [4], old_lease.prompt_hash)
     assert run_load(rank, old, old_lease, [1]) is None
     old.close()
 
-    new = start_server(paged_kv(seed=7), epoch="new", node_key=b"2" * 32, port=port)
+    new = start_server(
+        paged_kv(seed=7), instance_id="new", node_key=b"2" * 32, port=port
+    )
     closing(new)
     assert "unknown lease" in run_load(rank, new, old_lease, [2])
-    assert only_peer(rank).epoch == "old"  # a dead instance's lease changes nothing
+    assert (
+        only_peer(rank).instance_id == "old"
+    )  # a dead instance's lease changes nothing
 
     # The new instance's first lease is not waited for: recomputed, and the
     # pairing starts in the background.
-    first = make_lease("b", [6, 7], port, node_key=b"2" * 32, epoch="new")
+    first = make_lease("b", [6, 7], port, node_key=b"2" * 32, instance_id="new")
     new.leases.grant("b", [6, 7], first.prompt_hash)
     assert "not paired yet" in run_load(rank, new, first, [3, 4])
     eventually(
-        lambda: only_peer(rank).epoch == "new",
+        lambda: only_peer(rank).instance_id == "new",
         10,
         "pairing with the new instance",
         step=lambda: rank.start([], [], []),
     )
-    new_lease = make_lease("c", [6, 7], port, node_key=b"2" * 32, epoch="new")
+    new_lease = make_lease("c", [6, 7], port, node_key=b"2" * 32, instance_id="new")
     new.leases.grant("c", [6, 7], new_lease.prompt_hash)
     assert run_load(rank, new, new_lease, [3, 4]) is None
-    assert only_peer(rank).epoch == "new"
+    assert only_peer(rank).instance_id == "new"
     assert blocks_equal(new.kv, [6, 7], consumer, [3, 4])
 
 
@@ -435,7 +439,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     dropped = []
     rank.connect()
     only_pair(rank).transport.drop_sessions = lambda: dropped.append(True)
-    assert only_peer(rank).epoch == EPOCH
+    assert only_peer(rank).instance_id == INSTANCE_ID
     port = server.port
     server.close()
 
@@ -453,7 +457,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     again.leases.grant("a", [3, 5], lease.prompt_hash)
     consumer = rank.kv
     assert run_load(rank, again, lease, [1, 2]) is None
-    assert only_peer(rank).epoch == EPOCH
+    assert only_peer(rank).instance_id == INSTANCE_ID
     assert blocks_equal(producer, [3, 5], consumer, [1, 2])
 
 
@@ -463,7 +467,7 @@ def test_consumer_keeps_a_producer_that_is_only_slow(closing):
     server.pump = lambda timeout=0.0: None  # accepts, never answers
     server._stopped.set()
     time.sleep(4)
-    assert only_peer(rank).epoch == EPOCH
+    assert only_peer(rank).instance_id == INSTANCE_ID
 
 
 def test_unexpected_error_in_a_link_fails_its_loads_not_the_engine(closing):
@@ -486,22 +490,25 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     """Two producers: each lease is read from the producer it names, the
     second paired with on its first lease; one dying leaves the other."""
     first, second = paged_kv(seed=1), paged_kv(seed=2)
-    a = start_server(first, epoch="a")
-    b = start_server(second, epoch="b")
+    a = start_server(first, instance_id="a")
+    b = start_server(second, instance_id="b")
     closing(b)
     rank = consumer_rank(empty_like(first), a.port)
     closing(rank)
     rank.connect()  # only producer a is known at startup
-    assert [peer.epoch for peer in rank.producers.peers.values()] == ["a"]
+    assert [peer.instance_id for peer in rank.producers.peers.values()] == ["a"]
 
-    lease_a = make_lease("x", [2, 3], a.port, epoch="a")
-    lease_b = make_lease("y", [4, 5], b.port, epoch="b")
+    lease_a = make_lease("x", [2, 3], a.port, instance_id="a")
+    lease_b = make_lease("y", [4, 5], b.port, instance_id="b")
     a.leases.grant("x", [2, 3], lease_a.prompt_hash)
     b.leases.grant("y", [4, 5], lease_b.prompt_hash)
     assert run_load(rank, a, lease_a, [10, 11]) is None
     pair_with(rank, b.port, "b")
     assert run_load(rank, b, lease_b, [12, 13]) is None
-    assert sorted(peer.epoch for peer in rank.producers.peers.values()) == ["a", "b"]
+    assert sorted(peer.instance_id for peer in rank.producers.peers.values()) == [
+        "a",
+        "b",
+    ]
     assert blocks_equal(first, [2, 3], rank.kv, [10, 11])
     assert blocks_equal(second, [4, 5], rank.kv, [12, 13])
 
@@ -510,8 +517,8 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     while len(rank.producers.peers) > 1:  # the watch lets go of a only
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert only_peer(rank).epoch == "b"
-    again = make_lease("z", [6], b.port, epoch="b")
+    assert only_peer(rank).instance_id == "b"
+    again = make_lease("z", [6], b.port, instance_id="b")
     b.leases.grant("z", [6], again.prompt_hash)
     assert run_load(rank, b, again, [14]) is None
 
@@ -526,7 +533,7 @@ def test_producer_that_is_down_fails_fast_and_is_not_retried_at_once(closing):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    lease = make_lease("d", [1], dead_port, epoch="gone")
+    lease = make_lease("d", [1], dead_port, instance_id="gone")
     target = PairingTarget("127.0.0.1", (dead_port,), "gone")
     assert "not paired yet" in run_load(rank, server, lease, [1])
     eventually(
@@ -548,7 +555,7 @@ def test_pairing_never_holds_the_engine_thread(closing):
     closing(hung)
     port = hung.getsockname()[1]
     for i in range(3):
-        lease = make_lease(f"h{i}", [1], port, epoch="hung")
+        lease = make_lease(f"h{i}", [1], port, instance_id="hung")
         started = time.monotonic()
         rank.start([LoadSpec(f"c-h{i}", lease, [1], [i + 1])], [], [])
         assert time.monotonic() - started < 0.1
@@ -563,7 +570,7 @@ def test_lease_of_a_producer_that_cannot_be_paired_is_released(closing):
     serving): the pull fails at once, and the producer's blocks are let go
     now, not when the lease expires."""
     _, server, rank = paired_rank(closing)
-    lease = make_lease("o", [2, 3], server.port, epoch="not-this-one")
+    lease = make_lease("o", [2, 3], server.port, instance_id="not-this-one")
     server.leases.grant("o", [2, 3], lease.prompt_hash)
     assert "producer unusable" in run_load(rank, server, lease, [1, 2])
     deadline = time.monotonic() + 5
