@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdserve.consumer.prefix_index import (
+from pdserve.frontend.prefix_index import (
     KVEventSubscriber,
     PrefixIndex,
     consumer_kv_events,

@@ -27,8 +27,8 @@ from pathlib import Path
 from gpu_e2e import gpu_env, own_first
 from gpu_token_exact import engine_args, random_prompt, tokens
 
-from pdserve.consumer.prefill_demand import demand_of
-from pdserve.consumer.producer_pool import rendezvous
+from pdserve.frontend.prefill_demand import demand_of
+from pdserve.frontend.producer_pool import rendezvous
 from pdserve.local_cluster import (
     ServerProcess,
     free_port,

@@ -27,13 +27,13 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from pdserve.connector.kv_client import BlockingClient, Load, ProducerLink
-from pdserve.connector.kv_server import KVServer
-from pdserve.connector.leases import LeaseTable
-from pdserve.connector.metadata import LoadSpec
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease, lease_token
-from pdserve.protocol import RankInfo, TransportHello, prompt_hash
+from pdserve.side_channel.client import BlockingClient, Load, ProducerLink
+from pdserve.side_channel.leases import LeaseTable
+from pdserve.side_channel.load_spec import LoadSpec
+from pdserve.side_channel.protocol import RankInfo, TransportHello, prompt_hash
+from pdserve.side_channel.server import KVServer
 from pdserve.transport import (
     device_pci_bus_id,
     device_uuid,

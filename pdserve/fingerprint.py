@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdserve.protocol import prompt_hash
+from pdserve.side_channel.protocol import prompt_hash
 
 # Why a request's KV cannot be covered (``None`` when it can).
 MULTIMODAL = "multimodal"

@@ -3,7 +3,7 @@ dtype: the weights' revision and quantization, RoPE scaling and config
 overrides, tokenizer, the model's generation defaults. Nodes that differ in
 any of these would produce other tokens silently, and poison the consumer's
 prefix cache with KV of another model: the handshake compares them and
-names both values (``handshake.check_compatible``).
+names both values (``connector.compatibility.check_compatible``).
 
 Read from the engine's own resolved config (what vLLM actually loaded), so
 flags spelled differently but meaning the same compare equal.

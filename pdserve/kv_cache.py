@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pdserve.protocol import LayerInfo
+from pdserve.side_channel.protocol import LayerInfo
 
 # A run of KV heads of a rank's layers: (first, count); None = all of them.
 HeadRange = tuple[int, int] | None

@@ -14,16 +14,16 @@ from __future__ import annotations
 import time
 
 from pdserve.connector.cpu_pacing import pace
-from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.producer_registry import ProducerRegistry
 from pdserve.connector.pull import Pull
 from pdserve.connector.stats import PDServeStats
-from pdserve.handshake import IncompatibleProducer
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
-from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
+from pdserve.side_channel.load_spec import LoadSpec
+from pdserve.side_channel.protocol import RankInfo
 from pdserve.timing import CONSUMER_WAIT_SECONDS
 
 logger = init_logger(__name__)

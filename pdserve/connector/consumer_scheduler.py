@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.scheduler import SchedulerHalf, never_raises
 from pdserve.connector.ticket_book import TicketBook
 from pdserve.fingerprint import kv_fingerprint, uncovered
 from pdserve.lease import DO_REMOTE_PREFILL, FirstToken, Lease
 from pdserve.log import init_logger
 from pdserve.settings import Settings
+from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.ticket import Ticket, message_from_params
 
 if TYPE_CHECKING:

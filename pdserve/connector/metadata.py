@@ -7,19 +7,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from pdserve.lease import Lease
-
-
-@dataclass
-class LoadSpec:
-    """Consumer: copy ``remote_block_ids`` of the lease into ``local_block_ids``."""
-
-    request_id: str
-    lease: Lease
-    remote_block_ids: list[int]
-    local_block_ids: list[int]
-    # When the scheduler allocated the blocks (time.time()): the transfer
-    # phases of the TTFT split start here.
-    scheduled_at: float = 0.0
+from pdserve.side_channel.load_spec import LoadSpec
 
 
 @dataclass

@@ -11,9 +11,9 @@ recomputed, which the failed pull here already means.
 
 from __future__ import annotations
 
-from pdserve.connector.kv_client import ProducerLink
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
+from pdserve.side_channel.client import ProducerLink
 
 # Links to producer ranks with releases in flight; more are not opened (the
 # leases then expire on their producers).

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from pdserve.connector.producer_peer import ProducerPeer
-from pdserve.handshake import IncompatibleProducer, InstanceGone
+from pdserve.incompatible import IncompatibleProducer, InstanceGone
 from pdserve.log import init_logger
 from pdserve.pairings import PairingTarget, PeerState, RankPairings, write_rank
 

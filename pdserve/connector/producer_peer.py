@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.connector.kv_client import BlockingClient, Load, LoadOwner, ProducerLink
-from pdserve.connector.metadata import LoadSpec
+from pdserve.connector.compatibility import check_compatible
 from pdserve.connector.stats import PDServeStats
 from pdserve.connector.tp_mapping import (
     RankRole,
@@ -25,12 +24,14 @@ from pdserve.connector.tp_mapping import (
     UnsupportedMapping,
     tp_plan,
 )
-from pdserve.handshake import IncompatibleProducer, InstanceGone, check_compatible
+from pdserve.incompatible import IncompatibleProducer, InstanceGone
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
-from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
+from pdserve.side_channel.client import BlockingClient, Load, LoadOwner, ProducerLink
+from pdserve.side_channel.load_spec import LoadSpec
+from pdserve.side_channel.protocol import RankInfo
 from pdserve.transport import (
     KVTransport,
     TransportUnavailable,

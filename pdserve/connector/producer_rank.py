@@ -4,14 +4,14 @@ lease has ended so the blocks can be freed."""
 from __future__ import annotations
 
 from pdserve.connector.cpu_pacing import pace
-from pdserve.connector.kv_server import KVServer
-from pdserve.connector.leases import LeaseTable
 from pdserve.connector.metadata import LeaseGrant
 from pdserve.connector.stats import PDServeStats
 from pdserve.kv_cache import PagedKVCache
 from pdserve.log import init_logger
-from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
+from pdserve.side_channel.leases import LeaseTable
+from pdserve.side_channel.protocol import RankInfo
+from pdserve.side_channel.server import KVServer
 from pdserve.timing import PRODUCER_IDLE_SECONDS
 from pdserve.transport import get_transport
 

@@ -21,18 +21,18 @@ from __future__ import annotations
 import threading
 import time
 
-from pdserve.connector.kv_client import BlockingClient
 from pdserve.connector.orphan_releases import OrphanReleases
 from pdserve.connector.pairing import Pairer
 from pdserve.connector.producer_peer import PeerKey, ProducerPeer, peer_key
 from pdserve.connector.stats import PDServeStats
-from pdserve.handshake import IncompatibleProducer, wait_for_rank_info
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.pairings import PairingTarget, targets_reader
-from pdserve.protocol import RankInfo
 from pdserve.settings import ProducerAddress, Settings
+from pdserve.side_channel.client import BlockingClient, wait_for_rank_info
+from pdserve.side_channel.protocol import RankInfo
 from pdserve.timing import (
     FLUSH_PUMP_SECONDS,
     FLUSH_SECONDS,

@@ -21,11 +21,11 @@ import enum
 import time
 from collections.abc import Callable
 
-from pdserve.connector.kv_client import Load
-from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.orphan_releases import OrphanReleases
 from pdserve.connector.producer_peer import ProducerPeer
 from pdserve.lease import Lease
+from pdserve.side_channel.client import Load
+from pdserve.side_channel.load_spec import LoadSpec
 
 # The one part of a lease whose producer was never paired with.
 WHOLE_LEASE = -1

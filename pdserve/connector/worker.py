@@ -24,8 +24,8 @@ from pdserve.kv_layout import (
 )
 from pdserve.lease import node_key
 from pdserve.log import init_logger
-from pdserve.protocol import RankInfo
 from pdserve.settings import Settings, kv_secret
+from pdserve.side_channel.protocol import RankInfo
 from pdserve.transport import (
     TRANSPORT_NAMES,
     device_pci_bus_id,

@@ -16,7 +16,6 @@ import sys
 import tempfile
 from typing import Any
 
-from pdserve.consumer.prefix_index import KVEventsConfigError, consumer_kv_events
 from pdserve.entrypoints.cli_args import (
     _api_keys,
     build_parser,
@@ -25,8 +24,9 @@ from pdserve.entrypoints.cli_args import (
     vllm_serve_args,
 )
 from pdserve.entrypoints.startup_producers import find_producers
-from pdserve.handshake import IncompatibleProducer
+from pdserve.frontend.prefix_index import KVEventsConfigError, consumer_kv_events
 from pdserve.identity import serving_identity
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.lease import NODE_KEY_ENV_VAR, new_node_key
 from pdserve.log import init_logger
 from pdserve.settings import (
@@ -105,7 +105,7 @@ def try_kv_secret(producer: ProducerAddress, timeout: float, secret: bytes) -> N
     starts: different secrets fail in seconds, not after a model load."""
     # The one use of the side channel outside the engine (the main process,
     # before vLLM starts); imported here so the HTTP layer never loads it.
-    from pdserve.connector.kv_client import BlockingClient
+    from pdserve.side_channel.client import BlockingClient
 
     port = producer.kv_ports[0]
     client = BlockingClient(producer.host, port, timeout, secret)

@@ -31,11 +31,6 @@ from typing import Any, TypeVar
 import vllm
 
 import pdserve
-from pdserve.consumer import client_body
-from pdserve.consumer.client_body import Body, BodyTooDeep, off_loop
-from pdserve.consumer.placer import Placer
-from pdserve.consumer.remote_prefill import RemotePrefill
-from pdserve.consumer.request_flow import Call, RequestFlow
 from pdserve.entrypoints.auth import (
     UNAUTHORIZED,
     accepted_keys,
@@ -48,7 +43,12 @@ from pdserve.entrypoints.legacy_generate import (
     send_json,
     to_completion_request,
 )
-from pdserve.handshake import METADATA_PATH
+from pdserve.frontend import client_body
+from pdserve.frontend.client_body import Body, BodyTooDeep, off_loop
+from pdserve.frontend.placer import Placer
+from pdserve.frontend.producer_metadata import METADATA_PATH
+from pdserve.frontend.remote_prefill import RemotePrefill
+from pdserve.frontend.request_flow import Call, RequestFlow
 from pdserve.lease import node_key
 from pdserve.log import init_logger
 from pdserve.request_proof import (

@@ -18,10 +18,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from pdserve import handshake
-from pdserve.consumer.producer_metadata import ProducerMetadata, checked, own_metadata
-from pdserve.consumer.producer_source import Endpoint, ProducerSource
-from pdserve.handshake import IncompatibleProducer
+from pdserve.frontend import producer_metadata
+from pdserve.frontend.producer_metadata import ProducerMetadata, checked, own_metadata
+from pdserve.frontend.producer_source import Endpoint, ProducerSource
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.log import init_logger
 from pdserve.settings import Settings
 from pdserve.timing import HANDSHAKE_RETRY_SECONDS, STARTUP_FETCH_SECONDS
@@ -84,7 +84,7 @@ def one_round(
 
     def fetch(endpoint: Endpoint) -> dict | Exception:
         try:
-            return handshake.fetch_metadata_once(
+            return producer_metadata.fetch_metadata_once(
                 endpoint.base_url, timeout, headers | endpoint.headers()
             )
         except (OSError, ValueError) as exc:

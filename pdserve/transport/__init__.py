@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 from pdserve.log import init_logger
-from pdserve.protocol import RankInfo
+from pdserve.side_channel.protocol import RankInfo
 from pdserve.transport.base import KVTransport, TransportUnavailable
 from pdserve.transport.devices import device_pci_bus_id, device_uuid, local_index_of
 from pdserve.transport.tcp import TcpTransport

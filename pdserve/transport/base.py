@@ -17,11 +17,11 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 from pdserve.kv_cache import HeadRange, PagedKVCache
-from pdserve.protocol import TransportHello, TransportWelcome
+from pdserve.side_channel.protocol import TransportHello, TransportWelcome
 
 if TYPE_CHECKING:
-    from pdserve.channel import Channel
-    from pdserve.protocol import RankInfo
+    from pdserve.side_channel.channel import Channel
+    from pdserve.side_channel.protocol import RankInfo
 
 
 class TransportUnavailable(RuntimeError):

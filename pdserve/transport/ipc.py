@@ -15,9 +15,14 @@ from typing import Any
 
 import torch
 
-from pdserve.channel import Channel
 from pdserve.kv_cache import HeadRange, PagedKVCache, dtype_name
-from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
+from pdserve.side_channel.channel import Channel
+from pdserve.side_channel.protocol import (
+    RankInfo,
+    ReadReply,
+    TransportHello,
+    TransportWelcome,
+)
 from pdserve.timing import IPC_HOLD_SECONDS
 from pdserve.transport.base import (
     Incoming,

@@ -39,10 +39,15 @@ from typing import Any
 
 import torch
 
-from pdserve.channel import Channel
 from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.log import init_logger
-from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
+from pdserve.side_channel.channel import Channel
+from pdserve.side_channel.protocol import (
+    RankInfo,
+    ReadReply,
+    TransportHello,
+    TransportWelcome,
+)
 from pdserve.timing import (
     NCCL_GROUP_TIMEOUT,
     NCCL_STORE_TIMEOUT,

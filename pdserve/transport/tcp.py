@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.channel import Channel
 from pdserve.kv_cache import HeadRange, PagedKVCache
-from pdserve.protocol import ReadReply
+from pdserve.side_channel.channel import Channel
+from pdserve.side_channel.protocol import ReadReply
 from pdserve.transport.base import Incoming, KVTransport, Outgoing, layer_sizes
 
 # Gather the next layer once fewer bytes than this wait in the socket queue.

@@ -21,8 +21,8 @@ import psutil
 import pytest
 import requests
 
-from pdserve.consumer.prefill_demand import demand_of
-from pdserve.consumer.producer_pool import rendezvous
+from pdserve.frontend.prefill_demand import demand_of
+from pdserve.frontend.producer_pool import rendezvous
 from pdserve.local_cluster import ServerProcess
 from pdserve.settings import KV_SECRET_ENV_VAR
 from tests.e2e.conftest import (

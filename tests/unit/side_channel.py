@@ -11,16 +11,22 @@ import time
 import torch
 
 from pdserve.connector.consumer_rank import ConsumerRank
-from pdserve.connector.kv_client import LinkState, Load, ProducerLink, authenticate
-from pdserve.connector.kv_server import KVServer
-from pdserve.connector.leases import LeaseTable
-from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.producer_peer import ProducerPeer, RankPair
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease, lease_token
 from pdserve.pairings import PairingTarget
-from pdserve.protocol import Message, RankInfo, prompt_hash, recv_message, send_message
 from pdserve.settings import ProducerAddress, Settings
+from pdserve.side_channel.client import LinkState, Load, ProducerLink, authenticate
+from pdserve.side_channel.leases import LeaseTable
+from pdserve.side_channel.load_spec import LoadSpec
+from pdserve.side_channel.protocol import (
+    Message,
+    RankInfo,
+    prompt_hash,
+    recv_message,
+    send_message,
+)
+from pdserve.side_channel.server import KVServer
 from pdserve.transport import get_transport
 from tests.eventually import eventually
 

@@ -13,9 +13,9 @@ import pytest
 import vllm
 
 import pdserve
-from pdserve import handshake
-from pdserve.consumer.producer_source import ProducerSource
 from pdserve.entrypoints import api_server, startup_producers
+from pdserve.frontend import producer_metadata
+from pdserve.frontend.producer_source import ProducerSource
 from pdserve.lease import NODE_KEY_ENV_VAR
 from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, ProducerAddress, Settings
 
@@ -73,7 +73,7 @@ def started(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY")
     record = Started()
     monkeypatch.setattr(api_server, "run_vllm_serve", record.serve)
-    monkeypatch.setattr(handshake, "fetch_metadata_once", record.fetch)
+    monkeypatch.setattr(producer_metadata, "fetch_metadata_once", record.fetch)
     # "p" (the consumer's --producer-url host) has one address.
     monkeypatch.setattr(ProducerSource, "resolve_blocking", lambda self: ["10.0.0.7"])
     return record
@@ -171,7 +171,7 @@ def test_consumer_starts_while_every_producer_is_down(started, monkeypatch):
     def down(url: str, timeout: float, headers=None) -> dict:
         raise ConnectionRefusedError("nothing listens")
 
-    monkeypatch.setattr(handshake, "fetch_metadata_once", down)
+    monkeypatch.setattr(producer_metadata, "fetch_metadata_once", down)
     monkeypatch.setattr(startup_producers, "HANDSHAKE_RETRY_SECONDS", 0.01)
     api_server.main([*CONSUMER, "--producer-connect-timeout", "0.05"])
     # vLLM was started, with no producer to pair with at startup.
@@ -183,7 +183,7 @@ def test_incompatible_producer_still_stops_the_consumer(started, monkeypatch):
     def other_model(url: str, timeout: float, headers=None) -> dict:
         return dict(started.fetch(url, timeout, headers), model="other")
 
-    monkeypatch.setattr(handshake, "fetch_metadata_once", other_model)
+    monkeypatch.setattr(producer_metadata, "fetch_metadata_once", other_model)
     with pytest.raises(SystemExit, match="model: consumer='m' producer='other'"):
         api_server.main(CONSUMER)
     assert started.args == []

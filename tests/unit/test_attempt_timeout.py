@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.consumer.attempt_timeout import (
+from pdserve.frontend.attempt_timeout import (
     FLOOR_FRACTION,
     MIN_SAMPLES,
     SLACK,

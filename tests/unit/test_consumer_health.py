@@ -7,8 +7,8 @@ import asyncio
 
 import msgspec
 
-from pdserve.consumer import producer_pool
 from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.frontend import producer_pool
 from pdserve.settings import ENV_VAR
 from tests.unit.http_fakes import (
     CONSUMER,

@@ -29,8 +29,8 @@ from vllm.v1.structured_output import StructuredOutputManager
 from pdserve.connector.first_token import make_scheduler
 from pdserve.connector.stats import PDServeStats
 from pdserve.lease import NODE_KEY_ENV_VAR, FirstToken, Lease, LogprobsRow, node_key
-from pdserve.protocol import prompt_hash
 from pdserve.settings import Settings
+from pdserve.side_channel.protocol import prompt_hash
 from pdserve.tiny_model import ensure_tiny_model
 
 BLOCK = 16

@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pdserve.handshake import IncompatibleProducer, fetch_producer_metadata
+from pdserve.frontend.producer_metadata import fetch_metadata_once
+from pdserve.incompatible import IncompatibleProducer
 
 AUTH = {"Authorization": "Bearer sk-handshake"}
 
@@ -65,7 +66,7 @@ def test_redirect_is_refused_and_the_key_stays_here(elsewhere, status):
     target, seen = elsewhere
     for url in status_server(status, target + "/pdserve/metadata"):
         with pytest.raises(IncompatibleProducer, match=f"HTTP {status}"):
-            fetch_producer_metadata(url, timeout=5, headers=AUTH)
+            fetch_metadata_once(url, timeout=5, headers=AUTH)
     assert seen == []
 
 
@@ -73,7 +74,7 @@ def test_redirect_is_refused_and_the_key_stays_here(elsewhere, status):
 def test_refused_key_says_what_to_fix(status):
     for url in status_server(status):
         with pytest.raises(IncompatibleProducer) as exc:
-            fetch_producer_metadata(url, timeout=5, headers=AUTH)
+            fetch_metadata_once(url, timeout=5, headers=AUTH)
     message = str(exc.value)
     assert f"HTTP {status}" in message and "--api-key" in message
     assert "sk-handshake" not in message
@@ -82,5 +83,5 @@ def test_refused_key_says_what_to_fix(status):
 def test_other_client_errors_have_no_key_hint():
     for url in status_server(404):
         with pytest.raises(IncompatibleProducer) as exc:
-            fetch_producer_metadata(url, timeout=5, headers=AUTH)
+            fetch_metadata_once(url, timeout=5, headers=AUTH)
     assert "HTTP 404" in str(exc.value) and "--api-key" not in str(exc.value)

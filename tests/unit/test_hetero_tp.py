@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from pdserve.connector.consumer_rank import ConsumerRank
-from pdserve.connector.kv_server import KVServer
-from pdserve.connector.leases import LeaseTable
-from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.tp_mapping import HeadSlice, head_slices, rank_heads
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 from pdserve.settings import ProducerAddress, Settings
+from pdserve.side_channel.leases import LeaseTable
+from pdserve.side_channel.load_spec import LoadSpec
+from pdserve.side_channel.server import KVServer
 from pdserve.transport import get_transport
 from tests.unit.side_channel import INSTANCE_ID, NODE_KEY, make_lease, rank_info_for
 

@@ -11,7 +11,7 @@ from starlette.datastructures import Headers
 
 from pdserve.entrypoints.auth import authorized
 from pdserve.entrypoints.middleware import PDServeMiddleware
-from pdserve.handshake import METADATA_PATH
+from pdserve.frontend.producer_metadata import METADATA_PATH
 from pdserve.settings import ENV_VAR
 from tests.unit.http_fakes import (
     CONSUMER,

@@ -13,14 +13,20 @@ import threading
 
 import pytest
 
-from pdserve.connector.kv_client import BlockingClient, LinkState, ProducerLink, prove
-from pdserve.connector.kv_server import AUTH_SECONDS, KVServer
-from pdserve.connector.leases import LeaseTable
 from pdserve.entrypoints.api_server import export_kv_secret
 from pdserve.entrypoints.cli_args import parse
 from pdserve.entrypoints.middleware import node_metadata
-from pdserve.handshake import KVAuthError, check_kv_auth, wait_for_rank_info
-from pdserve.protocol import (
+from pdserve.incompatible import KVAuthError, check_kv_auth
+from pdserve.settings import KV_SECRET_ENV_VAR, Settings, kv_secret
+from pdserve.side_channel.client import (
+    BlockingClient,
+    LinkState,
+    ProducerLink,
+    prove,
+    wait_for_rank_info,
+)
+from pdserve.side_channel.leases import LeaseTable
+from pdserve.side_channel.protocol import (
     MAX_UNAUTHENTICATED_FRAME_BYTES,
     NONCE_BYTES,
     Ack,
@@ -34,7 +40,7 @@ from pdserve.protocol import (
     send_message,
     server_mac,
 )
-from pdserve.settings import KV_SECRET_ENV_VAR, Settings, kv_secret
+from pdserve.side_channel.server import AUTH_SECONDS, KVServer
 from tests.unit.side_channel import (
     FakeClock,
     Session,

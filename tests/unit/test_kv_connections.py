@@ -10,8 +10,13 @@ import socket
 
 import pytest
 
-import pdserve.connector.kv_server as kv_server
-from pdserve.protocol import GetRankInfo, RankInfo, ServerHello, recv_message
+import pdserve.side_channel.server as kv_server
+from pdserve.side_channel.protocol import (
+    GetRankInfo,
+    RankInfo,
+    ServerHello,
+    recv_message,
+)
 from tests.unit.side_channel import (
     FakeClock,
     Session,

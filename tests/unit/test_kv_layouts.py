@@ -26,10 +26,11 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
 
-from pdserve.connector.leases import LeaseTable  # noqa: E402
-from pdserve.handshake import IncompatibleProducer, check_compatible  # noqa: E402
+from pdserve.connector.compatibility import check_compatible
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.kv_cache import PagedKVCache  # noqa: E402
 from pdserve.kv_layout import KVLayout, check_page_bytes, kernel_blocks_in  # noqa: E402
+from pdserve.side_channel.leases import LeaseTable  # noqa: E402
 from tests.unit.side_channel import (  # noqa: E402
     link_to,
     load_of,

@@ -13,11 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdserve.connector.kv_client import BlockingClient
-from pdserve.connector.kv_server import MAX_CONNECTIONS_PER_PEER, KVServer
-from pdserve.connector.leases import LeaseTable
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import (
+from pdserve.side_channel.client import BlockingClient
+from pdserve.side_channel.leases import LeaseTable
+from pdserve.side_channel.protocol import (
     MAX_FRAME_BYTES,
     MAX_READ_BLOCKS,
     GetRankInfo,
@@ -28,6 +27,7 @@ from pdserve.protocol import (
     TransportHello,
     recv_message,
 )
+from pdserve.side_channel.server import MAX_CONNECTIONS_PER_PEER, KVServer
 from tests.unit.side_channel import Session, make_lease, start_server
 
 SECRET = b"fuzz-secret"
@@ -112,7 +112,7 @@ def test_malformed_frames_close_only_that_connection(server, data):
 
 
 def test_wrong_message_type_closes_connection(server):
-    from pdserve.protocol import Ack, encode_frame
+    from pdserve.side_channel.protocol import Ack, encode_frame
 
     assert send_raw(server.port, encode_frame(Ack(ok=True))) == b""
     assert still_serves(server.port)

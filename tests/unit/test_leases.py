@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.connector.leases import (
+from pdserve.side_channel.leases import (
     MAX_EARLY_RELEASES,
     LeaseTable,
     ReadRefused,

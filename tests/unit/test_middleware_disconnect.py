@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from pdserve import metrics
-from pdserve.consumer.remote_prefill import Answer
 from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.frontend.remote_prefill import Answer
 from pdserve.lease import Lease
 from tests.unit.http_fakes import CONSUMER, FakeEngine, app_state, make_lease, use_node
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pdserve.lease import Lease
 from pdserve.pairings import PairingTarget
-from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
+from pdserve.side_channel.protocol import RankInfo
 
 PACKAGE = Path(__file__).parents[2] / "pdserve"
 

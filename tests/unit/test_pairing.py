@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from pdserve.connector.pairing import Pairer
-from pdserve.handshake import IncompatibleProducer
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.pairings import (
     NodePairings,
     NodeState,
@@ -114,7 +114,7 @@ def test_targets_round_trip_and_are_read_again_only_when_changed(tmp_path):
 def test_a_restarted_instance_is_gone_not_incompatible(tmp_path):
     """Its ports answer as another instance: the HTTP layer looks it up
     again (it may pair fine), it does not write the producer off."""
-    from pdserve.handshake import InstanceGone
+    from pdserve.incompatible import InstanceGone
 
     def restarted(target):
         raise InstanceGone(f"instance {target.instance_id} is gone: its ports serve b")

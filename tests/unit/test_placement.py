@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.consumer.placement import (
+from pdserve.frontend.placement import (
     PREFIX_CACHED,
     PRODUCERS_SATURATED,
     REMOTE,

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from pdserve.consumer import placer as placer_module
-from pdserve.consumer.placer import Placer
+from pdserve.frontend import placer as placer_module
+from pdserve.frontend.placer import Placer
 from pdserve.settings import Settings
 
 
@@ -114,8 +114,8 @@ def test_transfer_rate_comes_from_the_engines_own_metrics():
     histogram and block counter in this process's registry."""
     from prometheus_client import REGISTRY, Counter, Histogram
 
-    from pdserve.consumer.placement import CostEstimator
-    from pdserve.consumer.placer import TransferMeter
+    from pdserve.frontend.placement import CostEstimator
+    from pdserve.frontend.placer import TransferMeter
 
     seconds = Histogram("pdserve:kv_transfer_seconds", "test")
     blocks = Counter("pdserve:kv_blocks_received", "test")

@@ -15,7 +15,7 @@ from vllm.distributed.kv_events import (
     ZmqEventPublisher,
 )
 
-from pdserve.consumer.prefix_index import (
+from pdserve.frontend.prefix_index import (
     DEFAULT_TOPIC,
     KV_EVENTS_FLAG,
     KVEventsConfigError,

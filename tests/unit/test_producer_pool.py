@@ -15,15 +15,15 @@ import pytest
 from aiohttp import web
 
 from pdserve import metrics
-from pdserve.consumer import producer_health, producer_pool
-from pdserve.consumer.prefill_demand import (
+from pdserve.frontend import producer_health, producer_pool
+from pdserve.frontend.prefill_demand import (
     AFFINITY_PREFIX_CHARS,
     Demand,
     demand_of,
 )
-from pdserve.consumer.producer_pool import Producer, ProducerPool
-from pdserve.consumer.producer_source import ProducerSource
-from pdserve.consumer.remote_prefill import RemotePrefill
+from pdserve.frontend.producer_pool import Producer, ProducerPool
+from pdserve.frontend.producer_source import ProducerSource
+from pdserve.frontend.remote_prefill import RemotePrefill
 from pdserve.lease import Lease
 from tests.unit.http_fakes import (
     CONSUMER,
@@ -561,8 +561,8 @@ def test_producer_absent_at_start_joins_when_it_comes_up():
 def test_attempts_are_bounded_by_measured_calls(monkeypatch):
     """Once calls were measured, an attempt that is not the last is bounded
     by them (down to the floor), not by half the budget."""
-    from pdserve.consumer import attempt_timeout as rule
-    from pdserve.consumer import remote_prefill
+    from pdserve.frontend import attempt_timeout as rule
+    from pdserve.frontend import remote_prefill
 
     used: list[tuple[int, float | None, float]] = []
 
@@ -598,9 +598,12 @@ def test_producer_is_used_only_once_every_rank_paired(tmp_path):
     from pdserve.pairings import PeerState, RankPairings, targets_reader, write_rank
 
     async def scenario() -> None:
-        async with producers(1) as (fake,), consumer(
-            [fake.url], run_dir=str(tmp_path), tensor_parallel_size=2
-        ) as prefill:
+        async with (
+            producers(1) as (fake,),
+            consumer(
+                [fake.url], run_dir=str(tmp_path), tensor_parallel_size=2
+            ) as prefill,
+        ):
             (target,) = targets_reader(str(tmp_path)).read()
             assert target.instance_id == fake.metadata["instance_id"]
             assert prefill.pool.healthy() == []
@@ -618,9 +621,10 @@ def test_producer_no_rank_can_pair_with_is_dropped_saying_why(tmp_path, caplog):
     from pdserve.pairings import PeerState, RankPairings, targets_reader, write_rank
 
     async def scenario() -> None:
-        async with producers(1) as (fake,), consumer(
-            [fake.url], run_dir=str(tmp_path)
-        ) as prefill:
+        async with (
+            producers(1) as (fake,),
+            consumer([fake.url], run_dir=str(tmp_path)) as prefill,
+        ):
             (target,) = targets_reader(str(tmp_path)).read()
             error = "KV cache dtype: consumer='auto' producer='fp8_e5m2'"
             state = PeerState(target, False, error, incompatible=True)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pdserve.consumer.prompt_tokens import prompt_token_ids
+from pdserve.frontend.prompt_tokens import prompt_token_ids
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pdserve
-from pdserve.protocol import (
+from pdserve.side_channel.protocol import (
     MAX_FRAME_BYTES,
     MAX_READ_BLOCKS,
     NONCE_BYTES,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.connector.kv_client import Load
-from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.pull import WHOLE_LEASE, Pull, PullState
+from pdserve.side_channel.client import Load
+from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.transport import get_transport
 from tests.unit.side_channel import FakeClock, make_lease
 

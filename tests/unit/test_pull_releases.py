@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 
 from pdserve.connector import producer_registry
-from pdserve.connector.kv_client import ProducerLink
-from pdserve.connector.metadata import LoadSpec
+from pdserve.side_channel.client import ProducerLink
+from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.transport.base import Incoming
 from pdserve.transport.tcp import TcpTransport
 from tests.eventually import eventually

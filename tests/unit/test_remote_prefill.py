@@ -13,12 +13,12 @@ import msgspec
 import pytest
 
 from pdserve import metrics
-from pdserve.consumer.remote_prefill import (
+from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.frontend.remote_prefill import (
     local_reason,
     prefill_body,
     release_lease,
 )
-from pdserve.entrypoints.middleware import PDServeMiddleware
 from pdserve.lease import Lease
 from pdserve.request_proof import (
     ProofRejected,

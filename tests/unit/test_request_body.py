@@ -11,8 +11,8 @@ import threading
 import msgspec
 import pytest
 
-from pdserve.consumer import client_body
 from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.frontend import client_body
 from pdserve.settings import ENV_VAR
 from tests.unit.http_fakes import (
     CONSUMER,

@@ -16,8 +16,8 @@ from vllm.v1.request import RequestStatus
 
 from pdserve.connector.scheduler import scheduler_half
 from pdserve.lease import DO_REMOTE_DECODE, Lease, lease_token
-from pdserve.protocol import prompt_hash
 from pdserve.settings import Settings
+from pdserve.side_channel.protocol import prompt_hash
 
 KEY = b"consumer-key".ljust(32, b"-")
 PRODUCER_KEY = b"producer-key".ljust(32, b"-")

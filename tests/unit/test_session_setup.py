@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-import pdserve.connector.session_setup as session_setup
-from pdserve.protocol import TransportHello, TransportWelcome
+import pdserve.side_channel.session_setup as session_setup
+from pdserve.side_channel.protocol import TransportHello, TransportWelcome
 from pdserve.transport.base import Outgoing
 from pdserve.transport.tcp import TcpTransport
 from tests.unit.side_channel import (

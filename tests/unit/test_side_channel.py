@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from pdserve.connector.leases import LeaseTable
-from pdserve.connector.metadata import LoadSpec
 from pdserve.lease import Lease
 from pdserve.pairings import PairingTarget
+from pdserve.side_channel.leases import LeaseTable
+from pdserve.side_channel.load_spec import LoadSpec
 from tests.eventually import eventually
 from tests.unit.side_channel import (
     INSTANCE_ID,
@@ -279,7 +279,7 @@ def test_a_timed_out_read_fails_alone_and_nothing_else_is_lost(closing, monkeypa
     """A read that times out mid-payload closes its connection: only that
     read fails; the read sent after it goes again on a new connection, and a
     release the producer never read on the old one is sent again."""
-    import pdserve.connector.kv_server as kv_server
+    import pdserve.side_channel.server as kv_server
 
     # The producer reads no request while its answers wait to be taken:
     # the release below stays unread in the old connection.
@@ -319,7 +319,7 @@ def test_a_timed_out_read_fails_alone_and_nothing_else_is_lost(closing, monkeypa
 def test_idle_connection_closed_by_the_producer_is_opened_again(closing):
     """Without a secret idle connections close soon; the consumer's next
     read opens a new one."""
-    import pdserve.connector.kv_server as kv_server
+    import pdserve.side_channel.server as kv_server
 
     producer = paged_kv()
     server_clock = FakeClock(time.monotonic())

@@ -8,11 +8,11 @@ import logging
 
 import pytest
 
-from pdserve import handshake
-from pdserve.consumer.producer_source import ProducerSource
 from pdserve.entrypoints import startup_producers
 from pdserve.entrypoints.startup_producers import find_producers
-from pdserve.handshake import IncompatibleProducer
+from pdserve.frontend import producer_metadata as metadata_fetch
+from pdserve.frontend.producer_source import ProducerSource
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.settings import Settings
 from tests.unit.http_fakes import producer_metadata
 
@@ -36,7 +36,7 @@ def network(monkeypatch):
             return [self.hostname]
         return NAMES[self.hostname]
 
-    monkeypatch.setattr(handshake, "fetch_metadata_once", fetch)
+    monkeypatch.setattr(metadata_fetch, "fetch_metadata_once", fetch)
     monkeypatch.setattr(ProducerSource, "resolve_blocking", resolve)
     monkeypatch.setattr(startup_producers, "HANDSHAKE_RETRY_SECONDS", 0.01)
     return answers, asked
@@ -107,6 +107,6 @@ def test_incompatible_still_refuses_after_a_wait(network, monkeypatch):
             raise ConnectionRefusedError("not yet")
         return producer_metadata(model="other")
 
-    monkeypatch.setattr(handshake, "fetch_metadata_once", late)
+    monkeypatch.setattr(metadata_fetch, "fetch_metadata_once", late)
     with pytest.raises(IncompatibleProducer, match="model: consumer='m'"):
         find_producers(consumer("http://one:8000", timeout=5), {})

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pdserve.connector.kv_client import ProducerLink
 from pdserve.connector.producer_peer import (
     COPY_FAILURES_BEFORE_FALLBACK,
     ProducerPeer,
@@ -17,8 +16,9 @@ from pdserve.connector.producer_peer import (
 )
 from pdserve.connector.stats import PDServeStats
 from pdserve.kv_cache import PagedKVCache
-from pdserve.protocol import RankInfo, TransportWelcome
 from pdserve.settings import Settings
+from pdserve.side_channel.client import ProducerLink
+from pdserve.side_channel.protocol import RankInfo, TransportWelcome
 from pdserve.transport import TransportUnavailable, candidates, devices
 from pdserve.transport.base import Incoming
 from pdserve.transport.tcp import TcpTransport

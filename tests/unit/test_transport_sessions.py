@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pdserve.protocol import TransportHello
+from pdserve.side_channel.protocol import TransportHello
 from pdserve.transport import nccl
 from pdserve.transport.sessions import SessionTable
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdserve import metrics
-from pdserve.consumer.client_body import KV_PARAMS_KEY, strip_kv_params
 from pdserve.entrypoints.middleware import PDServeMiddleware
+from pdserve.frontend.client_body import KV_PARAMS_KEY, strip_kv_params
 from pdserve.lease import DO_REMOTE_DECODE, LEASE_KEY, Lease
 from tests.unit.http_fakes import (
     CONSUMER,

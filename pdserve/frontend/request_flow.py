@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve import metrics
-from pdserve.consumer.client_body import Body, off_loop
-from pdserve.consumer.placer import Placer
-from pdserve.consumer.prompt_tokens import prompt_token_ids
-from pdserve.consumer.remote_prefill import (
+from pdserve.frontend.client_body import Body, off_loop
+from pdserve.frontend.placer import Placer
+from pdserve.frontend.prompt_tokens import prompt_token_ids
+from pdserve.frontend.remote_prefill import (
     PROMPT_IDS_KEY,
     Answer,
     RemotePrefill,

@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 import aiohttp
 
 from pdserve import metrics
-from pdserve.consumer.attempt_timeout import CallTimes, attempt_timeout
-from pdserve.consumer.client_body import KV_PARAMS_KEY, off_loop
-from pdserve.consumer.prefill_demand import demand_of
-from pdserve.consumer.producer_pool import Producer, ProducerPool
+from pdserve.frontend.attempt_timeout import CallTimes, attempt_timeout
+from pdserve.frontend.client_body import KV_PARAMS_KEY, off_loop
+from pdserve.frontend.prefill_demand import demand_of
+from pdserve.frontend.producer_pool import Producer, ProducerPool
 from pdserve.lease import DO_REMOTE_DECODE, REFUSED_KEY, Lease, node_key
 from pdserve.log import init_logger
 from pdserve.request_proof import PROOF_HEADER, body_digest, make_proof, proof_key

@@ -7,7 +7,7 @@ import uuid
 
 import aiohttp
 
-from pdserve.consumer.producer_source import Endpoint
+from pdserve.frontend.producer_source import Endpoint
 from pdserve.log import init_logger
 from pdserve.timing import HEALTH_PROBE_SECONDS, WORK_PROBE_SECONDS
 

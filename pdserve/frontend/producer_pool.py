@@ -27,12 +27,12 @@ from typing import Any
 import aiohttp
 
 from pdserve import metrics
-from pdserve.consumer import producer_metadata
-from pdserve.consumer.prefill_demand import Demand
-from pdserve.consumer.producer_health import ProducerHealth
-from pdserve.consumer.producer_metadata import ProducerMetadata, own_metadata
-from pdserve.consumer.producer_source import Endpoint, ProducerSource
-from pdserve.handshake import IncompatibleProducer
+from pdserve.frontend import producer_metadata
+from pdserve.frontend.prefill_demand import Demand
+from pdserve.frontend.producer_health import ProducerHealth
+from pdserve.frontend.producer_metadata import ProducerMetadata, own_metadata
+from pdserve.frontend.producer_source import Endpoint, ProducerSource
+from pdserve.incompatible import IncompatibleProducer
 from pdserve.log import init_logger
 from pdserve.pairings import NodePairings, PairingTarget, write_targets
 from pdserve.settings import Settings

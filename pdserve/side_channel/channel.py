@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from collections import deque
 
-from pdserve.protocol import (
+from pdserve.side_channel.protocol import (
     FrameBuffer,
     Message,
     PayloadEnd,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pdserve.kv_cache import PagedKVCache
 from pdserve.log import init_logger
-from pdserve.protocol import TransportHello, TransportWelcome
+from pdserve.side_channel.protocol import TransportHello, TransportWelcome
 from pdserve.timing import WELCOME_SEND_SECONDS
 from pdserve.transport import KVTransport
 

@@ -32,13 +32,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.channel import Channel
-from pdserve.connector.leases import LeaseTable, ReadRefused, Verdict
-from pdserve.connector.session_setup import SessionSetups, Setup
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import token_valid
 from pdserve.log import init_logger
-from pdserve.protocol import (
+from pdserve.side_channel.channel import Channel
+from pdserve.side_channel.leases import LeaseTable, ReadRefused, Verdict
+from pdserve.side_channel.protocol import (
     MAX_FRAME_BYTES,
     MAX_READ_BLOCKS,
     MAX_UNAUTHENTICATED_FRAME_BYTES,
@@ -60,6 +59,7 @@ from pdserve.protocol import (
     server_mac,
     session_macs,
 )
+from pdserve.side_channel.session_setup import SessionSetups, Setup
 from pdserve.timing import (
     AUTH_SECONDS,
     ENGINE_IDLE_SECONDS,

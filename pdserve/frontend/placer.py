@@ -15,13 +15,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pdserve.consumer.placement import CostEstimator, Decision, decide
-from pdserve.consumer.prefix_index import (
+from pdserve.frontend.placement import CostEstimator, Decision, decide
+from pdserve.frontend.prefix_index import (
     KVEventsSource,
     KVEventSubscriber,
     PrefixIndex,
 )
-from pdserve.consumer.prompt_tokens import prompt_token_ids
+from pdserve.frontend.prompt_tokens import prompt_token_ids
 from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.settings import Settings

@@ -33,9 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pdserve.channel import Channel
-from pdserve.connector.metadata import LoadSpec
-from pdserve.handshake import (
+from pdserve.incompatible import (
     PRODUCER_UNPROVEN,
     SECRET_REJECTED,
     KVAuthError,
@@ -44,7 +42,9 @@ from pdserve.handshake import (
 from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.lease import Lease
 from pdserve.log import init_logger
-from pdserve.protocol import (
+from pdserve.side_channel.channel import Channel
+from pdserve.side_channel.load_spec import LoadSpec
+from pdserve.side_channel.protocol import (
     MAX_FRAME_BYTES,
     NONCE_BYTES,
     Ack,
@@ -69,6 +69,7 @@ from pdserve.protocol import (
     session_macs,
 )
 from pdserve.timing import (
+    HANDSHAKE_RETRY_SECONDS,
     RECONNECT_SECONDS,
     RELEASE_CONFIRM_SECONDS,
     RELEASE_KEEP_SECONDS,
@@ -669,3 +670,18 @@ class ProducerLink:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def wait_for_rank_info(client: BlockingClient, timeout: float) -> RankInfo:
+    """Ask a producer rank for its RankInfo, retrying until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.rank_info()
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"producer KV port {client.host}:{client.port} not reachable "
+                    f"within {timeout:.0f}s: {exc}"
+                ) from exc
+            time.sleep(HANDSHAKE_RETRY_SECONDS)

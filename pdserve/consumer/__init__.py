@@ -1,1 +1,0 @@
-"""The consumer's request flow: have the producer prefill, then decode."""
