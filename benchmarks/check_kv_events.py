@@ -23,11 +23,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdserve.frontend.prefix_index import (
-    KVEventSubscriber,
-    PrefixIndex,
-    consumer_kv_events,
-)
+from pdserve.frontend.kv_events import KVEventSubscriber
+from pdserve.frontend.kv_events_config import consumer_kv_events
+from pdserve.frontend.prefix_index import PrefixIndex
 from pdserve.local_cluster import ServerProcess, cpu_env
 from pdserve.tiny_model import ensure_tiny_model
 

@@ -16,7 +16,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
 from pdserve.connector.metadata import PDServeMetadata
-from pdserve.connector.scheduler import SchedulerHalf, scheduler_half
+from pdserve.connector.scheduler import SchedulerHalf
+from pdserve.connector.scheduler_role import scheduler_half
 from pdserve.connector.stats import PDServePromMetrics, PDServeStats
 from pdserve.connector.worker import PDServeWorker
 from pdserve.lease import node_key

@@ -100,20 +100,3 @@ class SchedulerHalf:
 
     def shutdown(self) -> None:
         return None
-
-
-def scheduler_half(
-    settings: Settings,
-    block_size: int,
-    node_key: bytes,
-    num_blocks: int = 0,
-    clock: Callable[[], float] = time.time,
-) -> SchedulerHalf:
-    """The scheduler half of ``settings.role``."""
-    if settings.role == "producer":
-        from pdserve.connector.producer_scheduler import ProducerScheduler
-
-        return ProducerScheduler(settings, block_size, node_key, num_blocks, clock)
-    from pdserve.connector.consumer_scheduler import ConsumerScheduler
-
-    return ConsumerScheduler(settings, block_size, node_key, clock)

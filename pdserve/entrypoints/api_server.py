@@ -24,7 +24,7 @@ from pdserve.entrypoints.cli_args import (
     vllm_serve_args,
 )
 from pdserve.entrypoints.startup_producers import find_producers
-from pdserve.frontend.prefix_index import KVEventsConfigError, consumer_kv_events
+from pdserve.frontend.kv_events_config import KVEventsConfigError, consumer_kv_events
 from pdserve.identity import serving_identity
 from pdserve.incompatible import IncompatibleProducer
 from pdserve.lease import NODE_KEY_ENV_VAR, new_node_key

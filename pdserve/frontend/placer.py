@@ -15,12 +15,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from pdserve.frontend.kv_events import KVEventSubscriber
+from pdserve.frontend.kv_events_config import KVEventsSource
 from pdserve.frontend.placement import CostEstimator, Decision, decide
-from pdserve.frontend.prefix_index import (
-    KVEventsSource,
-    KVEventSubscriber,
-    PrefixIndex,
-)
+from pdserve.frontend.prefix_index import PrefixIndex
 from pdserve.frontend.prompt_tokens import prompt_token_ids
 from pdserve.lease import Lease
 from pdserve.log import init_logger

@@ -15,15 +15,15 @@ from vllm.distributed.kv_events import (
     ZmqEventPublisher,
 )
 
-from pdserve.frontend.prefix_index import (
+from pdserve.frontend.kv_events import KVEventSubscriber
+from pdserve.frontend.kv_events_config import (
     DEFAULT_TOPIC,
     KV_EVENTS_FLAG,
     KVEventsConfigError,
     KVEventsSource,
-    KVEventSubscriber,
-    PrefixIndex,
     consumer_kv_events,
 )
+from pdserve.frontend.prefix_index import PrefixIndex
 
 BS = 4
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vllm.v1.request import RequestStatus
 
-from pdserve.connector.scheduler import scheduler_half
+from pdserve.connector.scheduler_role import scheduler_half
 from pdserve.lease import DO_REMOTE_DECODE, Lease, lease_token
 from pdserve.settings import Settings
 from pdserve.side_channel.protocol import prompt_hash

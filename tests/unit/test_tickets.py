@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pdserve.connector.scheduler import scheduler_half
+from pdserve.connector.scheduler_role import scheduler_half
 from pdserve.settings import Settings
 from pdserve.ticket import Cancel, Delivery, Ticket, message_params
 from tests.unit.test_scheduler import BLOCK, KEY, FakeBlocks, lease, request
