@@ -75,6 +75,8 @@ class ConsumerRank:
         info: RankInfo,
         tp_rank: int,
         secret: bytes | None,
+        watch_seconds: float = WATCH_SECONDS,
+        watch_timeout: float = WATCH_TIMEOUT_SECONDS,
     ) -> None:
         self.settings = settings
         self.kv = kv
@@ -91,6 +93,10 @@ class ConsumerRank:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
+        # The watch's period and patience (WATCH_*), given so that tests
+        # control them rather than wait for them.
+        self._watch_seconds = watch_seconds
+        self._watch_timeout = watch_timeout
         self._pulls: dict[str, _Pull] = {}
         self._orphans = OrphanReleases(kv, settings.transfer_timeout, secret)
         self._done: set[str] = set()
@@ -221,7 +227,7 @@ class ConsumerRank:
             self._watch.start()
 
     def _watch_producers(self) -> None:
-        while not self._stopped.wait(WATCH_SECONDS):
+        while not self._stopped.wait(self._watch_seconds):
             self._pair_with_targets()
             for peer in list(self.peers.values()):
                 if self._producer_alive(peer):
@@ -264,7 +270,7 @@ class ConsumerRank:
         """False only when we know: nobody listens, or another instance."""
         for rank in list(peer.pairs):
             try:
-                epoch = peer.client(rank, WATCH_TIMEOUT_SECONDS).rank_info().epoch
+                epoch = peer.client(rank, self._watch_timeout).rank_info().epoch
             except (ConnectionRefusedError, ConnectionResetError):
                 return False
             except Exception:  # slow or busy: it may well be alive
