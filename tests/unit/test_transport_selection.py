@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +21,7 @@ from pdserve.settings import Settings
 from pdserve.transport import TransportUnavailable, candidates, devices
 from pdserve.transport.base import Incoming
 from pdserve.transport.tcp import TcpTransport
+from tests.eventually import eventually
 from tests.unit.side_channel import (
     blocks_equal,
     empty_like,
@@ -30,6 +30,7 @@ from tests.unit.side_channel import (
     paged_kv,
     run_load,
     start_server,
+    steps,
 )
 from tests.unit.side_channel import consumer_rank as side_channel_rank
 
@@ -406,11 +407,12 @@ def test_a_copy_that_fails_while_polled_releases_its_lease(paired):
     """The producer lets the blocks go now, not when the lease expires."""
     server, rank = paired
     assert "ipc copy failed: HIP error" in pull(server, rank, 3)
-    deadline = time.monotonic() + 5
-    while len(server.leases):
-        assert time.monotonic() < deadline, "lease kept until it expires"
-        rank.poll()
-        server.step()
+    eventually(
+        lambda: len(server.leases) == 0,
+        5,
+        "the release (not the lease's expiry)",
+        step=lambda: steps(rank, server),
+    )
     assert server.leases.take_released() == 1
 
 
@@ -464,10 +466,8 @@ def test_copy_that_cannot_start_fails_only_its_own_load(paired):
     assert "ipc copy failed: ipc session is unknown" in pull(server, rank, 1)
     link = pair.link
     channel = link.channel
-    deadline = time.monotonic() + 5
-    while not server.leases.take_released():  # the release is on its way
-        assert time.monotonic() < deadline, "lease not released"
-        server.step()
+    # The release is on its way.
+    eventually(server.leases.take_released, 5, "the release", step=server.step)
 
     for block in range(2, 1 + COPY_FAILURES_BEFORE_FALLBACK):
         assert pull(server, rank, block) is not None
