@@ -187,6 +187,9 @@ class ConsumerRank:
         if peer.setup_fallbacks:
             self.stats.add("kv_transport_fallbacks", peer.setup_fallbacks)
             peer.setup_fallbacks = 0
+        for pair in peer.pairs.values():
+            if not pair.release_only:
+                self.stats.add_labeled("kv_pairings", pair.transport.name)
 
     def _least_recently_used(self) -> PeerKey:
         idle = [k for k, p in self.peers.items() if not p.busy()] or list(self.peers)

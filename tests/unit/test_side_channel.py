@@ -403,6 +403,7 @@ def test_restarted_producer_is_a_new_producer(closing):
     new.leases.grant("c", [6, 7], new_lease.prompt_hash)
     assert run_load(rank, new, new_lease, [3, 4]) is None
     assert only_peer(rank).epoch == "new"
+    assert rank.stats.data["kv_pairings"] == {"tcp": 2}  # old, then new
     assert blocks_equal(new.kv, [6, 7], consumer, [3, 4])
 
 

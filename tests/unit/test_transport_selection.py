@@ -256,6 +256,23 @@ def test_transport_that_breaks_later_is_replaced_by_tcp():
     assert peer.stats.take().data["kv_transport_fallbacks"] == 1
 
 
+def test_pairings_are_counted_by_the_transport_agreed(closing):
+    """``pdserve:kv_pairings_total{transport}`` (what the GPU scripts check):
+    each producer rank read from, by its transport, as the rank takes the
+    pairing; a producer rank only released to is not read from."""
+    rank = side_channel_rank(paged_kv(), 1)
+    closing(rank)
+    peer = producer_peer("nccl")
+    link = ProducerLink("127.0.0.1", 1, peer.kv, 1)
+    peer.pairs[0] = RankPair(info("cuda", "h"), link, Breaking(), "s")
+    released = RankPair(info("cuda", "h"), link, TcpTransport(), "", release_only=True)
+    peer.pairs[1] = released
+    rank._add(peer)
+    assert rank.stats.data["kv_pairings"] == {"nccl": 1}
+    taken = rank.stats.take()
+    assert taken is not None and taken.reduce()["kv_pairings"] == 1
+
+
 def test_nccl_on_cpu_ranks_is_unavailable():
     from pdserve.transport.nccl import NcclTransport
 
