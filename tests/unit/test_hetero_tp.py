@@ -67,8 +67,10 @@ def producer(
 
 
 def consumer(
-    tp: int, ports: list[int], closing, heads: int = HEADS
+    tp: int, ports: list[int], closing, heads: int = HEADS, **kwargs
 ) -> list[ConsumerRank]:
+    """Consumer ranks paired with the producer ranks at ``ports``
+    (``kwargs``: to ``ConsumerRank``, e.g. the watch's period)."""
     settings = Settings(
         role="consumer",
         model="m",
@@ -81,7 +83,7 @@ def consumer(
         zeros = [torch.zeros(2, NUM_BLOCKS, 16, heads, 8)] * 2
         kv = rank_kv(zeros, rank_heads(heads, tp, rank))
         consumer_rank = ConsumerRank(
-            settings, kv, info(kv, tp, rank, "", heads), rank, None
+            settings, kv, info(kv, tp, rank, "", heads), rank, None, **kwargs
         )
         closing(consumer_rank)
         consumer_rank.close = consumer_rank.shutdown
@@ -205,7 +207,9 @@ def test_fewer_heads_than_producer_ranks_every_rank_lets_go(
     heads = 2
     layers = full_kv(heads=heads)
     servers = producer(layers, producer_tp, closing, heads)
-    ranks = consumer(consumer_tp, [s.port for s in servers], closing, heads)
+    ranks = consumer(
+        consumer_tp, [s.port for s in servers], closing, heads, watch_seconds=0.05
+    )
     lease = grant(servers, [2, 5])
     pull(ranks, servers, lease, [7, 8])
     for rank in range(consumer_tp):

@@ -435,7 +435,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     pairs again before reading."""
     producer = paged_kv()
     server = start_server(producer)
-    rank = consumer_rank(empty_like(producer), server.port)
+    rank = consumer_rank(empty_like(producer), server.port, watch_seconds=0.05)
     closing(rank)
     dropped = []
     rank.connect()
@@ -497,7 +497,7 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     a = start_server(first, epoch="a")
     b = start_server(second, epoch="b")
     closing(b)
-    rank = consumer_rank(empty_like(first), a.port)
+    rank = consumer_rank(empty_like(first), a.port, watch_seconds=0.05)
     closing(rank)
     rank.connect()  # only producer a is known at startup
     assert [peer.epoch for peer in rank.peers.values()] == ["a"]
@@ -587,7 +587,7 @@ def test_lease_handed_back_by_an_idle_engine_reaches_its_producer(closing):
     leases = LeaseTable(30)
     server = start_server(producer, leases, secret=secret)
     closing(server)
-    rank = consumer_rank(empty_like(producer), server.port, secret)
+    rank = consumer_rank(empty_like(producer), server.port, secret, watch_seconds=0.05)
     closing(rank)
     rank.connect()
     lease = make_lease("idle", [4, 5], server.port)
