@@ -42,7 +42,7 @@ case $what in
       2>&1 | tee "$OUT/r/ft-exact.txt" || status=1 ;;
   first-token-light)
     python3 benchmarks/gpu_first_token.py light --model "$QWEN" --out "$OUT/r/ft-light" \
-      --runs "${RUNS:-12}" 2>&1 | tee "$OUT/r/ft-light.txt" || status=1 ;;
+      --runs "${RUNS:-12}" ${EAGER:+--eager} 2>&1 | tee "$OUT/r/ft-light.txt" || status=1 ;;
   placement)
     python3 benchmarks/gpu_placement.py --model "$TINY" --out "$OUT/r/placement" 2>&1 \
       | tee "$OUT/r/placement.txt" || status=1 ;;

@@ -27,6 +27,7 @@ from pathlib import Path
 import aiohttp
 
 from pdserve.local_cluster import scrape_metrics
+from pdserve.settings import default
 
 IDLE_TIMEOUT_SECONDS = 20.0
 # Where an aborting client leaves: seconds after sending (the producer may
@@ -358,7 +359,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--lease-seconds",
         type=float,
-        default=30.0,
+        default=default("lease_seconds"),
         help="local cluster only: the producer's --kv-lease-seconds",
     )
     args = parser.parse_args()

@@ -71,7 +71,7 @@ def rank_info(kv: PagedKVCache) -> RankInfo:
         transports=["tcp", "ipc", "nccl"], device="cuda",
         device_uuid=device_uuid(kv.device),
         device_pci_bus_id=device_pci_bus_id(kv.device),
-        host_id=host_identity(), epoch="bench",
+        host_id=host_identity(), instance_id="bench",
     )  # fmt: skip
 
 
@@ -80,8 +80,8 @@ def lease_for(tokens: int, ids: list[int], port: int, attempt: int) -> Lease:
     request_id = f"prompt-{tokens}-{attempt}"
     return Lease(
         request_id=request_id, token=lease_token(KEY, request_id, digest),
-        epoch="bench", block_ids=ids, prompt_hash=digest, num_prompt_tokens=tokens,
-        kv_ports=[port],
+        instance_id="bench", block_ids=ids, prompt_hash=digest,
+        num_prompt_tokens=tokens, kv_ports=[port],
     )  # fmt: skip
 
 

@@ -73,9 +73,6 @@ class Channel:
     def pending_out(self) -> int:
         return sum(len(chunk) for chunk in self._out)
 
-    def wants_write(self) -> bool:
-        return bool(self._out)
-
     def pump_out(self) -> None:
         """Write as much as the socket takes without blocking."""
         while self._out:

@@ -12,11 +12,11 @@ from typing import Any
 from pdserve.identity import identity_pairs, serving_pairs
 from pdserve.log import init_logger
 from pdserve.protocol import LayerInfo, RankInfo
+from pdserve.timing import HANDSHAKE_RETRY_SECONDS
 
 logger = init_logger(__name__)
 
 METADATA_PATH = "/pdserve/metadata"
-RETRY_SECONDS = 1.0
 
 
 class IncompatibleProducer(RuntimeError):
@@ -167,7 +167,7 @@ def wait_for_rank_info(client: Any, timeout: float) -> RankInfo:
                     f"producer KV port {client.host}:{client.port} not reachable "
                     f"within {timeout:.0f}s: {exc}"
                 ) from exc
-            time.sleep(RETRY_SECONDS)
+            time.sleep(HANDSHAKE_RETRY_SECONDS)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -219,7 +219,7 @@ def fetch_producer_metadata(
             if not logged:
                 logger.info("Waiting for producer at %s (%s)", producer_url, exc)
                 logged = True
-            time.sleep(RETRY_SECONDS)
+            time.sleep(HANDSHAKE_RETRY_SECONDS)
     raise TimeoutError(
         f"producer {producer_url} not reachable within {timeout:.0f}s: {last_error}"
     )

@@ -43,12 +43,6 @@ class KVLayout(msgspec.Struct, frozen=True):
     # The platform's fp8 format when the KV cache is fp8 (stored as uint8).
     fp8_format: str = ""
 
-    @property
-    def kernel_blocks_per_block(self) -> int:
-        if not self.kernel_block_size:
-            return 1
-        return self.block_size // self.kernel_block_size
-
 
 def kernel_blocks_in(
     tensor: torch.Tensor, num_blocks: int, block_size: int, block_dim: int | None

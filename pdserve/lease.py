@@ -94,7 +94,7 @@ class Lease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: Id
     token: Digest
     # The producer instance that issued it: a restarted producer is new.
-    epoch: Id
+    instance_id: Id
     block_ids: Annotated[
         list[BlockId], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)
     ]

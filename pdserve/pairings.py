@@ -37,7 +37,7 @@ class PairingTarget(msgspec.Struct, frozen=True):
 
     host: str
     kv_ports: tuple[int, ...]
-    epoch: str
+    instance_id: str
 
     @property
     def key(self) -> tuple[str, tuple[int, ...]]:

@@ -90,8 +90,8 @@ class RankInfo(msgspec.Struct, tag=True):
     device_uuid: str = ""
     device_pci_bus_id: str = ""
     host_id: str = ""
-    # The producer instance (see Lease.epoch); empty on a consumer.
-    epoch: str = ""
+    # The producer instance (see Lease.instance_id); empty on a consumer.
+    instance_id: str = ""
     # What the KV bytes mean (backend, layout, kernel blocks, fp8 format).
     kv_layout: KVLayout = KVLayout()
     # The model's KV heads over all ranks (0: unknown): with the TP sizes it

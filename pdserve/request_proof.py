@@ -6,10 +6,10 @@ may ask for that. The consumer adds ``x-pdserve-proof`` to each prefill it
 sends: an HMAC, under a key derived from the secret (never the secret
 itself), of a timestamp, a random nonce, the method, the route and the
 SHA-256 of the exact body bytes. The producer accepts a proof only if it
-verifies, its timestamp is within ``FRESH_SECONDS`` of the producer's clock,
-and its nonce was not accepted before (a bounded replay cache): no client can
-make one, and one seen on the wire is good for nothing else (no second use,
-no other route, no other body).
+verifies, its timestamp is within ``PROOF_FRESH_SECONDS`` of the producer's
+clock, and its nonce was not accepted before (a bounded replay cache): no
+client can make one, and one seen on the wire is good for nothing else (no
+second use, no other route, no other body).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import secrets
 import time
 from collections.abc import Callable
 
+from pdserve.timing import PROOF_FRESH_SECONDS
+
 PROOF_HEADER = "x-pdserve-proof"
-# Both nodes' wall clocks must agree this well (NTP does far better).
-FRESH_SECONDS = 60.0
 # Nonces remembered at once: every proof accepted in the last
-# 2 x FRESH_SECONDS (one whose timestamp is still fresh may come back until
-# then). Only proofs that verified are remembered, so only consumers fill it;
-# when full, proofs are refused until the oldest are forgotten.
+# 2 x PROOF_FRESH_SECONDS (one whose timestamp is still fresh may come back
+# until then). Only proofs that verified are remembered, so only consumers fill
+# it; when full, proofs are refused until the oldest are forgotten.
 MAX_NONCES = 1 << 17
 _KEY_LABEL = b"pdserve-http-request-proof-v1"
 _FORMAT = re.compile(r"v1:(\d{1,12}):([0-9a-f]{32}):([0-9a-f]{64})")
@@ -97,7 +97,7 @@ class ProofVerifier:
         expected = _mac(self._key, timestamp, nonce, method, route, digest)
         if not hmac.compare_digest(expected, mac):
             raise ProofRejected("wrong MAC (another secret, route or body)")
-        if abs(self._wall() - timestamp) > FRESH_SECONDS:
+        if abs(self._wall() - timestamp) > PROOF_FRESH_SECONDS:
             raise ProofRejected("stale (the nodes' clocks differ, or a replay)")
         now = self._clock()
         self._forget_old(now)
@@ -105,7 +105,7 @@ class ProofVerifier:
             raise ProofRejected("replayed")
         if len(self._seen) >= self._capacity:
             raise ProofRejected("too many proofs in flight")
-        self._seen[nonce] = now + 2 * FRESH_SECONDS
+        self._seen[nonce] = now + 2 * PROOF_FRESH_SECONDS
 
     def _forget_old(self, now: float) -> None:
         while self._seen:

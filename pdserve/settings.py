@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -40,7 +40,7 @@ class Settings(msgspec.Struct, kw_only=True):
     # Producer: leases hold at most this share of its KV cache blocks; past
     # it a prefill is answered without a lease (the consumer prefills).
     max_leased_fraction: float = 0.5
-    # Producer: this instance's id (epoch); a restarted producer has a new one.
+    # Producer: this instance's id; a restarted producer has a new one.
     # Made once where Settings are made; every engine process reads the same.
     instance_id: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
     # Consumer: its producers as given (--producer-url, each a name that may
@@ -86,6 +86,16 @@ class Settings(msgspec.Struct, kw_only=True):
     def from_env(cls) -> Settings | None:
         data = os.environ.get(ENV_VAR)
         return cls.from_json(data) if data else None
+
+
+def default(name: str) -> Any:
+    """Settings field ``name``'s default, a fresh one where a factory makes it
+    (``msgspec.NODEFAULT`` if it has none): flags take theirs from here."""
+    for field in msgspec.structs.fields(Settings):
+        if field.name == name:
+            factory = field.default_factory
+            return field.default if factory is msgspec.NODEFAULT else factory()
+    raise KeyError(name)
 
 
 def kv_secret() -> bytes | None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-SUPPORTED = ("0.25", "0.32")
-
 # The Scheduler method deciding whether a blocked waiting request (waiting
 # for its KV, its grammar or more input) may be scheduled this step:
 # 0.26 – 0.32 name it ``_handle_blocked_waiting_request``; 0.25

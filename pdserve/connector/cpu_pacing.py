@@ -17,11 +17,6 @@ import time
 
 import torch
 
-# A producer that only holds leases: each step, once nothing is being served.
-PRODUCER_IDLE_SECONDS = 0.005
-# A consumer waiting for KV: each step while a pull is in progress.
-CONSUMER_WAIT_SECONDS = 0.002
-
 
 def pace(device: torch.device, seconds: float) -> None:
     if device.type == "cpu":

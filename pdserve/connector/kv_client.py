@@ -16,6 +16,9 @@ reads sent after it go again on a new connection, each at most once (a
 producer that stopped answering fails them all within twice the timeout).
 Releases outlive a connection: those not known to have arrived go again on
 the next one (the producer counts each consumer rank's release once).
+
+A link never decides that a lease ends: it reports each load's outcome to
+the load's owner (a ``Pull``), which sends the release through ``release``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pdserve.channel import Channel
 from pdserve.connector.metadata import LoadSpec
@@ -64,6 +68,11 @@ from pdserve.protocol import (
     server_mac,
     session_macs,
 )
+from pdserve.timing import (
+    RECONNECT_SECONDS,
+    RELEASE_CONFIRM_SECONDS,
+    RELEASE_KEEP_SECONDS,
+)
 from pdserve.transport import KVTransport
 from pdserve.transport.base import Incoming, layer_sizes
 
@@ -72,17 +81,8 @@ logger = init_logger(__name__)
 # A read goes again on a new connection at most this often after the one it
 # was sent on broke.
 MAX_RESENDS = 1
-# A release sent on a connection that then ran this long without breaking
-# has arrived; until then (or until a later read's answer proves it) it is
-# kept, to go again should the connection break.
-RELEASE_CONFIRM_SECONDS = 5.0
-# Releases waiting for a connection are kept this long (leases end on their
-# own by then) and this many at most.
-RELEASE_KEEP_SECONDS = 60.0
+# Releases waiting for a connection, this many at most.
 MAX_KEPT_RELEASES = 4096
-# After a connection attempt failed, releases alone wait this long before
-# the next one (loads try at once, and fail at once if it fails).
-RECONNECT_SECONDS = 1.0
 
 MacPair = tuple[StreamMac, StreamMac]
 
@@ -172,9 +172,19 @@ class BlockingClient:
         return reply
 
 
+class LoadOwner(Protocol):
+    """Who a load reports to (``Pull``), from inside the link's pump."""
+
+    def copying(self, load: Load) -> None:
+        """Its answer came: its bytes are being put in place."""
+
+    def ended(self, load: Load) -> None:
+        """It ended, ``load.error`` saying how (None: its KV is in place)."""
+
+
 @dataclass
 class Load:
-    """One pull in progress on a link."""
+    """One producer rank's part of a pull, in progress on a link."""
 
     spec: LoadSpec
     transport: KVTransport
@@ -187,6 +197,8 @@ class Load:
     local_heads: HeadRange = None
     # Consumer ranks reading this producer rank's part of the lease.
     releases_needed: int = 1
+    producer_rank: int = 0
+    owner: LoadOwner | None = None
     started: float = field(default_factory=time.monotonic)
     sent_at: float = 0.0
     # Since when its answer is the one its link waits for: its timeout runs.
@@ -311,18 +323,19 @@ class ProducerLink:
             self._broke(exc)
 
     def close(self, reason: str = "link closed") -> list[Load]:
-        """Close the connection; every load it still had ends failed (and is
-        returned: the caller owns reporting it), its releases are dropped."""
+        """Close the connection; every load it still had ends failed (its
+        owner told; returned too). Releases stay queued for the next
+        connection, should the link be pumped again."""
         self._close_channel()
-        for load in (*self._inflight, *self._waiting, *self._copying):
-            if load.incoming is not None:
-                load.incoming.abort()
-            self._finish(load, reason)
+        self._requeue_releases()
+        cut = (*self._inflight, *self._waiting, *self._copying)
         self._inflight.clear()
         self._waiting.clear()
         self._copying.clear()
-        self._releases.clear()
-        self._unconfirmed.clear()
+        for load in cut:
+            if load.incoming is not None:
+                load.incoming.abort()
+            self._finish(load, reason)
         finished, self._finished = self._finished, []
         return finished
 
@@ -453,7 +466,7 @@ class ProducerLink:
                 load.incoming.abort()
                 load.incoming = None
             if load is culprit or load.resends >= MAX_RESENDS:
-                self._give_up(load, reason)
+                self._finish(load, reason)
             else:
                 self._prepare_resend(load)
                 again.append(load)
@@ -462,14 +475,8 @@ class ProducerLink:
         if not was_ready:
             self._retry_at = self._clock() + RECONNECT_SECONDS
             for load in self._waiting:
-                self._give_up(load, reason)
+                self._finish(load, reason)
             self._waiting.clear()
-
-    def _give_up(self, load: Load, reason: str) -> None:
-        """``load`` fails (its blocks are recomputed): the producer may let
-        its lease go now rather than when it expires."""
-        self._finish(load, reason)
-        self._release(load)
 
     def _prepare_resend(self, load: Load) -> None:
         load.resends += 1
@@ -565,7 +572,6 @@ class ProducerLink:
             # A session the producer no longer has is this transport's failure.
             load.transport_failed = load.session_lost = reply.session_lost
             self._finish(load, f"producer refused the read: {reply.error}")
-            self._release(load)  # in case it is granted after all
             return True
         expected = layer_sizes(
             self.kv, len(load.spec.local_block_ids), load.local_heads
@@ -578,7 +584,6 @@ class ProducerLink:
         if reply.hold_seconds and self._clock() > load.sent_at + reply.hold_seconds / 2:
             # Too late to copy safely within the hold the producer promised.
             self._finish(load, "producer's hold on the blocks ran out")
-            self._release(load)
             return True
         load.nbytes = sum(expected)
         load.replied_at = time.time()
@@ -599,11 +604,9 @@ class ProducerLink:
                 raise  # its payload follows on this connection: that must close
             # A GPU-direct read has nothing on this connection, so only this
             # load fails: its session was dropped, or the copy did not start.
-            self._copy_failed(load, exc)
-            self._release(load)
-
-    def _release(self, load: Load) -> None:
-        self.release(load.spec.lease, load.releases_needed)
+            return self._copy_failed(load, exc)
+        if load.owner is not None:
+            load.owner.copying(load)
 
     def _take_payload(self, load: Load) -> bool:
         """Move payload bytes into the load; False until it has them all
@@ -633,12 +636,10 @@ class ProducerLink:
                 done = load.incoming.poll()
             except Exception as exc:  # a failed device copy: recompute
                 self._copy_failed(load, exc)
-                self._release(load)
                 continue
             if done:
                 load.done_at = time.time()
                 self._finish(load, None)
-                self._release(load)
             else:
                 still.append(load)
         self._copying = still
@@ -652,15 +653,18 @@ class ProducerLink:
             late = [load for load in self._waiting if load.deadline < now]
             for load in late:
                 self._waiting.remove(load)
-                self._give_up(load, "KV transfer timed out (producer unreachable)")
+                self._finish(load, "KV transfer timed out (producer unreachable)")
 
     def _copy_failed(self, load: Load, exc: Exception) -> None:
         load.transport_failed = True
         self._finish(load, f"{load.transport.name} copy failed: {exc}")
 
     def _finish(self, load: Load, error: str | None) -> None:
+        """Where every load on this link ends: its owner is told."""
         load.error = error
         self._finished.append(load)
+        if load.owner is not None:
+            load.owner.ended(load)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -60,6 +60,17 @@ from pdserve.protocol import (
     server_mac,
     session_macs,
 )
+from pdserve.timing import (
+    AUTH_SECONDS,
+    ENGINE_IDLE_SECONDS,
+    GRANT_WAIT_SECONDS,
+    GRANT_WAIT_STEPS,
+    IDLE_CONNECTION_SECONDS,
+    IDLE_POLL_SECONDS,
+    OPEN_IDLE_CONNECTION_SECONDS,
+    REFUSAL_LOG_SECONDS,
+    SESSION_WAIT_SECONDS,
+)
 from pdserve.transport import KVTransport
 from pdserve.transport.base import Outgoing, SessionLost, layer_sizes
 
@@ -78,24 +89,6 @@ MAX_QUEUED_PER_CONNECTION = 1024
 # from a connection that has this many answer bytes not yet taken.
 MAX_QUEUED_BLOCKS_PER_CONNECTION = MAX_READ_BLOCKS
 MAX_PENDING_OUT_BYTES = 8 * 1024 * 1024
-# A connection with nothing to answer closes after this long without a
-# request: proven ones, and (without a secret) all others, which anyone can
-# open; a consumer's link connects again for its next read.
-IDLE_CONNECTION_SECONDS = 300.0
-OPEN_IDLE_CONNECTION_SECONDS = 15.0
-# A peer that owes its proof holds a connection at most this long in all.
-AUTH_SECONDS = 2.0
-# A read that overtook its lease's grant waits this many engine steps (the
-# grant comes with the next one), and never longer than this.
-GRANT_WAIT_STEPS = 4
-GRANT_WAIT_SECONDS = 10.0
-# A read naming a session still being set up waits for it at most this long.
-SESSION_WAIT_SECONDS = 60.0
-# Without an engine step for this long the idle thread pumps instead.
-ENGINE_IDLE_SECONDS = 0.05
-IDLE_POLL_SECONDS = 0.005
-# Refused connections are logged at most this often (a flood is one line).
-REFUSAL_LOG_SECONDS = 10.0
 
 
 class AuthRefused(ConnectionError):

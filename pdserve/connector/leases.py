@@ -42,7 +42,10 @@ class Verdict(Enum):
 
 
 @dataclass
-class Lease:
+class HeldLease:
+    """The blocks one lease holds on this rank, and who reads or released
+    them (what the consumer carries is ``pdserve.lease.Lease``)."""
+
     block_ids: list[int]
     prompt_hash: str
     expires_at: float
@@ -61,7 +64,7 @@ class LeaseTable:
         self._lease_seconds = lease_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        self._leases: dict[str, Lease] = {}
+        self._leases: dict[str, HeldLease] = {}
         self._early_releases: OrderedDict[str, float] = OrderedDict()
         # (consumer ranks that released, releases needed) of each early one.
         self._early_counts: dict[str, tuple[set[str], int]] = {}
@@ -87,7 +90,7 @@ class LeaseTable:
         with self._lock:
             if request_id in self._leases or request_id in self._ended:
                 return  # a duplicate grant changes nothing
-            lease = Lease(
+            lease = HeldLease(
                 list(block_ids), prompt_hash, self._clock() + self._lease_seconds
             )
             self._leases[request_id] = lease
@@ -172,7 +175,7 @@ class LeaseTable:
             forgotten, _ = self._early_releases.popitem(last=False)
             self._early_counts.pop(forgotten, None)
 
-    def _end_if_done(self, request_id: str, lease: Lease) -> bool:
+    def _end_if_done(self, request_id: str, lease: HeldLease) -> bool:
         now = self._clock()
         over = lease.released or lease.expires_at <= now
         if not over or lease.readers or lease.held_until > now:

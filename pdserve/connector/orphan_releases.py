@@ -11,7 +11,7 @@ recomputed, which the failed pull here already means.
 
 from __future__ import annotations
 
-from pdserve.connector.kv_client import Load, ProducerLink
+from pdserve.connector.kv_client import ProducerLink
 from pdserve.kv_cache import PagedKVCache
 from pdserve.lease import Lease
 
@@ -41,9 +41,9 @@ class OrphanReleases:
                 self._links[(lease.kv_host, port)] = link
             link.release(lease)
 
-    def pump(self) -> list[Load]:
+    def pump(self) -> None:
         """Send what can be sent; close the links that sent everything (or
-        failed: those leases expire). Returns no loads (they carry none)."""
+        failed: those leases expire)."""
         for address, link in list(self._links.items()):
             try:
                 link.pump()
@@ -54,7 +54,6 @@ class OrphanReleases:
             if link.drained():
                 link.close("released")
                 del self._links[address]
-        return []
 
     def __bool__(self) -> bool:
         """Whether releases are still on their way."""

@@ -161,7 +161,7 @@ class Pairer:
             self.rank,
             target.host,
             list(target.kv_ports),
-            target.epoch,
+            target.instance_id,
             error,
         )
         with self._lock:

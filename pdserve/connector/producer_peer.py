@@ -1,27 +1,29 @@
 """One producer instance as a consumer rank sees it.
 
 A producer is an address, its KV ports (one per producer TP rank) and its
-instance id (epoch). The consumer rank reads its KV heads from the producer
-ranks that hold them (``tp_mapping``): with equal TP sizes, whole blocks
+instance id. The consumer rank reads its KV heads from the producer ranks
+that hold them (``tp_mapping``): with equal TP sizes, whole blocks
 from the rank of its own index over the best transport both can use; with
 different TP sizes, a run of heads from each of one or more ranks, over tcp.
-Each producer rank it reads from is a ``RankPair``: what that rank is, the
-transport and session, and the side-channel link the reads go on.
+Which ranks it reads and which it only releases on is its ``TPPlan``,
+computed once at pairing. Each such producer rank is a ``RankPair``: what
+that rank is, its role in the plan, the transport and session, and the
+side-channel link the reads and releases go on. When a lease's part ends is
+the ``Pull``'s to decide (pull.py), never the peer's or a link's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.connector.kv_client import BlockingClient, Load, ProducerLink
+from pdserve.connector.kv_client import BlockingClient, Load, LoadOwner, ProducerLink
 from pdserve.connector.metadata import LoadSpec
 from pdserve.connector.stats import PDServeStats
 from pdserve.connector.tp_mapping import (
-    HeadSlice,
+    RankRole,
+    TPPlan,
     UnsupportedMapping,
-    head_slices,
-    rank_heads,
-    whole_blocks,
+    tp_plan,
 )
 from pdserve.handshake import IncompatibleProducer, InstanceGone, check_compatible
 from pdserve.kv_cache import PagedKVCache
@@ -52,22 +54,14 @@ def peer_key(lease: Lease) -> PeerKey:
 
 @dataclass
 class RankPair:
-    """This consumer rank and one producer rank it reads from."""
+    """This consumer rank and one producer rank it reads from or releases on."""
 
     remote: RankInfo
     link: ProducerLink
     transport: KVTransport
     session: str
-    # Consumer ranks (of all of this node's) that release this producer
-    # rank's part of a lease: the last of them ends it.
-    readers: int = 1
+    role: RankRole = RankRole(read=True, readers=1, whole=True, heads=None)
     copy_failures: int = 0  # in a row, of the current transport
-    # Released only, never read: it holds copies of heads another producer
-    # rank serves (fewer KV heads than producer ranks).
-    release_only: bool = False
-    # Blocks move whole (the ranks hold the same heads), decided at pairing;
-    # otherwise each read names its run of heads.
-    whole: bool = True
 
 
 class ProducerPeer:
@@ -75,7 +69,7 @@ class ProducerPeer:
         self,
         host: str,
         kv_ports: list[int],
-        epoch: str,
+        instance_id: str,
         kv: PagedKVCache,
         info: RankInfo,
         settings: Settings,
@@ -84,47 +78,51 @@ class ProducerPeer:
     ) -> None:
         self.host = host
         self.kv_ports = list(kv_ports)
-        self.epoch = epoch
+        self.instance_id = instance_id
         self.kv = kv
         self.info = info
         self.settings = settings
         self._secret = secret
         self.stats = stats
-        self.slices: list[HeadSlice] = []
+        self.plan = TPPlan([], {})
         self.pairs: dict[int, RankPair] = {}
         # Transports given up while pairing (on a pairing thread): counted
         # into ``stats`` by the engine's thread when it takes the peer.
         self.setup_fallbacks = 0
+        # Let go of (``close``): the producer still runs (evicted, shutting
+        # down) or is ``gone`` (dead, or another instance now).
+        self.closed = False
+        self.gone = False
 
     @property
     def key(self) -> PeerKey:
         return self.host, tuple(self.kv_ports)
 
     def __repr__(self) -> str:
-        return f"producer {self.host}:{self.kv_ports} (instance {self.epoch})"
+        return f"producer {self.host}:{self.kv_ports} (instance {self.instance_id})"
 
     # ---- pairing ----
 
     def open(self, timeout: float, first: RankInfo | None = None) -> None:
-        """Pair with every producer rank this rank reads from. ``first``: the
-        rank info of the producer rank of our index, already fetched.
-        Raises IncompatibleProducer or OSError."""
-        self.slices = self._slices()
-        read = {s.producer_rank for s in self.slices}
-        for rank in sorted(read | self._released_here()):
+        """Pair with every producer rank this rank reads from or releases
+        on. ``first``: the rank info of the producer rank of our index,
+        already fetched. Raises IncompatibleProducer or OSError."""
+        self.plan = self._plan()
+        for rank in self.plan.ranks:
             client = self.client(rank, timeout)
             remote = first if first is not None and rank == self.info.tp_rank else None
             remote = remote or client.rank_info()
-            if remote.epoch != self.epoch:
+            if remote.instance_id != self.instance_id:
                 raise InstanceGone(
-                    f"instance {self.epoch} is gone: its ports serve {remote.epoch}"
+                    f"instance {self.instance_id} is gone: its ports serve "
+                    f"{remote.instance_id}"
                 )
             if remote.tp_rank != rank or remote.tp_size != len(self.kv_ports):
                 raise IncompatibleProducer(
                     f"KV port {client.port} serves TP rank {remote.tp_rank} of "
                     f"{remote.tp_size}, expected {rank} of {len(self.kv_ports)}"
                 )
-            self.pairs[rank] = self._pair(client, remote, release_only=rank not in read)
+            self.pairs[rank] = self._pair(client, remote, self.plan.roles[rank])
         names = sorted({pair.transport.name for pair in self.pairs.values()})
         logger.info(
             "pdserve consumer rank %d paired with %s over %s (its ranks %s)",
@@ -134,52 +132,26 @@ class ProducerPeer:
             sorted(self.pairs),
         )
 
-    def _slices(self) -> list[HeadSlice]:
+    def _plan(self) -> TPPlan:
         producer_tp, consumer_tp = len(self.kv_ports), self.info.tp_size
-        if producer_tp == consumer_tp:
-            rank = self.info.tp_rank
-            return [HeadSlice(rank, 0, 0, max(self.kv.num_heads, 1))]
         try:
-            return head_slices(
-                self.info.total_kv_heads, producer_tp, consumer_tp, self.info.tp_rank
+            return tp_plan(
+                self.info.total_kv_heads,
+                producer_tp,
+                consumer_tp,
+                self.info.tp_rank,
+                self.kv.num_heads,
             )
         except UnsupportedMapping as exc:
             raise IncompatibleProducer(
                 f"producer TP {producer_tp}, consumer TP {consumer_tp}: {exc}"
             ) from exc
 
-    def _unread(self) -> set[int]:
-        """Producer ranks no rank of this node reads (their heads' copies
-        are read from other producer ranks)."""
-        producer_tp, consumer_tp = len(self.kv_ports), self.info.tp_size
-        if producer_tp == consumer_tp:
-            return set()
-        total = self.info.total_kv_heads
-        read = {
-            s.producer_rank
-            for rank in range(consumer_tp)
-            for s in head_slices(total, producer_tp, consumer_tp, rank)
-        }
-        return set(range(producer_tp)) - read
-
-    def _released_here(self) -> set[int]:
-        """Unread producer ranks this rank releases leases on: vLLM frees a
-        lease's blocks only once every producer rank has let go."""
-        consumer_tp = self.info.tp_size
-        return {p for p in self._unread() if p % consumer_tp == self.info.tp_rank}
-
-    def _whole(self, remote: RankInfo) -> bool:
-        if remote.tp_size == self.info.tp_size:
-            return True
-        heads = rank_heads(self.info.total_kv_heads, remote.tp_size, remote.tp_rank)
-        return whole_blocks(self.slices, self.kv.num_heads, len(heads))
-
     def _pair(
-        self, client: BlockingClient, remote: RankInfo, release_only: bool = False
+        self, client: BlockingClient, remote: RankInfo, role: RankRole
     ) -> RankPair:
-        whole = self._whole(remote)
-        check_compatible(local=self.info, remote=remote, whole=whole)
-        self._check_heads(remote)
+        check_compatible(local=self.info, remote=remote, whole=role.whole)
+        _check_heads(remote, role)
         link = ProducerLink(
             self.host,
             client.port,
@@ -188,43 +160,11 @@ class ProducerPeer:
             self._secret,
             consumer_id=self.consumer_id,
         )
-        if release_only:
+        if not role.read:
             # No reads: no transport session (nor a GPU mapping) for it.
-            return RankPair(remote, link, get_transport("tcp"), "", 1, 0, True, whole)
-        transport, session = self._open_transport(client, remote, whole)
-        readers = self._readers_of(remote.tp_rank)
-        return RankPair(remote, link, transport, session, readers, whole=whole)
-
-    def _check_heads(self, remote: RankInfo) -> None:
-        """The producer rank holds as many heads as the mapping says: were
-        vLLM to split heads otherwise, bytes would fit and heads be wrong."""
-        if remote.tp_size == self.info.tp_size:
-            return
-        expected = len(
-            rank_heads(self.info.total_kv_heads, remote.tp_size, remote.tp_rank)
-        )
-        for layer in remote.layers:
-            if layer.head_dim < 0 or layer.shape[layer.head_dim] != expected:
-                raise IncompatibleProducer(
-                    f"producer rank {remote.tp_rank} layer {layer.name} holds "
-                    f"{layer.shape} with heads in dim {layer.head_dim}; expected "
-                    f"{expected} KV heads there"
-                )
-
-    def _readers_of(self, producer_rank: int) -> int:
-        """How many of this node's ranks read ``producer_rank``: each
-        releases its part of a lease there, the last one ends it."""
-        consumer_tp, producer_tp = self.info.tp_size, len(self.kv_ports)
-        if consumer_tp == producer_tp:
-            return 1
-        total = self.info.total_kv_heads
-        return sum(
-            any(
-                s.producer_rank == producer_rank
-                for s in head_slices(total, producer_tp, consumer_tp, rank)
-            )
-            for rank in range(consumer_tp)
-        )
+            return RankPair(remote, link, get_transport("tcp"), "", role)
+        transport, session = self._open_transport(client, remote, role.whole)
+        return RankPair(remote, link, transport, session, role)
 
     def _open_transport(
         self, client: BlockingClient, remote: RankInfo, whole: bool
@@ -268,12 +208,18 @@ class ProducerPeer:
 
     # ---- reads ----
 
-    def submit(self, spec: LoadSpec, deadline: float) -> int:
-        """Start reading ``spec``'s blocks (one load per producer rank);
-        returns how many loads were started."""
-        for part in self.slices:
+    def holds(self, block_ids: list[int]) -> bool:
+        """Every producer rank has these blocks: a device copy would
+        otherwise read past its cache."""
+        last = max(block_ids, default=0)
+        return all(last < pair.remote.num_blocks for pair in self.pairs.values())
+
+    def submit(self, spec: LoadSpec, deadline: float, owner: LoadOwner) -> list[int]:
+        """Start reading ``spec``'s blocks, one load per producer rank the
+        plan reads; they report to ``owner``. The ranks read."""
+        for part in self.plan.slices:
             pair = self.pairs[part.producer_rank]
-            whole = pair.whole
+            whole = pair.role.whole
             load = Load(
                 spec,
                 pair.transport,
@@ -281,24 +227,26 @@ class ProducerPeer:
                 deadline,
                 remote_heads=None if whole else (part.remote_start, part.count),
                 local_heads=None if whole else (part.local_start, part.count),
-                releases_needed=pair.readers,
+                releases_needed=pair.role.readers,
+                producer_rank=part.producer_rank,
+                owner=owner,
             )
             pair.link.submit(load)
-        return len(self.slices)
+        return [part.producer_rank for part in self.plan.slices]
 
-    def release(self, lease: Lease) -> None:
-        for pair in self.pairs.values():
-            pair.link.release(lease, pair.readers)
+    def release(self, lease: Lease, rank: int) -> None:
+        """Let go of producer rank ``rank``'s part of ``lease`` (``Pull``
+        decides when)."""
+        pair = self.pairs[rank]
+        pair.link.release(lease, pair.role.readers)
 
-    def flush_releases(self) -> list[Load]:
+    def flush_releases(self) -> None:
         """Send what links hold to release when no load is in flight on
         them (the watch thread: the engine may not step again after a
         request's last pull, or after handing back a lease)."""
-        finished: list[Load] = []
         for pair in self.pairs.values():
             if pair.link.has_releases() and not pair.link.busy():
-                finished += pair.link.pump()
-        return finished
+                pair.link.pump()
 
     def releasing(self) -> bool:
         """Whether a link still has releases to send (idle links only)."""
@@ -306,37 +254,29 @@ class ProducerPeer:
             p.link.has_releases() and not p.link.busy() for p in self.pairs.values()
         )
 
-    def release_unread(self, lease: Lease) -> None:
-        """A pull of ``lease`` ended: the producer ranks it did not read
-        from let go too (the ones it read were released by their loads)."""
-        for pair in self.pairs.values():
-            if pair.release_only:
-                pair.link.release(lease, pair.readers)
-
-    def pump(self) -> list[Load]:
-        finished: list[Load] = []
+    def pump(self) -> None:
+        """Advance every link; loads report their ends to their owners."""
         for pair in self.pairs.values():
             try:
-                finished += pair.link.pump()
+                pair.link.pump()
             except Exception as exc:  # never into vLLM's worker: recompute
                 logger.exception("pdserve: KV link failed unexpectedly")
                 self.stats.add("kv_connector_errors")
-                finished += pair.link.close(f"unexpected error: {exc!r}")
+                pair.link.close(f"unexpected error: {exc!r}")
         for pair in self.pairs.values():
-            if not pair.release_only and not pair.transport.healthy(pair.session):
+            if pair.role.read and not pair.transport.healthy(pair.session):
                 self._fall_back_to_tcp(pair, "its session broke")
-        return finished
 
     def busy(self) -> bool:
         return any(pair.link.busy() for pair in self.pairs.values())
 
-    def close(self, reason: str) -> list[Load]:
-        """Close every connection and session; the loads that were cut."""
-        cut: list[Load] = []
+    def close(self, reason: str, gone: bool = False) -> None:
+        """Close every connection and session; the loads cut report to
+        their owners, which let go elsewhere (``gone``: nowhere)."""
+        self.closed, self.gone = True, gone
         for pair in self.pairs.values():
-            cut += pair.link.close(reason)
+            pair.link.close(reason)
             pair.transport.drop_sessions()
-        return cut
 
     # ---- transport failures ----
 
@@ -379,3 +319,17 @@ class ProducerPeer:
         pair.transport.drop_sessions()
         pair.transport, pair.session = get_transport("tcp"), ""
         pair.copy_failures = 0
+
+
+def _check_heads(remote: RankInfo, role: RankRole) -> None:
+    """The producer rank holds as many heads as the plan says: were vLLM to
+    split heads otherwise, bytes would fit and heads be wrong."""
+    if role.heads is None:
+        return
+    for layer in remote.layers:
+        if layer.head_dim < 0 or layer.shape[layer.head_dim] != role.heads:
+            raise IncompatibleProducer(
+                f"producer rank {remote.tp_rank} layer {layer.name} holds "
+                f"{layer.shape} with heads in dim {layer.head_dim}; expected "
+                f"{role.heads} KV heads there"
+            )

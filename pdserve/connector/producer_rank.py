@@ -3,7 +3,7 @@ lease has ended so the blocks can be freed."""
 
 from __future__ import annotations
 
-from pdserve.connector.cpu_pacing import PRODUCER_IDLE_SECONDS, pace
+from pdserve.connector.cpu_pacing import pace
 from pdserve.connector.kv_server import KVServer
 from pdserve.connector.leases import LeaseTable
 from pdserve.connector.metadata import LeaseGrant
@@ -12,6 +12,7 @@ from pdserve.kv_cache import PagedKVCache
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo
 from pdserve.settings import Settings
+from pdserve.timing import PRODUCER_IDLE_SECONDS
 from pdserve.transport import get_transport
 
 logger = init_logger(__name__)

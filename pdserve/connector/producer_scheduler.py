@@ -106,7 +106,7 @@ class ProducerScheduler(SchedulerHalf):
             lease = Lease(
                 request_id=request.request_id,
                 token=lease_token(self._key, request.request_id, digest),
-                epoch=self.settings.instance_id,
+                instance_id=self.settings.instance_id,
                 block_ids=block_ids,
                 prompt_hash=digest,
                 num_prompt_tokens=len(request.prompt_token_ids or ()),

@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from pdserve.kv_cache import PagedKVCache
 from pdserve.log import init_logger
 from pdserve.protocol import TransportHello, TransportWelcome
+from pdserve.timing import WELCOME_SEND_SECONDS
 from pdserve.transport import KVTransport
 
 logger = init_logger(__name__)
 
 # Setups waiting or running at once, per server.
 MAX_SETUPS = 8
-# How long a made welcome may wait to leave (its connection's earlier
-# answers go first) before the session is given up.
-WELCOME_SEND_SECONDS = 30.0
 
 
 @dataclass(eq=False)

@@ -86,3 +86,62 @@ def whole_blocks(slices: list[HeadSlice], local_heads: int, remote_heads: int) -
         and slices[0].remote_start == slices[0].local_start == 0
         and slices[0].count == local_heads == remote_heads
     )
+
+
+class RankRole(msgspec.Struct, frozen=True):
+    """What one consumer rank does with one producer rank."""
+
+    # Read from (else only released: its heads' copies are read elsewhere).
+    read: bool
+    # This node's consumer ranks that release the producer rank's part of a
+    # lease: the last of them ends it there.
+    readers: int
+    # Blocks move whole (any transport); otherwise each read names its run
+    # of heads (tcp only).
+    whole: bool
+    # KV heads the producer rank must hold (None: equal TP sizes, whatever
+    # the engine holds per rank).
+    heads: int | None
+
+
+class TPPlan(msgspec.Struct, frozen=True):
+    """One consumer rank's part of one producer's TP ranks, fixed at pairing:
+    the runs of heads it reads (from which producer rank) and every producer
+    rank it lets go of a lease on."""
+
+    slices: list[HeadSlice]  # at most one per producer rank (runs merged)
+    roles: dict[int, RankRole]
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(self.roles)
+
+
+def tp_plan(
+    total_heads: int,
+    producer_tp: int,
+    consumer_tp: int,
+    consumer_rank: int,
+    local_heads: int,
+) -> TPPlan:
+    """Raises UnsupportedMapping when the heads do not map."""
+    if producer_tp == consumer_tp:
+        whole = HeadSlice(consumer_rank, 0, 0, max(local_heads, 1))
+        return TPPlan([whole], {consumer_rank: RankRole(True, 1, True, None)})
+    every = [
+        head_slices(total_heads, producer_tp, consumer_tp, c)
+        for c in range(consumer_tp)
+    ]
+    slices = every[consumer_rank]
+    roles = {}
+    for p in range(producer_tp):
+        readers = sum(any(s.producer_rank == p for s in mine) for mine in every)
+        read = any(s.producer_rank == p for s in slices)
+        # vLLM frees a lease's blocks only once every producer rank let go:
+        # the ranks nobody here reads are released by one consumer rank each.
+        if not read and (readers or p % consumer_tp != consumer_rank):
+            continue
+        heads = len(rank_heads(total_heads, producer_tp, p))
+        whole = whole_blocks(slices, local_heads, heads)
+        roles[p] = RankRole(read, readers if read else 1, whole, heads)
+    return TPPlan(slices, roles)

@@ -75,7 +75,7 @@ class PDServeWorker:
             device_uuid=device_uuid(kv.device),
             device_pci_bus_id=device_pci_bus_id(kv.device),
             host_id=host_identity(),
-            epoch=self.settings.instance_id,
+            instance_id=self.settings.instance_id,
             kv_layout=self.layout,
             total_kv_heads=_total_kv_heads(model_config),
             identity=engine_identity(model_config),

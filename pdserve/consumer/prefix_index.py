@@ -47,6 +47,11 @@ import msgspec
 import zmq
 
 from pdserve.log import init_logger
+from pdserve.timing import (
+    KV_EVENTS_POLL_MS,
+    KV_EVENTS_REPLAY_MS,
+    KV_EVENTS_SYNC_SECONDS,
+)
 from pdserve.vllm_compat import replay_frame
 
 logger = init_logger(__name__)
@@ -268,10 +273,6 @@ class KVEventSubscriber:
     subscription reaches it).
     """
 
-    POLL_MS = 200
-    REPLAY_TIMEOUT_MS = 2000
-    SYNC_SECONDS = 1.0
-
     def __init__(
         self,
         index: PrefixIndex,
@@ -318,16 +319,16 @@ class KVEventSubscriber:
             sub.connect(self.endpoint)
             self._ready.set()
             while not self._stop.is_set():
-                if not sub.poll(self.POLL_MS):
+                if not sub.poll(KV_EVENTS_POLL_MS):
                     # Idle: PUB drops what it sent before our subscription
                     # reached it, and a lost last batch shows no gap. Ask the
                     # replay for anything newer than what we hold.
                     if self.replay_endpoint and time.monotonic() >= self._sync_at:
-                        self._sync_at = time.monotonic() + self.SYNC_SECONDS
+                        self._sync_at = time.monotonic() + KV_EVENTS_SYNC_SECONDS
                         self._guarded(self._catch_up)
                     continue
                 frames = sub.recv_multipart()
-                self._sync_at = time.monotonic() + self.SYNC_SECONDS
+                self._sync_at = time.monotonic() + KV_EVENTS_SYNC_SECONDS
                 self._guarded(self._on_message, frames)
         except zmq.ContextTerminated:
             pass
@@ -396,7 +397,7 @@ class KVEventSubscriber:
         try:
             dealer.connect(self.replay_endpoint)
             dealer.send_multipart([b"", start.to_bytes(8, "big")])
-            while dealer.poll(self.REPLAY_TIMEOUT_MS):
+            while dealer.poll(KV_EVENTS_REPLAY_MS):
                 frame = replay_frame(dealer.recv_multipart())
                 if frame is None:
                     break

@@ -9,6 +9,7 @@ import aiohttp
 
 from pdserve.consumer.producer_source import Endpoint
 from pdserve.log import init_logger
+from pdserve.timing import HEALTH_PROBE_SECONDS, WORK_PROBE_SECONDS
 
 logger = init_logger(__name__)
 
@@ -27,12 +28,6 @@ class ProducerHealth:
     that timed out is *hung*: vLLM answers ``/health`` while its engine is
     stuck, so it is back only once it answers real work again, a one-token
     completion sent with this consumer's own credentials."""
-
-    # A recovered producer is used again within about two of these; each
-    # /health probe is bounded by it too, so a hung producer never holds one.
-    PROBE_SECONDS = 2.0
-    # Bound on a hung producer's work probe: room for a busy producer's queue.
-    WORK_PROBE_SECONDS = 10.0
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -68,7 +63,7 @@ class ProducerHealth:
 
     async def _wait_up(self, session: aiohttp.ClientSession) -> None:
         while True:
-            await asyncio.sleep(self.PROBE_SECONDS)
+            await asyncio.sleep(HEALTH_PROBE_SECONDS)
             # Read each round: a producer may be found hung while probed.
             probe = self._answers_work if self.hung else self._answers_health
             try:
@@ -83,7 +78,7 @@ class ProducerHealth:
         async with session.get(
             self.endpoint.base_url + "/health",
             headers=self.endpoint.headers(),
-            timeout=aiohttp.ClientTimeout(total=self.PROBE_SECONDS),
+            timeout=aiohttp.ClientTimeout(total=HEALTH_PROBE_SECONDS),
         ) as response:
             return response.status == 200
 
@@ -94,7 +89,7 @@ class ProducerHealth:
             self.endpoint.base_url + WORK_PROBE_PATH,
             json=WORK_PROBE_BODY,
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=self.WORK_PROBE_SECONDS),
+            timeout=aiohttp.ClientTimeout(total=WORK_PROBE_SECONDS),
             allow_redirects=False,
         ) as response:
             return response.status == 200

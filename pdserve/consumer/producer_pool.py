@@ -36,15 +36,15 @@ from pdserve.handshake import IncompatibleProducer
 from pdserve.log import init_logger
 from pdserve.pairings import NodePairings, PairingTarget, write_targets
 from pdserve.settings import Settings
+from pdserve.timing import (
+    INSTANCE_MEMORY_SECONDS,
+    METADATA_TIMEOUT_SECONDS,
+    RESOLVE_SECONDS,
+    RESOLVE_TIMEOUT_SECONDS,
+)
 
 logger = init_logger(__name__)
 
-# How often names are resolved again: a producer pod that joins a headless
-# Service serves within about this long.
-RESOLVE_SECONDS = 5.0
-# Bounds on one resolution and one metadata fetch of a new producer.
-RESOLVE_TIMEOUT_SECONDS = 5.0
-METADATA_TIMEOUT_SECONDS = 5.0
 # Affinity yields to load: a request leaves the producer its prefix hashes
 # to when that one's outstanding prefill work (estimated prompt tokens)
 # exceeds AFFINITY_LOAD_FACTOR x the least busy producer's plus
@@ -53,10 +53,6 @@ METADATA_TIMEOUT_SECONDS = 5.0
 # requests from breaking affinity on an otherwise idle pool.
 AFFINITY_LOAD_FACTOR = 2.0
 AFFINITY_SLACK_TOKENS = 4096.0
-# How long an address remembers which instances answered there: a restart
-# is one new instance; an old one answering again within this is a
-# load-balanced URL.
-INSTANCE_MEMORY_SECONDS = 600.0
 
 
 @dataclass(eq=False)

@@ -179,22 +179,9 @@ class RemotePrefill:
 
     async def producers_saturated(self, api_key: str | None = None) -> bool:
         """Whether every healthy producer is saturated (placement may then
-        prefill here); ``api_key`` as for ``request_lease``."""
+        prefill here); ``api_key`` as for ``ask``."""
         await self.pool.ready(api_key)
         return self.pool.saturated()
-
-    async def request_lease(
-        self,
-        path: str,
-        payload: dict[str, Any],
-        prompt_tokens: int | None = None,
-        api_key: str | None = None,
-        size: int = 0,
-    ) -> Lease | None:
-        """A producer's lease signed by this node, or None to prefill locally
-        (``ask`` says why)."""
-        answer = await self.ask(path, payload, prompt_tokens, api_key, size)
-        return answer.lease
 
     async def ask(
         self,
@@ -238,10 +225,13 @@ class RemotePrefill:
             asked = time.perf_counter()
             with self.pool.sending(producer, demand):
                 outcome = await self._ask(producer, path, data, digest, timeout)
-            if isinstance(outcome, Lease) and outcome.epoch != producer.instance_id:
+            if (
+                isinstance(outcome, Lease)
+                and outcome.instance_id != producer.instance_id
+            ):
                 # Another instance answered at this address: it restarted, or
                 # the address is load-balanced over several (never paired).
-                self.pool.instance_changed(producer, outcome.epoch)
+                self.pool.instance_changed(producer, outcome.instance_id)
                 self.stray_leases.append(outcome.signed(self._key, producer.address))
                 outcome = Failure("instance_changed", False)
             if isinstance(outcome, Lease):

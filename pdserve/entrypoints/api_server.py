@@ -142,7 +142,7 @@ def export_kv_secret(args: argparse.Namespace) -> None:
 def prepare_node(settings: Settings) -> None:
     """Per-start identity, set before vLLM starts so its processes inherit it:
     the lease key that never leaves this node, and a producer's instance id
-    (the epoch of its leases: a restarted producer issues new ones). A
+    (its leases carry it: a restarted producer issues new ones). A
     consumer's private run directory (0700): its HTTP layer and engine
     processes meet there (which producers each rank paired with); gone with
     the node."""

@@ -8,13 +8,9 @@ import math
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlparse
 
-import msgspec
-
-from pdserve.settings import EXTRA_CONFIG_KEY, KV_SECRET_ENV_VAR, Settings
+from pdserve.settings import EXTRA_CONFIG_KEY, KV_SECRET_ENV_VAR, Settings, default
 from pdserve.transport import CHOICES
 
 ROLES = {
@@ -39,12 +35,26 @@ UNSUPPORTED_PARALLEL = {
 }
 
 
-def default(name: str) -> Any:
-    """A Settings field's default: flags take theirs from there."""
-    for field in msgspec.structs.fields(Settings):
-        if field.name == name:
-            return field.default
-    raise KeyError(name)
+# Each flag that sets a Settings field (argparse dest -> field): make_settings
+# copies them, and their defaults are the fields' own (one source per fact).
+SETTINGS_FLAGS = {
+    "kv_role": "role",
+    "model": "model",
+    "dtype": "dtype",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "max_model_len": "max_model_len",
+    "kv_transport": "transport",
+    "kv_host": "kv_host",
+    "kv_lease_seconds": "lease_seconds",
+    "kv_max_leased_fraction": "max_leased_fraction",
+    "producer_url": "producer_urls",
+    "producer_saturation_requests": "producer_saturation_requests",
+    "local_prefill_max_tokens": "local_prefill_max_tokens",
+    "producer_connect_timeout": "connect_timeout",
+    "prefill_timeout": "prefill_timeout",
+    "kv_transfer_timeout": "transfer_timeout",
+    "max_request_body_bytes": "max_request_body_bytes",
+}
 
 
 def positive_seconds(text: str) -> float:
@@ -113,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument(
         "--producer-url",
         action="append",
-        default=[],
+        default=default("producer_urls"),
         help="consumer only (required): a producer's HTTP address; repeat it "
         "or separate URLs with commas for several producers. An http URL whose "
         "host has several addresses (a headless Service) is one producer per "
@@ -204,9 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", help="model name or path")
     common.add_argument("--host", default=None)
     common.add_argument("--port", type=port_number, default=8000)
-    common.add_argument("--dtype", default="auto")
-    common.add_argument("--max-model-len", type=int, default=None)
-    common.add_argument("--tensor-parallel-size", "-tp", type=integer_in(1), default=1)
+    common.add_argument("--dtype", default=default("dtype"))
+    common.add_argument("--max-model-len", type=int, default=default("max_model_len"))
+    common.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=integer_in(1),
+        default=default("tensor_parallel_size"),
+    )
     # Read only to refuse them (see UNSUPPORTED_PARALLEL); never passed on.
     common.add_argument(
         "--data-parallel-size", "-dp", type=int, default=1, help=argparse.SUPPRESS
@@ -215,12 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-parallel-size", "-pp", type=int, default=1, help=argparse.SUPPRESS
     )
     return parser
-
-
-@dataclass
-class Launch:
-    settings: Settings
-    vllm_args: list[str]
 
 
 def free_ports(host: str, count: int) -> list[int]:
@@ -312,22 +321,7 @@ def producer_urls(given: list[str]) -> list[str]:
 def make_settings(args: argparse.Namespace, rest: list[str]) -> Settings:
     tp = args.tensor_parallel_size
     settings = Settings(
-        role=args.kv_role,
-        model=args.model,
-        dtype=args.dtype,
-        tensor_parallel_size=tp,
-        max_model_len=args.max_model_len,
-        transport=args.kv_transport,
-        kv_host=args.kv_host,
-        lease_seconds=args.kv_lease_seconds,
-        max_leased_fraction=args.kv_max_leased_fraction,
-        producer_urls=args.producer_url,
-        producer_saturation_requests=args.producer_saturation_requests,
-        local_prefill_max_tokens=args.local_prefill_max_tokens,
-        connect_timeout=args.producer_connect_timeout,
-        prefill_timeout=args.prefill_timeout,
-        transfer_timeout=args.kv_transfer_timeout,
-        max_request_body_bytes=args.max_request_body_bytes,
+        **{field: getattr(args, dest) for dest, field in SETTINGS_FLAGS.items()}
     )
     if args.kv_role == "producer":
         settings.kv_ports = (

@@ -87,7 +87,7 @@ def node_metadata(settings: Settings) -> dict[str, Any]:
         "tensor_parallel_size": settings.tensor_parallel_size,
         "max_model_len": settings.max_model_len,
         "kv_ports": settings.kv_ports,
-        # A restarted producer has a new id (the epoch its leases carry).
+        # A restarted producer has a new id (its leases carry it).
         "instance_id": settings.instance_id,
         "transport": settings.transport,
         # Whether the KV ports require the shared secret (never the secret).

@@ -24,11 +24,10 @@ from pdserve.consumer.producer_source import Endpoint, ProducerSource
 from pdserve.handshake import IncompatibleProducer
 from pdserve.log import init_logger
 from pdserve.settings import Settings
+from pdserve.timing import HANDSHAKE_RETRY_SECONDS, STARTUP_FETCH_SECONDS
 
 logger = init_logger(__name__)
 
-# Bound on one metadata request; rounds repeat until --producer-connect-timeout.
-FETCH_SECONDS = 10.0
 # Parallel requests at most (a headless Service may list many pods).
 MAX_PARALLEL = 32
 
@@ -49,7 +48,7 @@ def find_producers(settings: Settings, headers: dict[str, str]) -> list[Found]:
     logged = False
     while True:
         remaining = max(deadline - time.monotonic(), 0.1)
-        timeout = min(FETCH_SECONDS, remaining)
+        timeout = min(STARTUP_FETCH_SECONDS, remaining)
         found, last_error = one_round(sources, mine, headers, timeout)
         if found:
             return found
@@ -66,7 +65,7 @@ def find_producers(settings: Settings, headers: dict[str, str]) -> list[Found]:
         if not logged:
             logger.info("Waiting for producers (%s)", last_error)
             logged = True
-        time.sleep(handshake.RETRY_SECONDS)
+        time.sleep(HANDSHAKE_RETRY_SECONDS)
 
 
 def one_round(

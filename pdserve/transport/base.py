@@ -16,8 +16,6 @@ import secrets
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.protocol import TransportHello, TransportWelcome
 
@@ -150,16 +148,6 @@ def layer_sizes(
     kv: PagedKVCache, num_blocks: int, heads: HeadRange = None
 ) -> list[int]:
     return [kv.block_nbytes(i, heads) * num_blocks for i in range(len(kv.layers))]
-
-
-def flat_views(kv: PagedKVCache, flat: torch.Tensor, num: int) -> list[torch.Tensor]:
-    """Per-layer views into one byte buffer, shaped like gathered blocks."""
-    views, offset = [], 0
-    for layer, size in enumerate(layer_sizes(kv, num)):
-        chunk = flat[offset : offset + size].view(kv.layers[layer].dtype)
-        views.append(chunk.view(kv.gathered_shape(layer, num)))
-        offset += size
-    return views
 
 
 def require_gpus(name: str, kv: PagedKVCache, remote: RankInfo) -> None:

@@ -106,7 +106,7 @@ class BlockCopier:
         if len(shapes) != 1:
             raise ValueError(f"layers differ in block segments: {sorted(shapes)}")
         ((self.num_segments, self.segment_bytes),) = shapes
-        self.src_layouts, self.dst_layouts = src, dst
+        self.src_layouts = src  # ipc reads its source tensors' layouts
         self.word = _word_size(_storage_bytes(anchor).data_ptr(), src + dst)
         # The kernel's one pointer: the anchor's whole storage (any local
         # tensor will do); every address is an offset from it.

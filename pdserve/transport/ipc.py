@@ -18,6 +18,7 @@ import torch
 from pdserve.channel import Channel
 from pdserve.kv_cache import HeadRange, PagedKVCache, dtype_name
 from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
+from pdserve.timing import IPC_HOLD_SECONDS
 from pdserve.transport.base import (
     Incoming,
     KVTransport,
@@ -33,9 +34,6 @@ from pdserve.transport.block_copy import (
     staging_layouts,
 )
 from pdserve.transport.devices import device_pci_bus_id, device_uuid, local_index_of
-
-# How long a producer keeps blocks for a consumer that copies by itself.
-HOLD_SECONDS = 30.0
 
 
 def export_tensor(tensor: torch.Tensor) -> dict[str, Any]:
@@ -201,11 +199,13 @@ class IpcTransport(KVTransport):
     ) -> Outgoing:
         assert heads is None, "whole blocks only (moves_heads is False)"
         sizes = layer_sizes(kv, len(block_ids))
-        channel.send(ReadReply(ok=True, layer_nbytes=sizes, hold_seconds=HOLD_SECONDS))
+        channel.send(
+            ReadReply(ok=True, layer_nbytes=sizes, hold_seconds=IPC_HOLD_SECONDS)
+        )
         return _Answered()
 
     def hold_seconds(self) -> float:
-        return HOLD_SECONDS
+        return IPC_HOLD_SECONDS
 
     # ---- consumer ----
 

@@ -35,7 +35,6 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -44,6 +43,11 @@ from pdserve.channel import Channel
 from pdserve.kv_cache import HeadRange, PagedKVCache
 from pdserve.log import init_logger
 from pdserve.protocol import RankInfo, ReadReply, TransportHello, TransportWelcome
+from pdserve.timing import (
+    NCCL_GROUP_TIMEOUT,
+    NCCL_STORE_TIMEOUT,
+    NCCL_TRANSFER_SECONDS,
+)
 from pdserve.transport.base import (
     Incoming,
     KVTransport,
@@ -65,10 +69,6 @@ from pdserve.transport.sessions import SessionTable
 logger = init_logger(__name__)
 
 PRODUCER, CONSUMER = 0, 1
-STORE_TIMEOUT = timedelta(seconds=30)
-# Our own deadlines decide; NCCL's watchdog must never act first.
-GROUP_TIMEOUT = timedelta(hours=24)
-TRANSFER_SECONDS = float(os.environ.get("PDSERVE_NCCL_TRANSFER_SECONDS", "30"))
 STAGING_BYTES = int(os.environ.get("PDSERVE_NCCL_STAGING_BYTES", str(64 << 20)))
 # What a consumer accepts of a producer's chunk size.
 MAX_STAGING_BYTES = 1 << 30
@@ -97,7 +97,7 @@ def pair_group(store: Any, rank: int, device: torch.device) -> Any:
     from torch.distributed import ProcessGroupNCCL
 
     options = ProcessGroupNCCL.Options()
-    options._timeout = GROUP_TIMEOUT
+    options._timeout = NCCL_GROUP_TIMEOUT
     with _no_error_teardown():
         group = ProcessGroupNCCL(store, rank, 2, options)
     return group
@@ -108,7 +108,7 @@ def producer_store(host: str) -> Any:
     from torch.distributed import TCPStore
 
     return TCPStore(
-        host, 0, 2, is_master=True, timeout=STORE_TIMEOUT, wait_for_workers=False
+        host, 0, 2, is_master=True, timeout=NCCL_STORE_TIMEOUT, wait_for_workers=False
     )
 
 
@@ -178,7 +178,7 @@ class _Session:
                 work = self.group.send([byte], CONSUMER, 0)
             else:
                 work = self.group.recv([byte], PRODUCER, 0)
-        deadline = time.monotonic() + STORE_TIMEOUT.total_seconds()
+        deadline = time.monotonic() + NCCL_STORE_TIMEOUT.total_seconds()
         while not work.is_completed():
             if time.monotonic() > deadline:
                 raise TimeoutError("NCCL pair setup timed out")
@@ -225,7 +225,7 @@ class _Chunked:
         if not self.session.queue or self.session.queue[0] is not self:
             return False
         if not self.deadline:
-            self.deadline = time.monotonic() + TRANSFER_SECONDS
+            self.deadline = time.monotonic() + NCCL_TRANSFER_SECONDS
         return True
 
     def _done(self) -> bool:
@@ -412,7 +412,7 @@ class NcclTransport(KVTransport):
             welcome.payload["store_port"],
             2,
             is_master=False,
-            timeout=STORE_TIMEOUT,
+            timeout=NCCL_STORE_TIMEOUT,
         )
         pair = _Session(pair_group(store, CONSUMER, kv.device), store, kv, chunk)
         try:

@@ -124,7 +124,7 @@ json_values = st.recursive(
 LEASE_FIELDS = [
     "request_id",
     "token",
-    "epoch",
+    "instance_id",
     "block_ids",
     "prompt_hash",
     "num_prompt_tokens",
@@ -168,14 +168,14 @@ def with_forged(route: Route, model: str, forged: Any) -> dict:
 
 
 def real_looking_lease(cluster) -> dict:
-    """A lease shaped like the producer's own (its ports and epoch), with
+    """A lease shaped like the producer's own (its ports and instance id), with
     made-up block ids, token and MAC; holds nothing on the producer."""
     metadata = requests.get(cluster.producer.url + "/pdserve/metadata", timeout=30)
     producer = metadata.json()
     lease = {
         "request_id": f"cmpl-{secrets.token_hex(16)}-0",
         "token": secrets.token_hex(32),
-        "epoch": producer.get("instance_id") or secrets.token_hex(8),
+        "instance_id": producer.get("instance_id") or secrets.token_hex(8),
         "block_ids": [0, 1],
         "prompt_hash": secrets.token_hex(16),
         "num_prompt_tokens": 24,

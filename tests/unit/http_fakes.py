@@ -30,7 +30,7 @@ def make_lease(**changes: Any) -> Lease:
     fields: dict[str, Any] = {
         "request_id": "cmpl-r1-0",
         "token": "ab" * 32,
-        "epoch": "e1",
+        "instance_id": "e1",
         "block_ids": [3, 4, 5],
         "prompt_hash": "cd" * 16,
         "num_prompt_tokens": 40,
@@ -225,11 +225,11 @@ class FakeProducer:
         return web.json_response(self._own_instance(answer))
 
     def _own_instance(self, answer: Any) -> Any:
-        """A producer's leases carry its own instance id (its epoch)."""
+        """A producer's leases carry its own instance id."""
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         lease = params.get("pdserve_lease") if isinstance(params, dict) else None
-        if isinstance(lease, dict) and lease.get("epoch") == "e1":
-            lease["epoch"] = self.metadata["instance_id"]
+        if isinstance(lease, dict) and lease.get("instance_id") == "e1":
+            lease["instance_id"] = self.metadata["instance_id"]
         return answer
 
     async def handle_get(self, request: web.Request) -> web.Response:

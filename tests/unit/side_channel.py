@@ -25,7 +25,7 @@ from pdserve.transport import get_transport
 from tests.eventually import eventually
 
 NODE_KEY = b"k" * 32
-EPOCH = "epoch-1"
+INSTANCE_ID = "instance-1"
 NUM_BLOCKS = 37
 SHAPE = (2, NUM_BLOCKS, 16, 2, 8)
 
@@ -52,12 +52,12 @@ def empty_like(kv: PagedKVCache) -> PagedKVCache:
     return PagedKVCache(caches, kv.num_blocks)
 
 
-def rank_info_for(kv: PagedKVCache, epoch: str = EPOCH) -> RankInfo:
+def rank_info_for(kv: PagedKVCache, instance_id: str = INSTANCE_ID) -> RankInfo:
     return RankInfo(
         pdserve_version="t", protocol_version=3, vllm_version="t", model="m",
         dtype="float32", tp_size=1, tp_rank=0, block_size=16,
         num_blocks=kv.num_blocks, layers=kv.layer_infos(), transports=["tcp"],
-        epoch=epoch,
+        instance_id=instance_id,
     )  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def start_server(
     leases: LeaseTable | None = None,
     secret: bytes | None = None,
     port: int = 0,
-    epoch: str = EPOCH,
+    instance_id: str = INSTANCE_ID,
     node_key: bytes = NODE_KEY,
     **kwargs,
 ) -> KVServer:
@@ -85,7 +85,7 @@ def start_server(
         "127.0.0.1",
         port,
         kv,
-        rank_info_for(kv, epoch),
+        rank_info_for(kv, instance_id),
         leases if leases is not None else LeaseTable(30),
         {"tcp": get_transport("tcp")},
         node_key=node_key,
@@ -131,7 +131,7 @@ def make_lease(
     port: int,
     prompt: list[int] | None = None,
     node_key: bytes = NODE_KEY,
-    epoch: str = EPOCH,
+    instance_id: str = INSTANCE_ID,
 ) -> Lease:
     """A lease as the producer at ``port`` would issue it."""
     prompt = prompt or list(range(len(block_ids) * 16))
@@ -139,7 +139,7 @@ def make_lease(
     return Lease(
         request_id=request_id,
         token=lease_token(node_key, request_id, digest),
-        epoch=epoch,
+        instance_id=instance_id,
         block_ids=list(block_ids),
         prompt_hash=digest,
         num_prompt_tokens=len(prompt),
@@ -160,19 +160,38 @@ def link_to(
     return link
 
 
+class LetsGo:
+    """Plays the ``Pull`` for loads on a bare link: when one ends, from
+    inside the link's pump, its lease is released on that link."""
+
+    def __init__(self, link: ProducerLink) -> None:
+        self.link = link
+
+    def copying(self, load: Load) -> None:
+        pass
+
+    def ended(self, load: Load) -> None:
+        self.link.release(load.spec.lease, load.releases_needed)
+
+
 def load_of(
     lease: Lease,
     local_block_ids: list[int],
     remote_block_ids: list[int] | None = None,
     seconds: float = 5,
+    releasing_on: ProducerLink | None = None,
 ) -> Load:
+    """A load of ``lease``; with ``releasing_on``, its lease is released
+    there when it ends."""
     spec = LoadSpec(
         "consumer-" + lease.request_id,
         lease,
         list(lease.block_ids if remote_block_ids is None else remote_block_ids),
         list(local_block_ids),
     )
-    return Load(spec, get_transport("tcp"), "", time.monotonic() + seconds)
+    owner = LetsGo(releasing_on) if releasing_on is not None else None
+    deadline = time.monotonic() + seconds
+    return Load(spec, get_transport("tcp"), "", deadline, owner=owner)
 
 
 def pump(
@@ -233,7 +252,9 @@ def consumer_rank(
         connect_timeout=5,
         transfer_timeout=5,
     )
-    rank = ConsumerRank(settings, kv, rank_info_for(kv, epoch=""), 0, secret, **kwargs)
+    rank = ConsumerRank(
+        settings, kv, rank_info_for(kv, instance_id=""), 0, secret, **kwargs
+    )
     rank.close = rank.shutdown
     return rank
 
@@ -264,13 +285,16 @@ def steps(rank: ConsumerRank, server: KVServer) -> None:
     server.step()
 
 
-def pair_with(rank: ConsumerRank, port: int, epoch: str = EPOCH) -> None:
+def pair_with(rank: ConsumerRank, port: int, instance_id: str = INSTANCE_ID) -> None:
     """What the HTTP layer has every rank do before it sends a producer work:
     pair with it (in the background), then the engine takes the pairing."""
-    target = PairingTarget("127.0.0.1", (port,), epoch)
-    rank.pairer.want(target)
+    target = PairingTarget("127.0.0.1", (port,), instance_id)
+    rank.producers.pairer.want(target)
     eventually(
-        lambda: (peer := rank.peers.get(target.key)) and peer.epoch == epoch,
+        lambda: (
+            (peer := rank.producers.peers.get(target.key))
+            and peer.instance_id == instance_id
+        ),
         10,
         f"rank paired with {target}",
         step=lambda: rank.start([], [], []),
@@ -278,7 +302,7 @@ def pair_with(rank: ConsumerRank, port: int, epoch: str = EPOCH) -> None:
 
 
 def only_peer(rank: ConsumerRank) -> ProducerPeer:
-    (peer,) = rank.peers.values()
+    (peer,) = rank.producers.peers.values()
     return peer
 
 

@@ -15,7 +15,7 @@ import vllm
 import pdserve
 from pdserve import handshake
 from pdserve.consumer.producer_source import ProducerSource
-from pdserve.entrypoints import api_server
+from pdserve.entrypoints import api_server, startup_producers
 from pdserve.lease import NODE_KEY_ENV_VAR
 from pdserve.settings import ENV_VAR, KV_SECRET_ENV_VAR, ProducerAddress, Settings
 
@@ -172,7 +172,7 @@ def test_consumer_starts_while_every_producer_is_down(started, monkeypatch):
         raise ConnectionRefusedError("nothing listens")
 
     monkeypatch.setattr(handshake, "fetch_metadata_once", down)
-    monkeypatch.setattr(handshake, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(startup_producers, "HANDSHAKE_RETRY_SECONDS", 0.01)
     api_server.main([*CONSUMER, "--producer-connect-timeout", "0.05"])
     # vLLM was started, with no producer to pair with at startup.
     assert started.args and started.settings.producers == []

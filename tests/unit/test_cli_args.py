@@ -3,21 +3,29 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import re
 import socket
+import textwrap
+from pathlib import Path
 
+import msgspec
 import pytest
 
 from pdserve.entrypoints.cli_args import (
     CONNECTOR_CLASS,
     CONNECTOR_MODULE,
     MIDDLEWARE,
+    SETTINGS_FLAGS,
     _api_keys,
+    build_parser,
     make_settings,
     parse,
     vllm_serve_args,
 )
-from pdserve.settings import EXTRA_CONFIG_KEY, Settings
+from pdserve.settings import EXTRA_CONFIG_KEY, Settings, default
 
 PRODUCER = ["--kv-role", "producer", "--model", "m"]
 CONSUMER = ["--kv-role", "consumer", "--model", "m", "--producer-url", "http://p:8100"]
@@ -438,21 +446,96 @@ def test_max_request_body_bytes_setting():
     assert launch(CONSUMER)[0].max_request_body_bytes == 64 * 1024 * 1024
 
 
-def test_flag_defaults_are_the_settings_defaults():
+# Flags that set no Settings field (each says where its value goes instead).
+NOT_SETTINGS = {
+    "help",  # pdserve's own help
+    "kv_port",  # the first of Settings.kv_ports, or free ports
+    "kv_secret",  # the environment only: Settings are logged
+    "host",  # vllm serve's
+    "port",  # vllm serve's
+    "data_parallel_size",  # refused unless 1
+    "pipeline_parallel_size",  # refused unless 1
+}
+
+
+def test_every_flag_is_a_setting_or_named_as_none():
+    dests = {action.dest for action in build_parser()._actions}
+    assert dests - NOT_SETTINGS == set(SETTINGS_FLAGS)
+    assert set(SETTINGS_FLAGS.values()) <= set(Settings.__struct_fields__)
+
+
+@pytest.mark.parametrize(("dest", "field"), sorted(SETTINGS_FLAGS.items()))
+def test_flag_default_is_the_settings_default(dest, field):
+    """A literal default written again beside a flag fails here."""
+    (action,) = [a for a in build_parser()._actions if a.dest == dest]
+    expected = default(field)
+    if expected is msgspec.NODEFAULT:  # required: the flag has none either
+        assert action.required or action.default is None
+    else:
+        assert action.default == expected and type(action.default) is type(expected)
+
+
+def test_flag_defaults_are_written_only_as_settings_defaults():
+    """Equal values are not enough (30 s is two fields' default): the parser
+    names the field, ``default("lease_seconds")``, never a literal."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(build_parser)))
+    seen = set()
+    for call in ast.walk(tree):
+        if not (
+            isinstance(call, ast.Call)
+            and getattr(call.func, "attr", "") == "add_argument"
+        ):
+            continue
+        dest = call.args[0].value.removeprefix("--").replace("-", "_")
+        given = {k.arg: k.value for k in call.keywords}.get("default")
+        if dest in SETTINGS_FLAGS and given is not None:
+            assert ast.unparse(given) == f"default({SETTINGS_FLAGS[dest]!r})", dest
+            seen.add(dest)
+        else:
+            assert dest in NOT_SETTINGS or given is None, dest
+    assert seen == set(SETTINGS_FLAGS) - {"kv_role", "model"}
+
+
+def test_defaults_reach_settings_unchanged():
     settings, _ = launch(CONSUMER)
-    plain = Settings(role="consumer", model="m")
-    for name in (
-        "producer_saturation_requests",
-        "local_prefill_max_tokens",
-        "transport",
-        "kv_host",
-        "lease_seconds",
-        "connect_timeout",
-        "prefill_timeout",
-        "transfer_timeout",
-        "max_request_body_bytes",
-    ):
-        assert getattr(settings, name) == getattr(plain, name), name
+    plain = Settings(role="consumer", model="m", producer_urls=["http://p:8100"])
+    for field in SETTINGS_FLAGS.values():
+        assert getattr(settings, field) == getattr(plain, field), field
+    assert default("producer_urls") == []  # repeated --producer-url never adds to it
+
+
+def readme_flag_rows() -> list[tuple[str, str]]:
+    """(argparse dest, row) of each flag in README's Flags table."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    table = text.split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    return [(re.match(r"\| `--([a-z-]+)", r)[1].replace("-", "_"), r) for r in rows]
+
+
+def stated_defaults(row: str) -> list[object]:
+    """What a README row says its default is: "(30 s)", "(0.5)", "(64 MiB: ...)",
+    "`auto` (default)"."""
+    found: list[object] = []
+    for number, unit in re.findall(r"\((-?[0-9.]+)( s| MiB)?[):;]", row):
+        value = float(number) * (1 << 20 if unit == " MiB" else 1)
+        found.append(value)
+    found += re.findall(r"`([^`]+)` \(default\)", row)
+    return found
+
+
+def test_readme_flags_table_states_the_settings_defaults():
+    rows = readme_flag_rows()
+    assert len(rows) >= 10
+    for dest, row in rows:
+        field = SETTINGS_FLAGS.get(dest)
+        if field is None:
+            continue
+        value = default(field)
+        stated = stated_defaults(row)
+        if isinstance(value, int | float):
+            assert stated, f"README's --{dest} row states no default ({value})"
+        for said in stated:
+            assert said == (value if isinstance(said, float) else str(value)), row
 
 
 @pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan", "half"])

@@ -100,7 +100,7 @@ def leased_request(
     lease = Lease(
         request_id="p-" + rid,
         token="t",
-        epoch="e",
+        instance_id="e",
         block_ids=[5, 6, 7],
         prompt_hash=digest,
         num_prompt_tokens=len(PROMPT),

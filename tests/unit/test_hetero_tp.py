@@ -19,7 +19,7 @@ from pdserve.lease import Lease
 from pdserve.settings import ProducerAddress, Settings
 from pdserve.transport import get_transport
 from tests.eventually import Equal, eventually
-from tests.unit.side_channel import EPOCH, NODE_KEY, make_lease, rank_info_for
+from tests.unit.side_channel import INSTANCE_ID, NODE_KEY, make_lease, rank_info_for
 
 HEADS = 4
 NUM_BLOCKS = 13
@@ -42,9 +42,15 @@ def rank_kv(layers: list[torch.Tensor], heads: range) -> PagedKVCache:
     return kv
 
 
-def info(kv: PagedKVCache, tp_size: int, tp_rank: int, epoch: str = EPOCH, heads=HEADS):
+def info(
+    kv: PagedKVCache,
+    tp_size: int,
+    tp_rank: int,
+    instance_id: str = INSTANCE_ID,
+    heads=HEADS,
+):
     return msgspec.structs.replace(
-        rank_info_for(kv, epoch),
+        rank_info_for(kv, instance_id),
         tp_size=tp_size,
         tp_rank=tp_rank,
         total_kv_heads=heads,
@@ -113,7 +119,7 @@ def pull(ranks: list[ConsumerRank], servers: list[KVServer], lease, local) -> No
         eventually(
             lambda rank=rank: rank.take_done()[0],
             10,
-            f"rank {rank.tp_rank}'s pull",
+            f"rank {rank.producers.tp_rank}'s pull",
             step=both_steps,
             interval=0.001,
         )

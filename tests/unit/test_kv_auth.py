@@ -86,7 +86,7 @@ def test_right_secret_reads_and_releases(server):
     mine = empty_like(server.kv)
     link = link_to(server, mine, secret=SECRET)
     lease = make_lease("req", [1, 2], server.port)
-    link.submit(load_of(lease, [5, 6]))
+    link.submit(load_of(lease, [5, 6], releasing_on=link))
     (load,) = pump(link, server, lambda f: len(f) == 1)
     assert load.error is None
     assert load.nbytes == 2 * server.kv.bytes_per_block()

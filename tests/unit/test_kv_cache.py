@@ -4,11 +4,13 @@ on CPU tensors of every layout and dtype."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from pdserve.kv_cache import PagedKVCache, find_block_dim, host_gather, host_scatter
-from pdserve.transport.base import flat_views
+from pdserve.transport.base import layer_sizes
 
 NUM_BLOCKS = 23
 SHAPES = [
@@ -47,17 +49,15 @@ def test_block_dim_is_the_paged_one_even_when_sizes_collide():
         find_block_dim(torch.zeros(2, 4, 8), 5)
 
 
-def test_flat_views_cover_one_buffer_layer_by_layer():
+def test_gathered_blocks_fill_each_layers_bytes():
     caches = {
         "a": torch.zeros(2, NUM_BLOCKS, 32, 4, 16, dtype=torch.bfloat16),
         "b": torch.zeros(NUM_BLOCKS, 2, 32, 4, 16, dtype=torch.bfloat16),
     }
     kv = PagedKVCache(caches, NUM_BLOCKS)
-    flat = torch.arange(kv.bytes_per_block() * 3, dtype=torch.int64).to(torch.uint8)
-    views = flat_views(kv, flat, 3)
-    assert [list(v.shape) for v in views] == [
-        kv.gathered_shape(0, 3),
-        kv.gathered_shape(1, 3),
-    ]
-    assert sum(v.numel() * v.element_size() for v in views) == flat.numel()
-    assert views[1].view(torch.uint8).reshape(-1)[0] == flat[views[0].numel() * 2]
+    sizes = layer_sizes(kv, 3)
+    assert sum(sizes) == kv.bytes_per_block() * 3
+    for layer, size in enumerate(sizes):
+        shape = kv.gathered_shape(layer, 3)
+        assert shape[kv.block_dims[layer]] == 3
+        assert math.prod(shape) * 2 == size  # bfloat16: 2 bytes

@@ -16,7 +16,7 @@ from pdserve.pairings import (
 )
 from tests.eventually import eventually
 
-TARGET = PairingTarget("10.0.0.1", (7001, 7002), "epoch-a")
+TARGET = PairingTarget("10.0.0.1", (7001, 7002), "instance-a")
 
 
 class FakePeer:
@@ -94,7 +94,7 @@ def test_each_rank_publishes_what_it_paired_with(tmp_path):
     rank1 = Pairer(1, FakePeer, backoff=1.0, run_dir=run_dir)
     rank1.want(TARGET)
     eventually(lambda: node.state(TARGET)[0], 5, "both ranks paired")
-    other_instance = PairingTarget(TARGET.host, TARGET.kv_ports, "epoch-b")
+    other_instance = PairingTarget(TARGET.host, TARGET.kv_ports, "instance-b")
     assert node.state(other_instance)[0] is False
 
     rank0.forget(TARGET)  # rank 0 let go of it (gone, evicted)
@@ -117,7 +117,7 @@ def test_a_restarted_instance_is_gone_not_incompatible(tmp_path):
     from pdserve.handshake import InstanceGone
 
     def restarted(target):
-        raise InstanceGone(f"instance {target.epoch} is gone: its ports serve b")
+        raise InstanceGone(f"instance {target.instance_id} is gone: its ports serve b")
 
     run_dir = str(tmp_path)
     pairer = Pairer(0, restarted, backoff=1.0, run_dir=run_dir)

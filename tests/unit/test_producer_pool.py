@@ -15,13 +15,12 @@ import pytest
 from aiohttp import web
 
 from pdserve import metrics
-from pdserve.consumer import producer_pool
+from pdserve.consumer import producer_health, producer_pool
 from pdserve.consumer.prefill_demand import (
     AFFINITY_PREFIX_CHARS,
     Demand,
     demand_of,
 )
-from pdserve.consumer.producer_health import ProducerHealth
 from pdserve.consumer.producer_pool import Producer, ProducerPool
 from pdserve.consumer.producer_source import ProducerSource
 from pdserve.consumer.remote_prefill import RemotePrefill
@@ -75,7 +74,7 @@ def counted_lookups(monkeypatch) -> list[str]:
 @pytest.fixture(autouse=True)
 def quick(monkeypatch):
     """Short probe and resolve intervals; a node key for signing."""
-    monkeypatch.setattr(ProducerHealth, "PROBE_SECONDS", 0.05)
+    monkeypatch.setattr(producer_health, "HEALTH_PROBE_SECONDS", 0.05)
     monkeypatch.setattr(producer_pool, "RESOLVE_SECONDS", 0.05)
     use_node(monkeypatch, CONSUMER)
 
@@ -116,7 +115,7 @@ def prompt_for(prefill: RemotePrefill, fake: FakeProducer, tag: str = "") -> dic
 
 
 async def ask(prefill: RemotePrefill, payload: dict, **kwargs: Any) -> Lease | None:
-    return await prefill.request_lease(COMPLETIONS, payload, **kwargs)
+    return (await prefill.ask(COMPLETIONS, payload, **kwargs)).lease
 
 
 # --- the demand estimate ------------------------------------------------------
@@ -517,7 +516,7 @@ def test_hung_producer_is_abandoned_in_time_for_the_next():
 def test_hung_producer_is_back_only_once_it_answers_work(monkeypatch):
     """/health says 200 all along (vLLM answers it while its engine is
     stuck): only a real completion, with this node's key, brings it back."""
-    monkeypatch.setattr(ProducerHealth, "WORK_PROBE_SECONDS", 0.1)
+    monkeypatch.setattr(producer_health, "WORK_PROBE_SECONDS", 0.1)
     gate = asyncio.Event()
 
     async def scenario() -> None:
@@ -630,7 +629,7 @@ def test_producer_is_used_only_once_every_rank_paired(tmp_path):
             ) as prefill,
         ):
             (target,) = targets_reader(str(tmp_path)).read()
-            assert target.epoch == fake.metadata["instance_id"]
+            assert target.instance_id == fake.metadata["instance_id"]
             assert prefill.pool.healthy() == []
             assert await ask(prefill, {"prompt": "p"}) is None
             write_rank(str(tmp_path), RankPairings(0, [PeerState(target, True)]))
@@ -671,7 +670,7 @@ def test_restarted_producer_is_dropped_then_admitted_again():
             first = fake.metadata["instance_id"]
             fake.metadata = dict(fake.metadata, instance_id="restarted")
             fake.answer = lambda p: {
-                "kv_transfer_params": make_lease(epoch="restarted").to_params()
+                "kv_transfer_params": make_lease(instance_id="restarted").to_params()
             }
             assert await ask(prefill, {"prompt": "p"}) is None
             assert len(prefill.stray_leases) == 1  # handed back by the caller
@@ -690,9 +689,11 @@ def test_load_balanced_url_is_detected_and_left(caplog):
     async def scenario() -> None:
         async with producers(1) as (fake,), consumer([fake.url]) as prefill:
             a = fake.metadata["instance_id"]
-            epochs = iter(["b", a])
+            instance_ids = iter(["b", a])
             fake.answer = lambda p: {
-                "kv_transfer_params": make_lease(epoch=next(epochs)).to_params()
+                "kv_transfer_params": make_lease(
+                    instance_id=next(instance_ids)
+                ).to_params()
             }
             fake.metadata = dict(fake.metadata, instance_id="b")
             assert await ask(prefill, {"prompt": "p"}) is None  # b: a restart?

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import threading
 import tracemalloc
+from pathlib import Path
 
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pdserve
 from pdserve.protocol import (
     MAX_FRAME_BYTES,
     MAX_READ_BLOCKS,
@@ -436,3 +439,11 @@ def test_blocking_helpers_tag_and_check(pair):
     send_message(a, Ack(ok=True))
     with pytest.raises(ProtocolError):
         recv_message(b, mac=StreamMac(KEY))
+
+
+def test_protocol_history_tells_every_version():
+    """pdserve/__init__.py says what each protocol version changed: one entry
+    per version, in order, up to the current one."""
+    text = Path(pdserve.__file__).read_text()
+    versions = [int(v) for v in re.findall(r"^# (\d+): ", text, re.MULTILINE)]
+    assert versions == list(range(1, pdserve.PROTOCOL_VERSION + 1))

@@ -279,7 +279,7 @@ def test_forwarded_body_carries_exactly_the_signed_lease(monkeypatch):
     assert lease is not None and lease.verified(done.key)
     assert not lease.verified(b"another node's key")
     # Signed for the producer's address: the engine reads the KV there.
-    issued = make_lease(epoch=done.producer.metadata["instance_id"])
+    issued = make_lease(instance_id=done.producer.metadata["instance_id"])
     expected = issued.signed(done.key, kv_host="127.0.0.1", handed_at=lease.handed_at)
     assert lease.handed_at > 0  # when it was handed to vLLM (its TTFT split)
     assert params == expected.to_params()

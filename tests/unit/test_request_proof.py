@@ -10,13 +10,13 @@ import hmac
 import pytest
 
 from pdserve.request_proof import (
-    FRESH_SECONDS,
     ProofRejected,
     ProofVerifier,
     body_digest,
     make_proof,
     proof_key,
 )
+from pdserve.timing import PROOF_FRESH_SECONDS
 
 SECRET = b"kv-secret-for-tests"
 ROUTE = "/v1/completions"
@@ -82,14 +82,14 @@ def test_key_is_derived_not_the_secret():
     assert key == hmac.new(SECRET, label, hashlib.sha256).digest()
 
 
-@pytest.mark.parametrize("skew", [-FRESH_SECONDS - 1, FRESH_SECONDS + 1])
+@pytest.mark.parametrize("skew", [-PROOF_FRESH_SECONDS - 1, PROOF_FRESH_SECONDS + 1])
 def test_stale_or_future_proofs_refused(clock, skew):
     made = proof(Clock(clock.now + skew))
     with pytest.raises(ProofRejected, match="stale"):
         verifier(clock).verify(made, "POST", ROUTE, BODY)
 
 
-@pytest.mark.parametrize("skew", [-FRESH_SECONDS + 1, FRESH_SECONDS - 1])
+@pytest.mark.parametrize("skew", [-PROOF_FRESH_SECONDS + 1, PROOF_FRESH_SECONDS - 1])
 def test_clocks_within_the_window_agree(clock, skew):
     verifier(clock).verify(proof(Clock(clock.now + skew)), "POST", ROUTE, BODY)
 
@@ -115,10 +115,10 @@ def test_malformed_proofs_refused(clock, header):
 def test_replay_within_the_whole_freshness_of_its_timestamp(clock):
     """A nonce is remembered as long as its timestamp could still pass."""
     check = verifier(clock)
-    # Made at the future edge of the window: fresh for 2 x FRESH_SECONDS.
-    made = proof(Clock(clock.now + FRESH_SECONDS))
+    # Made at the future edge of the window: fresh for 2 x PROOF_FRESH_SECONDS.
+    made = proof(Clock(clock.now + PROOF_FRESH_SECONDS))
     check.verify(made, "POST", ROUTE, BODY)
-    clock.now += 2 * FRESH_SECONDS - 1
+    clock.now += 2 * PROOF_FRESH_SECONDS - 1
     check.verify(proof(clock), "POST", ROUTE, BODY)  # forgets nothing yet
     with pytest.raises(ProofRejected, match="replayed"):
         check.verify(made, "POST", ROUTE, BODY)
@@ -131,7 +131,7 @@ def test_nonces_are_forgotten_and_bounded(clock):
     with pytest.raises(ProofRejected, match="too many"):
         check.verify(proof(clock), "POST", ROUTE, BODY)
     assert len(check) == 3
-    clock.now += 2 * FRESH_SECONDS
+    clock.now += 2 * PROOF_FRESH_SECONDS
     check.verify(proof(clock), "POST", ROUTE, BODY)
     assert len(check) == 1
 

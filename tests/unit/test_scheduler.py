@@ -78,7 +78,7 @@ def lease(prompt=PROMPT, blocks=(11, 12, 13, 14), **changes) -> Lease:
     issued = Lease(
         request_id="prod-1",
         token=lease_token(PRODUCER_KEY, "prod-1", digest),
-        epoch="e1",
+        instance_id="e1",
         block_ids=list(blocks),
         prompt_hash=digest,
         num_prompt_tokens=len(prompt),
@@ -246,7 +246,7 @@ def test_producer_leases_finished_prefills():
     assert issued.block_ids == [11, 12, 13, 14]
     assert issued.prompt_hash == prompt_hash(PROMPT)
     assert issued.token == lease_token(PRODUCER_KEY, "prod-1", prompt_hash(PROMPT))
-    assert issued.epoch == sched.settings.instance_id
+    assert issued.instance_id == sched.settings.instance_id
     (grant,) = sched.build_connector_meta(None).grants
     assert grant.block_ids == [11, 12, 13, 14]
 

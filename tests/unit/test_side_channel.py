@@ -16,7 +16,7 @@ from pdserve.lease import Lease
 from pdserve.pairings import PairingTarget
 from tests.eventually import eventually
 from tests.unit.side_channel import (
-    EPOCH,
+    INSTANCE_ID,
     NUM_BLOCKS,
     FakeClock,
     blocks_equal,
@@ -298,8 +298,8 @@ def test_a_timed_out_read_fails_alone_and_nothing_else_is_lost(closing, monkeypa
     closing(link)
     big, small = granted(server, "big", list(range(60))), granted(server, "s", [61])
     other = granted(server, "other", [62])
-    link.submit(load_of(big, list(range(60)), seconds=10))
-    link.submit(load_of(small, [63], seconds=10))
+    link.submit(load_of(big, list(range(60)), seconds=10, releasing_on=link))
+    link.submit(load_of(small, [63], seconds=10, releasing_on=link))
     pump(link, server, lambda _: link._inflight and link._inflight[0].incoming)
     link.release(other)
     link.pump()  # the release goes out; the consumer reads nothing more
@@ -372,37 +372,41 @@ def test_restarted_producer_is_a_new_producer(closing):
     its first lease arrives and reads from it."""
     producer = paged_kv()
     consumer = empty_like(producer)
-    old = start_server(producer, epoch="old", node_key=b"1" * 32)
+    old = start_server(producer, instance_id="old", node_key=b"1" * 32)
     port = old.port
     rank = consumer_rank(consumer, port)
     closing(rank)
     rank.connect()
-    assert only_peer(rank).epoch == "old"
-    old_lease = make_lease("a", [4], port, node_key=b"1" * 32, epoch="old")
+    assert only_peer(rank).instance_id == "old"
+    old_lease = make_lease("a", [4], port, node_key=b"1" * 32, instance_id="old")
     old.leases.grant("a", [4], old_lease.prompt_hash)
     assert run_load(rank, old, old_lease, [1]) is None
     old.close()
 
-    new = start_server(paged_kv(seed=7), epoch="new", node_key=b"2" * 32, port=port)
+    new = start_server(
+        paged_kv(seed=7), instance_id="new", node_key=b"2" * 32, port=port
+    )
     closing(new)
     assert "unknown lease" in run_load(rank, new, old_lease, [2])
-    assert only_peer(rank).epoch == "old"  # a dead instance's lease changes nothing
+    assert (
+        only_peer(rank).instance_id == "old"
+    )  # a dead instance's lease changes nothing
 
     # The new instance's first lease is not waited for: recomputed, and the
     # pairing starts in the background.
-    first = make_lease("b", [6, 7], port, node_key=b"2" * 32, epoch="new")
+    first = make_lease("b", [6, 7], port, node_key=b"2" * 32, instance_id="new")
     new.leases.grant("b", [6, 7], first.prompt_hash)
     assert "not paired yet" in run_load(rank, new, first, [3, 4])
     eventually(
-        lambda: only_peer(rank).epoch == "new",
+        lambda: only_peer(rank).instance_id == "new",
         10,
         "pairing with the new instance",
         step=lambda: rank.start([], [], []),
     )
-    new_lease = make_lease("c", [6, 7], port, node_key=b"2" * 32, epoch="new")
+    new_lease = make_lease("c", [6, 7], port, node_key=b"2" * 32, instance_id="new")
     new.leases.grant("c", [6, 7], new_lease.prompt_hash)
     assert run_load(rank, new, new_lease, [3, 4]) is None
-    assert only_peer(rank).epoch == "new"
+    assert only_peer(rank).instance_id == "new"
     assert rank.stats.data["kv_pairings"] == {"tcp": 2}  # old, then new
     assert blocks_equal(new.kv, [6, 7], consumer, [3, 4])
 
@@ -418,7 +422,7 @@ def test_release_goes_out_in_the_step_the_load_finishes(closing):
     leases.grant("r", [4], lease.prompt_hash)
     link = link_to(server, empty_like(producer))
     closing(link)
-    link.submit(load_of(lease, [1]))
+    link.submit(load_of(lease, [1], releasing_on=link))
 
     pump(link, server, one)
     # No more consumer pumps from here: only the producer steps.
@@ -440,12 +444,12 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     dropped = []
     rank.connect()
     only_pair(rank).transport.drop_sessions = lambda: dropped.append(True)
-    assert only_peer(rank).epoch == EPOCH
+    assert only_peer(rank).instance_id == INSTANCE_ID
     port = server.port
     server.close()
 
     # Nobody calls the rank: the engine is idle.
-    eventually(lambda: not rank.peers, 10, "the watch to drop the producer")
+    eventually(lambda: not rank.producers.peers, 10, "the watch to drop the producer")
     assert dropped
 
     # Back on the same port (same instance, here): paired again, then read.
@@ -456,7 +460,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     again.leases.grant("a", [3, 5], lease.prompt_hash)
     consumer = rank.kv
     assert run_load(rank, again, lease, [1, 2]) is None
-    assert only_peer(rank).epoch == EPOCH
+    assert only_peer(rank).instance_id == INSTANCE_ID
     assert blocks_equal(producer, [3, 5], consumer, [1, 2])
 
 
@@ -466,12 +470,13 @@ def test_consumer_keeps_a_producer_that_is_only_slow(closing):
     server.pump = lambda timeout=0.0: None  # accepts, never answers
     server._stopped.set()
     verdicts = []
-    alive = rank._producer_alive
-    rank._producer_alive = lambda peer: verdicts.append(alive(peer)) or verdicts[-1]
+    registry = rank.producers
+    alive = registry._producer_alive
+    registry._producer_alive = lambda peer: verdicts.append(alive(peer)) or verdicts[-1]
     # Two checks in a row ran out of patience waiting for its answer.
     eventually(lambda: len(verdicts) >= 2, 5, "two checks by the watch")
     assert verdicts[:2] == [True, True]
-    assert only_peer(rank).epoch == EPOCH
+    assert only_peer(rank).instance_id == INSTANCE_ID
 
 
 def test_unexpected_error_in_a_link_fails_its_loads_not_the_engine(closing):
@@ -494,29 +499,32 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     """Two producers: each lease is read from the producer it names, the
     second paired with on its first lease; one dying leaves the other."""
     first, second = paged_kv(seed=1), paged_kv(seed=2)
-    a = start_server(first, epoch="a")
-    b = start_server(second, epoch="b")
+    a = start_server(first, instance_id="a")
+    b = start_server(second, instance_id="b")
     closing(b)
     rank = consumer_rank(empty_like(first), a.port, watch_seconds=0.05)
     closing(rank)
     rank.connect()  # only producer a is known at startup
-    assert [peer.epoch for peer in rank.peers.values()] == ["a"]
+    assert [peer.instance_id for peer in rank.producers.peers.values()] == ["a"]
 
-    lease_a = make_lease("x", [2, 3], a.port, epoch="a")
-    lease_b = make_lease("y", [4, 5], b.port, epoch="b")
+    lease_a = make_lease("x", [2, 3], a.port, instance_id="a")
+    lease_b = make_lease("y", [4, 5], b.port, instance_id="b")
     a.leases.grant("x", [2, 3], lease_a.prompt_hash)
     b.leases.grant("y", [4, 5], lease_b.prompt_hash)
     assert run_load(rank, a, lease_a, [10, 11]) is None
     pair_with(rank, b.port, "b")
     assert run_load(rank, b, lease_b, [12, 13]) is None
-    assert sorted(peer.epoch for peer in rank.peers.values()) == ["a", "b"]
+    assert sorted(peer.instance_id for peer in rank.producers.peers.values()) == [
+        "a",
+        "b",
+    ]
     assert blocks_equal(first, [2, 3], rank.kv, [10, 11])
     assert blocks_equal(second, [4, 5], rank.kv, [12, 13])
 
     a.close()
-    eventually(lambda: len(rank.peers) <= 1, 10, "the watch to let go of a")
-    assert only_peer(rank).epoch == "b"  # of a only
-    again = make_lease("z", [6], b.port, epoch="b")
+    eventually(lambda: len(rank.producers.peers) <= 1, 10, "the watch to let go of a")
+    assert only_peer(rank).instance_id == "b"  # of a only
+    again = make_lease("z", [6], b.port, instance_id="b")
     b.leases.grant("z", [6], again.prompt_hash)
     assert run_load(rank, b, again, [14]) is None
 
@@ -531,13 +539,15 @@ def test_producer_that_is_down_fails_fast_and_is_not_retried_at_once(closing):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    lease = make_lease("d", [1], dead_port, epoch="gone")
+    lease = make_lease("d", [1], dead_port, instance_id="gone")
     target = PairingTarget("127.0.0.1", (dead_port,), "gone")
     assert "not paired yet" in run_load(rank, server, lease, [1])
-    eventually(lambda: rank.pairer.failed_recently(target), 5, "the attempt to fail")
+    eventually(
+        lambda: rank.producers.pairer.failed_recently(target), 5, "the attempt to fail"
+    )
     assert "failed recently" in run_load(rank, server, lease, [2])
-    assert not rank.pairer.want(target)  # still backing off
-    assert len(rank.peers) == 1
+    assert not rank.producers.pairer.want(target)  # still backing off
+    assert len(rank.producers.peers) == 1
 
 
 def test_pairing_never_holds_the_engine_thread(closing):
@@ -551,7 +561,7 @@ def test_pairing_never_holds_the_engine_thread(closing):
     closing(hung)
     port = hung.getsockname()[1]
     for i in range(3):
-        lease = make_lease(f"h{i}", [1], port, epoch="hung")
+        lease = make_lease(f"h{i}", [1], port, instance_id="hung")
         started = time.monotonic()
         rank.start([LoadSpec(f"c-h{i}", lease, [1], [i + 1])], [], [])
         assert time.monotonic() - started < 0.1
@@ -566,7 +576,7 @@ def test_lease_of_a_producer_that_cannot_be_paired_is_released(closing):
     serving): the pull fails at once, and the producer's blocks are let go
     now, not when the lease expires."""
     _, server, rank = paired_rank(closing)
-    lease = make_lease("o", [2, 3], server.port, epoch="not-this-one")
+    lease = make_lease("o", [2, 3], server.port, instance_id="not-this-one")
     server.leases.grant("o", [2, 3], lease.prompt_hash)
     assert "producer unusable" in run_load(rank, server, lease, [1, 2])
     eventually(

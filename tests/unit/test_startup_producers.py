@@ -10,6 +10,7 @@ import pytest
 
 from pdserve import handshake
 from pdserve.consumer.producer_source import ProducerSource
+from pdserve.entrypoints import startup_producers
 from pdserve.entrypoints.startup_producers import find_producers
 from pdserve.handshake import IncompatibleProducer
 from pdserve.settings import Settings
@@ -37,7 +38,7 @@ def network(monkeypatch):
 
     monkeypatch.setattr(handshake, "fetch_metadata_once", fetch)
     monkeypatch.setattr(ProducerSource, "resolve_blocking", resolve)
-    monkeypatch.setattr(handshake, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(startup_producers, "HANDSHAKE_RETRY_SECONDS", 0.01)
     return answers, asked
 
 

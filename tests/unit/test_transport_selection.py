@@ -15,6 +15,7 @@ from pdserve.connector.producer_peer import (
     RankPair,
 )
 from pdserve.connector.stats import PDServeStats
+from pdserve.connector.tp_mapping import RankRole
 from pdserve.kv_cache import PagedKVCache
 from pdserve.protocol import RankInfo, TransportWelcome
 from pdserve.settings import Settings
@@ -265,9 +266,10 @@ def test_pairings_are_counted_by_the_transport_agreed(closing):
     peer = producer_peer("nccl")
     link = ProducerLink("127.0.0.1", 1, peer.kv, 1)
     peer.pairs[0] = RankPair(info("cuda", "h"), link, Breaking(), "s")
-    released = RankPair(info("cuda", "h"), link, TcpTransport(), "", release_only=True)
+    release_only = RankRole(read=False, readers=1, whole=True, heads=None)
+    released = RankPair(info("cuda", "h"), link, TcpTransport(), "", release_only)
     peer.pairs[1] = released
-    rank._add(peer)
+    rank.producers._add(peer)
     assert rank.stats.data["kv_pairings"] == {"nccl": 1}
     taken = rank.stats.take()
     assert taken is not None and taken.reduce()["kv_pairings"] == 1
