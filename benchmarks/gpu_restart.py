@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gpu_e2e import gpu_env, own_first
-from gpu_token_exact import engine_args, random_prompt, tokens
+from gpu_token_exact import engine_args, pairings_by_transport, random_prompt, tokens
 
 from pdserve.local_cluster import ServerProcess, free_port, scrape_metrics
 
@@ -139,18 +139,18 @@ def run(model: str, transport: str, out: Path) -> dict:
         ok &= after["remote"] == 16 and after["loads"] == 16
         ok &= after["failures"] == 0
         log = consumer.log_path.read_text()
-        paired = [line for line in log.splitlines() if "paired with producer" in line]
         changed = [
             line
             for line in log.splitlines()
             if "instance changed" in line or "is gone" in line
         ]
-        print("\n".join(paired + changed), flush=True)
-        ok &= len(changed) >= 1 and len(paired) == 2
-        ok &= all(f"over {transport}" in line for line in paired)
+        # The first instance and the new one, both over the transport asked for.
+        pairings = pairings_by_transport(consumer.url)
+        print("\n".join(changed), json.dumps({"pairings": pairings}), flush=True)
+        ok &= len(changed) >= 1 and pairings == {transport: 2}
         ok &= consumer.process.poll() is None
         return {"transport": transport, "ok": bool(ok), "phases": results,
-                "paired": paired, "changed": changed}  # fmt: skip
+                "pairings": pairings, "changed": changed}  # fmt: skip
     except Exception as exc:
         tails = "\n".join(f"--- {n}\n{s.tail(60)}" for n, s in servers.items())
         print(f"{transport} failed: {exc!r}\n{tails}", flush=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gpu_e2e import gpu_env, own_first
 
-from pdserve.local_cluster import ServerProcess, scrape_metrics
+from pdserve.local_cluster import ServerProcess, scrape_by_label, scrape_metrics
 
 MAX_TOKENS = 16
 LENGTHS = (1, 15, 16, 17, 83, 700, 2000)
@@ -109,6 +109,13 @@ def check_concurrent(consumer, baseline, tp: int) -> dict:
     return result
 
 
+def pairings_by_transport(url: str) -> dict[str, int]:
+    """Producer ranks the consumer at ``url`` paired with, by the transport
+    agreed (its ``pdserve:kv_pairings_total``)."""
+    found = scrape_by_label(url, "pdserve:kv_pairings_total", "transport")
+    return {transport: int(count) for transport, count in found.items() if count}
+
+
 def start(servers: list[ServerProcess], server: ServerProcess) -> ServerProcess:
     servers.append(server)
     server.wait_ready(300)
@@ -140,18 +147,18 @@ def run_tp(model: str, tp: int, block: int, out: Path) -> dict:
         baseline = start(servers, ServerProcess.plain_vllm(
             f"baseline-tp{tp}", [model, *engine], logs, gpu_env(visible[2])
         ))  # fmt: skip
-        paired = [
-            line
-            for line in consumer.log_path.read_text().splitlines()
-            if "paired with producer" in line or "unavailable" in line
-        ]
-        print("\n".join(paired), flush=True)
         rows = check_sequential(model, consumer, baseline, tp, block)
         concurrent = check_concurrent(consumer, baseline, tp)
+        # Known once the engine reported a step (the pairing came before).
+        pairings = pairings_by_transport(consumer.url)
+        fallbacks = scrape_metrics(consumer.url).get(
+            "pdserve:kv_transport_fallbacks_total", 0
+        )
+        print(json.dumps({"pairings": pairings, "fallbacks": fallbacks}), flush=True)
         ok = all(r["tokens_equal"] and r["loads_ok"] and r["bytes_ok"] for r in rows)
         ok = ok and concurrent["tokens_equal"] == CONCURRENT
         return {"tp": tp, "ok": ok, "rows": rows, "concurrent": concurrent,
-                "paired": paired}  # fmt: skip
+                "pairings": pairings, "transport_fallbacks": fallbacks}  # fmt: skip
     except Exception as exc:
         tails = "\n".join(f"--- {s.name}\n{s.tail(80)}" for s in servers)
         print(f"TP {tp} failed: {exc!r}\n{tails}", flush=True)

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gpu_e2e import gpu_env, own_first
-from gpu_token_exact import engine_args, random_prompt, tokens
+from gpu_token_exact import engine_args, pairings_by_transport, random_prompt, tokens
 
 from pdserve.frontend.prefill_demand import demand_of
 from pdserve.frontend.producer_pool import rendezvous
@@ -158,12 +158,12 @@ def run(model: str, transport: str, out: Path) -> dict:
         phase("B restarted", tokens_equal=equal, served=routed)
         ok &= equal == 8 and routed == {a: 0, b: 8}
 
-        log = consumer.log_path.read_text().splitlines()
-        paired = [line for line in log if "paired with producer" in line]
-        print("\n".join(paired), flush=True)
-        ok &= len(paired) == 3 and all(f"over {transport}" in x for x in paired)
+        # A, B and B's new instance, each over the transport asked for.
+        pairings = pairings_by_transport(consumer.url)
+        phase("pairings", by_transport=pairings)
+        ok &= pairings == {transport: 3}
         ok &= consumer.process.poll() is None
-        return {"ok": bool(ok), "phases": phases, "paired": paired}
+        return {"ok": bool(ok), "phases": phases, "pairings": pairings}
     except Exception as exc:
         tails = "\n".join(f"--- {n}\n{s.tail(60)}" for n, s in servers.items())
         print(f"xpyd failed: {exc!r}\n{tails}", flush=True)

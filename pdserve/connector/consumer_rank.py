@@ -24,7 +24,11 @@ from pdserve.log import init_logger
 from pdserve.settings import Settings
 from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.side_channel.protocol import RankInfo
-from pdserve.timing import CONSUMER_WAIT_SECONDS
+from pdserve.timing import (
+    CONSUMER_WAIT_SECONDS,
+    WATCH_SECONDS,
+    WATCH_TIMEOUT_SECONDS,
+)
 
 logger = init_logger(__name__)
 
@@ -37,13 +41,17 @@ class ConsumerRank:
         info: RankInfo,
         tp_rank: int,
         secret: bytes | None,
+        watch_seconds: float = WATCH_SECONDS,
+        watch_timeout: float = WATCH_TIMEOUT_SECONDS,
     ) -> None:
         self.settings = settings
         self.kv = kv
         self.stats = PDServeStats()
+        # The watch's period and patience: tests give short ones.
         self.producers = ProducerRegistry(
-            settings, kv, info, tp_rank, secret, self.stats
-        )
+            settings, kv, info, tp_rank, secret, self.stats,
+            watch_seconds, watch_timeout,
+        )  # fmt: skip
         self._lock = self.producers.lock
         self._pulls: dict[str, Pull] = {}  # by the engine's request id
         self._done: set[str] = set()

@@ -56,6 +56,8 @@ class ProducerRegistry:
         tp_rank: int,
         secret: bytes | None,
         stats: PDServeStats,
+        watch_seconds: float = WATCH_SECONDS,
+        watch_timeout: float = WATCH_TIMEOUT_SECONDS,
     ) -> None:
         self.settings = settings
         self.kv = kv
@@ -75,6 +77,10 @@ class ProducerRegistry:
         self.lock = threading.Lock()
         self._stopped = threading.Event()
         self._watch: threading.Thread | None = None
+        # The watch's period and patience (WATCH_*), given so that tests
+        # control them rather than wait for them.
+        self._watch_seconds = watch_seconds
+        self._watch_timeout = watch_timeout
 
     # ---- pairing ----
 
@@ -161,6 +167,9 @@ class ProducerRegistry:
         if peer.setup_fallbacks:
             self.stats.add("kv_transport_fallbacks", peer.setup_fallbacks)
             peer.setup_fallbacks = 0
+        for pair in peer.pairs.values():
+            if pair.role.read:
+                self.stats.add_labeled("kv_pairings", pair.transport.name)
 
     def _least_recently_used(self) -> PeerKey:
         idle = [k for k, p in self.peers.items() if not p.busy()] or list(self.peers)
@@ -217,7 +226,7 @@ class ProducerRegistry:
             self._watch.start()
 
     def _watch_producers(self) -> None:
-        while not self._stopped.wait(WATCH_SECONDS):
+        while not self._stopped.wait(self._watch_seconds):
             self._pair_with_targets()
             for peer in list(self.peers.values()):
                 if self._producer_alive(peer):
@@ -260,7 +269,7 @@ class ProducerRegistry:
         for rank in list(peer.pairs):
             try:
                 instance_id = (
-                    peer.client(rank, WATCH_TIMEOUT_SECONDS).rank_info().instance_id
+                    peer.client(rank, self._watch_timeout).rank_info().instance_id
                 )
             except (ConnectionRefusedError, ConnectionResetError):
                 return False

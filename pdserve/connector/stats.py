@@ -43,6 +43,11 @@ LABELED_COUNTERS = {
         "token itself, by reason (a feature the model runner cannot continue from "
         "the producer's token exactly, no first token in the lease, ...).",
     ),
+    "kv_pairings": (
+        "transport",
+        "Producer ranks a consumer rank paired with to read KV from (again for "
+        "a new producer instance), by the transport agreed at pairing.",
+    ),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ PRODUCER_CORES, CONSUMER_CORES = split_cores()
 # Consumers of the suite prefill every prompt remotely (placement would keep
 # short or locally cached prompts here, or take a busy producer's work): the
 # tests prove the remote path. Placement itself is tested with its own
-# consumer (test_zzy_xpyd).
+# consumer (test_xpyd).
 ALWAYS_REMOTE = [
     "--local-prefill-max-tokens", "0",
     "--producer-saturation-requests", "1000000",
@@ -55,6 +56,34 @@ def engine_args(model: str, max_len: int) -> list[str]:
         "--seed", "0",
         "--max-num-seqs", "32",
     ]  # fmt: skip
+
+
+class Stage(IntEnum):
+    """When a module runs (``pytestmark = pytest.mark.stage(Stage.X)``; an
+    unmarked one is SHARED): after every module of an earlier stage, in
+    pytest's order within its own. Later stages stop the session's servers
+    that earlier ones use."""
+
+    SHARED = 0  # the session's producer, consumer and baseline serve
+    IDLE_CHECK = 1  # all of SHARED done: nothing may be held on either node
+    XPYD = 2  # stops the session's consumer (two producers and more engines)
+    TENSOR_PARALLEL = 3  # stops the session's producer too (TP 2 engines)
+
+
+def stage_of(item: pytest.Item) -> int:
+    marker = item.get_closest_marker("stage")
+    return Stage.SHARED if marker is None else int(marker.args[0])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """This directory's tests in stage order (a stable sort), in the places
+    they were collected at among others' (``pytest tests`` runs the unit
+    tests after them, as before)."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in item.path.parents]
+    ordered = sorted((items[i] for i in slots), key=stage_of)
+    for slot, item in zip(slots, ordered, strict=True):
+        items[slot] = item
 
 
 @dataclass

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.eventually import Equal, eventually
 
 TIMEOUT = 300
 
@@ -87,13 +88,14 @@ def idle_state(url: str) -> tuple[float, float, float]:
 
 
 def wait_idle(url: str, timeout: float = 20) -> tuple[float, float, float]:
-    """Poll until no request runs or waits and no KV block is held."""
-    deadline = time.monotonic() + timeout
-    state = idle_state(url)
-    while state != (0, 0, 0) and time.monotonic() < deadline:
-        time.sleep(0.25)
-        state = idle_state(url)
-    return state
+    """Poll until no request runs or waits and no KV block is held; that
+    state (running, waiting, KV usage)."""
+    return eventually(
+        lambda: Equal(idle_state(url), (0, 0, 0)),
+        timeout,
+        f"{url} idle (requests running, waiting, KV usage)",
+        interval=0.25,
+    ).got
 
 
 def pd_counters(url: str) -> dict[str, float]:

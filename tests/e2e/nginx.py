@@ -15,12 +15,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 from pdserve.local_cluster import free_port
+from tests.eventually import eventually
 
 READY_PATH = "/__nginx_ready"
 
@@ -96,7 +96,7 @@ def start_nginx(
     """Start nginx balancing over ``upstreams``; returns (its URL, stop).
 
     Raises FileNotFoundError if nginx is not installed, RuntimeError if it
-    exits while starting, TimeoutError if it does not serve in time."""
+    exits while starting, AssertionError if it does not serve in time."""
     binary = nginx_binary()
     if binary is None:
         raise FileNotFoundError("nginx is not installed (scripts/setup.sh installs it)")
@@ -127,18 +127,18 @@ def start_nginx(
         out.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def serving() -> bool:
         if process.poll() is not None:
-            stop()
             error = (log_dir / "nginx-error.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"nginx exited with {process.returncode}:\n{error}")
-        if _serves(port):
-            return f"http://127.0.0.1:{port}", stop
-        if time.monotonic() > deadline:
-            stop()
-            raise TimeoutError(f"nginx not serving after {timeout}s")
-        time.sleep(0.05)
+        return _serves(port)
+
+    try:
+        eventually(serving, timeout, "nginx to serve", interval=0.05)
+    except BaseException:
+        stop()
+        raise
+    return f"http://127.0.0.1:{port}", stop
 
 
 def _serves(port: int) -> bool:

@@ -4,10 +4,12 @@ would run out, and no lease expires."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import psutil
@@ -16,6 +18,7 @@ import requests
 from benchmarks.load_with_aborts import completion_body
 from tests.e2e.conftest import random_prompt
 from tests.e2e.helpers import TIMEOUT, metric, wait_idle
+from tests.eventually import eventually
 
 # Leases run 30 s on the session producer: freeing within this shows they
 # were released, not expired.
@@ -33,12 +36,27 @@ def raw_request(url: str, body: dict) -> bytes:
     return head.encode() + data
 
 
-def send_and_leave(url: str, body: dict, after: float) -> None:
-    """Send a whole request, then close the connection ``after`` seconds later."""
+@contextlib.contextmanager
+def request_sent(url: str, body: dict) -> Iterator[None]:
+    """Send a whole request; the client leaves (closes the connection) when
+    the block ends."""
     parsed = urlparse(url)
     with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as conn:
         conn.sendall(raw_request(url, body))
+        yield
+
+
+def send_and_leave(url: str, body: dict, after: float) -> None:
+    """Send a whole request, then leave ``after`` seconds later (a moment
+    the test picks, not a wait for something)."""
+    with request_sent(url, body):
         time.sleep(after)
+
+
+def asking_producers(url: str) -> float:
+    """Prefills the consumer at ``url`` is waiting for from its producers."""
+    metadata = requests.get(url + "/pdserve/metadata", timeout=30).json()
+    return sum(p["outstanding_requests"] for p in metadata["producers"])
 
 
 def leave_after_first_token(url: str, body: dict) -> str:
@@ -111,14 +129,22 @@ def test_leave_while_the_producer_prefills(cluster):
     for process in engine:
         process.suspend()
     try:
-        send_and_leave(cluster.consumer.url, stream_body(random_prompt(64, 7100)), 0.5)
+        with request_sent(cluster.consumer.url, stream_body(random_prompt(64, 7100))):
+            eventually(
+                lambda: asking_producers(cluster.consumer.url),
+                30,
+                "the consumer to ask the producer",
+                interval=0.05,
+            )
     finally:
         for process in engine:
             process.resume()
-    deadline = time.monotonic() + FREED_WITHIN_SECONDS
-    while released_by_frontend(cluster.consumer.url) == released:
-        assert time.monotonic() < deadline, "lease not released by the consumer"
-        time.sleep(0.25)
+    eventually(
+        lambda: released_by_frontend(cluster.consumer.url) != released,
+        FREED_WITHIN_SECONDS,
+        "the consumer to release the lease",
+        interval=0.25,
+    )
     assert released_by_frontend(cluster.consumer.url) == released + 1
     # The request never reached the consumer's engine.
     assert metric(cluster.consumer.url, "vllm:prompt_tokens_total") == consumer_prompts

@@ -16,7 +16,6 @@ pulled, the lease goes back.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import CONSUMER_MAX_LEN, random_prompt
 from tests.e2e.helpers import TIMEOUT, post, wait_idle
+from tests.eventually import Equal, eventually
 
 PROMPT = "The weather today is sunny and the network"
 MESSAGES = [
@@ -270,11 +270,12 @@ class Route:
         if self.any_loads:
             expected.pop("loads", None)
         assert wait_idle(self.cluster.consumer.url) == (0, 0, 0)
-        deadline = time.monotonic() + COUNTERS_WITHIN_SECONDS
-        moved = self.moved()
-        while moved != expected and time.monotonic() < deadline:
-            time.sleep(0.05)
-            moved = self.moved()
+        moved = eventually(
+            lambda: Equal(self.moved(), expected),
+            COUNTERS_WITHIN_SECONDS,
+            "the path's counters",
+            interval=0.05,
+        ).got
         assert moved == expected, f"path: expected {expected}, counters moved {moved}"
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from urllib.parse import urlparse
 
 import pytest
@@ -44,6 +43,7 @@ from tests.e2e.helpers import (
     post,
     wait_idle,
 )
+from tests.eventually import eventually
 
 KEY = "sk-e2e-hardening-7d21"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -137,10 +137,12 @@ def test_consumer_starts_without_producers_and_picks_one_up(hardened):
     assert local_prefills(consumer.url, "no_producer") == before + 1
 
     hardened.start_producer()
-    deadline = time.monotonic() + 60  # names are looked up every 5 s
-    while not health(consumer)["remote_prefill"]:
-        assert time.monotonic() < deadline, "the producer was not picked up"
-        time.sleep(0.5)
+    eventually(  # names are looked up every 5 s
+        lambda: health(consumer)["remote_prefill"],
+        60,
+        "the producer to be picked up",
+        interval=0.5,
+    )
     assert health(consumer) == {
         "producers_known": 1,
         "producers_usable": 1,
@@ -317,10 +319,13 @@ def test_client_request_ids_stay_on_the_consumer(cluster):
     assert response.json()["choices"][0]["token_ids"] == expected
     # The consumer's own vLLM took the client's id, as vLLM does.
     assert "x" * 300 in response.json()["id"]
-    deadline = time.monotonic() + 10
-    while metric(cluster.producer.url, "pdserve:kv_leases_released_total") == released:
-        assert time.monotonic() < deadline, "the producer's lease was not released"
-        time.sleep(0.2)
+    producer = cluster.producer.url
+    eventually(
+        lambda: metric(producer, "pdserve:kv_leases_released_total") != released,
+        10,
+        "the producer's lease to be released",
+        interval=0.2,
+    )
     assert metric(cluster.producer.url, "pdserve:kv_leases_expired_total") == expired
 
 

@@ -29,6 +29,7 @@ from tests.e2e.helpers import (
     pd_counters,
     wait_idle,
 )
+from tests.eventually import eventually
 
 BACK_WITHIN_SECONDS = 10
 # Short leases: the consumer-crash test waits for them to run out.
@@ -90,7 +91,14 @@ def test_producer_killed_mid_load_then_back_on_same_ports(
     in_flight = [greedy(random_prompt(300 + i, seed=4010 + i), 8) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         answers = [pool.submit(completion_tokens, consumer, b) for b in in_flight]
-        time.sleep(0.3)
+        # Killed once its first lease is out: the others are being prefilled
+        # or pulled.
+        eventually(
+            lambda: metric(consumer, "pdserve:remote_prefills_total") > remote,
+            60,
+            "the load's first lease",
+            interval=0.05,
+        )
         pair["producer"].kill()
         got = [answer.result() for answer in answers]
     assert got == [completion_tokens(cluster.baseline.url, b) for b in in_flight]
@@ -111,14 +119,20 @@ def test_producer_killed_mid_load_then_back_on_same_ports(
     pair["producer"] = start_producer(tiny_model, log_dir, port=pair["producer"].port)
     pair["producer"].wait_ready()
     remote = metric(consumer, "pdserve:remote_prefills_total")
-    deadline = time.monotonic() + BACK_WITHIN_SECONDS
-    while metric(consumer, "pdserve:remote_prefills_total") == remote:
-        assert time.monotonic() < deadline, "consumer did not use the producer again"
+
+    def ask_fresh() -> None:
         fresh = greedy(random_prompt(33, seed=int(time.monotonic() * 1000) % 10**6))
         assert completion_tokens(consumer, fresh) == completion_tokens(
             cluster.baseline.url, fresh
         )
-        time.sleep(0.5)
+
+    eventually(
+        lambda: metric(consumer, "pdserve:remote_prefills_total") != remote,
+        BACK_WITHIN_SECONDS,
+        "the consumer to use the producer again",
+        step=ask_fresh,
+        interval=0.5,
+    )
     before = pd_counters(consumer)
     after_restart = [greedy(random_prompt(90 + i, seed=4050 + i)) for i in range(4)]
     for request in after_restart:
@@ -165,10 +179,14 @@ def test_consumer_killed_while_holding_leases(pair):
         threading.Thread(
             target=post_until_killed, args=(consumer, body), daemon=True
         ).start()
-    deadline = time.monotonic() + 60
-    while metric(consumer, "pdserve:remote_prefills_total") < leased + requests_sent:
-        assert time.monotonic() < deadline, "the consumer got no leases"
-        time.sleep(0.2)
+    eventually(
+        lambda: (
+            metric(consumer, "pdserve:remote_prefills_total") >= leased + requests_sent
+        ),
+        60,
+        "the consumer to get its leases",
+        interval=0.2,
+    )
 
     pair["consumer"].kill()
     assert metric(producer, "vllm:num_requests_running") == 0

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pdserve.local_cluster import scrape_by_label
 from tests.e2e.conftest import BLOCK_SIZE, CONSUMER_MAX_LEN, random_prompt
 from tests.e2e.helpers import (
     RemotePath,
@@ -26,6 +27,18 @@ LENGTHS = [
     5 * BLOCK_SIZE + 3,
     CONSUMER_MAX_LEN - MAX_TOKENS,
 ]
+
+
+def test_pairing_is_counted_by_its_transport(cluster):
+    """CPU nodes pair over tcp; ``pdserve:kv_pairings_total{transport}`` says
+    so (the GPU scripts read it), reported with an engine step."""
+    body = greedy(random_prompt(40, seed=9100), 2)
+    with RemotePath(cluster.consumer.url, 1):
+        completion_tokens(cluster.consumer.url, body)
+    pairings = scrape_by_label(
+        cluster.consumer.url, "pdserve:kv_pairings_total", "transport"
+    )
+    assert set(pairings) == {"tcp"} and pairings["tcp"] >= 1
 
 
 def prompt_tokens(url: str, source: str) -> float:

@@ -212,16 +212,22 @@ def pump(
     that finished meanwhile. ``on_step`` is told how long each producer
     step took."""
     finished: list[Load] = []
-    deadline = time.monotonic() + timeout
-    while not until(finished):
-        assert time.monotonic() < deadline, "side channel made no progress"
-        finished += link.pump()
+
+    def both_steps() -> None:
+        finished.extend(link.pump())
         if server is not None and producer_steps:
             started = time.monotonic()
             server.step()
             if on_step is not None:
                 on_step(time.monotonic() - started)
-        time.sleep(0.001)
+
+    eventually(
+        lambda: until(finished),
+        timeout,
+        "side channel progress",
+        step=both_steps,
+        interval=0.001,
+    )
     return finished
 
 
@@ -241,9 +247,10 @@ def one(finished: list[Load]) -> bool:
 
 
 def consumer_rank(
-    kv: PagedKVCache, port: int, secret: bytes | None = None
+    kv: PagedKVCache, port: int, secret: bytes | None = None, **kwargs
 ) -> ConsumerRank:
-    """A consumer rank of the producer rank at ``port`` (not yet paired)."""
+    """A consumer rank of the producer rank at ``port`` (not yet paired);
+    ``kwargs`` go to ``ConsumerRank`` (e.g. the watch's period)."""
     settings = Settings(
         role="consumer",
         model="m",
@@ -251,7 +258,9 @@ def consumer_rank(
         connect_timeout=5,
         transfer_timeout=5,
     )
-    rank = ConsumerRank(settings, kv, rank_info_for(kv, instance_id=""), 0, secret)
+    rank = ConsumerRank(
+        settings, kv, rank_info_for(kv, instance_id=""), 0, secret, **kwargs
+    )
     rank.close = rank.shutdown
     return rank
 
@@ -264,18 +273,22 @@ def run_load(
     rank.start(
         [LoadSpec("c-" + lease.request_id, lease, lease.block_ids, local)], [], []
     )
-    deadline = time.monotonic() + 10
-    while True:
-        rank.poll()
-        server.step()
-        done, _ = rank.take_done()
-        if done:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    eventually(
+        lambda: rank.take_done()[0],
+        10,
+        "the pull to end",
+        step=lambda: steps(rank, server),
+        interval=0.001,
+    )
     if rank.stats.data["kv_load_failures"] == failures_before:
         return None
     return rank.last_error
+
+
+def steps(rank: ConsumerRank, server: KVServer) -> None:
+    """One step of each engine: the consumer rank's, then the producer's."""
+    rank.poll()
+    server.step()
 
 
 def pair_with(rank: ConsumerRank, port: int, instance_id: str = INSTANCE_ID) -> None:
@@ -304,12 +317,13 @@ def only_pair(rank: ConsumerRank) -> RankPair:
     return pair
 
 
-def paired_rank(closing) -> tuple[PagedKVCache, KVServer, ConsumerRank]:
-    """A producer's cache and server, and a consumer rank paired with it."""
+def paired_rank(closing, **kwargs) -> tuple[PagedKVCache, KVServer, ConsumerRank]:
+    """A producer's cache and server, and a consumer rank paired with it
+    (``kwargs``: as for ``consumer_rank``)."""
     producer = paged_kv()
     server = start_server(producer)
     closing(server)
-    rank = consumer_rank(empty_like(producer), server.port)
+    rank = consumer_rank(empty_like(producer), server.port, **kwargs)
     closing(rank)
     rank.connect()
     return producer, server, rank

@@ -3,13 +3,12 @@ producers. A consumer without producers is healthy (it prefills locally)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 
 from pdserve.entrypoints.middleware import PDServeMiddleware
 from pdserve.frontend import producer_pool
 from pdserve.settings import ENV_VAR
+from tests.eventually import eventually_async
 from tests.unit.http_fakes import (
     CONSUMER,
     FakeVLLM,
@@ -30,12 +29,13 @@ def consumer_of(monkeypatch, urls: list[str], vllm: FakeVLLM) -> PDServeMiddlewa
 
 async def health_until(mw: PDServeMiddleware, usable: int) -> dict:
     """/health's details once ``usable`` producers are in them."""
-    while True:
+
+    async def details() -> dict | None:
         answer = await call(mw, "GET", "/health", b"", [])
         assert answer.status == 200
-        if answer.json()["producers_usable"] == usable:
-            return answer.json()
-        await asyncio.sleep(0.02)
+        return answer.json() if answer.json()["producers_usable"] == usable else None
+
+    return await eventually_async(details, 5, f"{usable} usable", interval=0.02)
 
 
 def test_health_says_whether_prompts_go_to_producers(monkeypatch):

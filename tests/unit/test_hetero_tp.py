@@ -5,8 +5,6 @@ rank that reads it has released it."""
 
 from __future__ import annotations
 
-import time
-
 import msgspec
 import pytest
 import torch
@@ -20,6 +18,7 @@ from pdserve.side_channel.leases import LeaseTable
 from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.side_channel.server import KVServer
 from pdserve.transport import get_transport
+from tests.eventually import Equal, eventually
 from tests.unit.side_channel import INSTANCE_ID, NODE_KEY, make_lease, rank_info_for
 
 HEADS = 4
@@ -74,8 +73,10 @@ def producer(
 
 
 def consumer(
-    tp: int, ports: list[int], closing, heads: int = HEADS
+    tp: int, ports: list[int], closing, heads: int = HEADS, **kwargs
 ) -> list[ConsumerRank]:
+    """Consumer ranks paired with the producer ranks at ``ports``
+    (``kwargs``: to ``ConsumerRank``, e.g. the watch's period)."""
     settings = Settings(
         role="consumer",
         model="m",
@@ -88,7 +89,7 @@ def consumer(
         zeros = [torch.zeros(2, NUM_BLOCKS, 16, heads, 8)] * 2
         kv = rank_kv(zeros, rank_heads(heads, tp, rank))
         consumer_rank = ConsumerRank(
-            settings, kv, info(kv, tp, rank, "", heads), rank, None
+            settings, kv, info(kv, tp, rank, "", heads), rank, None, **kwargs
         )
         closing(consumer_rank)
         consumer_rank.close = consumer_rank.shutdown
@@ -110,27 +111,49 @@ def pull(ranks: list[ConsumerRank], servers: list[KVServer], lease, local) -> No
     producer's engine steps all along."""
     for rank in ranks:
         rank.start([LoadSpec("c-r", lease, lease.block_ids, local)], [], [])
-        deadline = time.monotonic() + 10
-        while not rank.take_done()[0]:
-            assert time.monotonic() < deadline, "pull made no progress"
+
+        def both_steps(rank: ConsumerRank = rank) -> None:
             rank.poll()
-            for server in servers:
-                server.step()
-            time.sleep(0.001)
+            step(servers)
+
+        eventually(
+            lambda rank=rank: rank.take_done()[0],
+            10,
+            f"rank {rank.producers.tp_rank}'s pull",
+            step=both_steps,
+            interval=0.001,
+        )
         assert rank.stats.data["kv_load_failures"] == 0, rank.last_error
         assert rank.stats.data["kv_loads"] == 1
 
 
-def settle(servers: list[KVServer], seconds: float = 0.1) -> list[int]:
-    """Leases each producer rank still holds after ``seconds`` of steps."""
-    deadline = time.monotonic() + seconds
-    while True:
-        for server in servers:
-            server.step()
-        held = [len(server.leases) for server in servers]
-        if not any(held) or time.monotonic() > deadline:
-            return held
-        time.sleep(0.005)
+def step(servers: list[KVServer]) -> None:
+    """One step of each producer rank's engine."""
+    for server in servers:
+        server.step()
+
+
+def held(servers: list[KVServer]) -> list[int]:
+    """Leases each producer rank holds."""
+    return [len(server.leases) for server in servers]
+
+
+def let_go(servers: list[KVServer]) -> None:
+    """Step the producer ranks until none holds a lease (no consumer step:
+    what the consumer ranks still owe, their watch sends)."""
+    eventually(
+        lambda: Equal(held(servers), [0] * len(servers)),
+        5,
+        "every producer rank to let go",
+        step=lambda: step(servers),
+    )
+
+
+def released_once(servers: list[KVServer], request_id: str) -> bool:
+    """Each of ``servers`` has a release of the lease (it ended, or waits
+    for more consumer ranks')."""
+    leases = [server.leases._leases.get(request_id) for server in servers]
+    return all(lease is None or lease.released_by for lease in leases)
 
 
 def heads_of(layers, rank_kv_cache: PagedKVCache, heads: range, blocks, local):
@@ -158,8 +181,17 @@ def test_each_consumer_rank_gets_exactly_its_heads(closing, producer_tp, consume
     ]  # fmt: skip
     if consumer_tp > 1:
         # Another consumer rank still reads: no producer rank it needs let go.
-        held = settle(servers)
-        assert all(held[p] == 1 for p in range(producer_tp) if readers_left[p] > 1)
+        read = {
+            s.producer_rank for s in head_slices(HEADS, producer_tp, consumer_tp, 0)
+        }
+        eventually(
+            lambda: released_once([servers[p] for p in read], lease.request_id),
+            5,
+            "consumer rank 0's releases",
+            step=lambda: step(servers),
+        )
+        still = held(servers)
+        assert all(still[p] == 1 for p in range(producer_tp) if readers_left[p] > 1)
     pull(ranks[1:], servers, lease, local)
 
     for rank in range(consumer_tp):
@@ -168,7 +200,7 @@ def test_each_consumer_rank_gets_exactly_its_heads(closing, producer_tp, consume
         # Nothing but the pulled blocks was written.
         untouched = [b for b in range(NUM_BLOCKS) if b not in local]
         assert not ranks[rank].kv.layers[0][:, untouched].any()
-    assert settle(servers, seconds=5) == [0] * producer_tp
+    let_go(servers)
 
 
 @pytest.mark.parametrize(("producer_tp", "consumer_tp"), [(4, 1), (4, 2), (2, 1)])
@@ -181,14 +213,16 @@ def test_fewer_heads_than_producer_ranks_every_rank_lets_go(
     heads = 2
     layers = full_kv(heads=heads)
     servers = producer(layers, producer_tp, closing, heads)
-    ranks = consumer(consumer_tp, [s.port for s in servers], closing, heads)
+    ranks = consumer(
+        consumer_tp, [s.port for s in servers], closing, heads, watch_seconds=0.05
+    )
     lease = grant(servers, [2, 5])
     pull(ranks, servers, lease, [7, 8])
     for rank in range(consumer_tp):
         wanted = rank_heads(heads, consumer_tp, rank)
         heads_of(layers, ranks[rank].kv, wanted, [2, 5], [7, 8])
     # Within a few seconds, with no consumer step: the watch sends them.
-    assert settle(servers, seconds=5) == [0] * producer_tp
+    let_go(servers)
 
 
 def test_heads_map_to_the_ranks_that_hold_them():

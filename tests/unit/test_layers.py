@@ -149,8 +149,9 @@ def test_the_graph_sees_imports_of_every_form():
     # "from pdserve.x.y import Z", lazily inside a function, and relative-free
     # "from pdserve.x import module" are all edges.
     assert "pdserve.side_channel.client" in edges["pdserve.connector.producer_peer"]
-    assert "pdserve.connector.producer_scheduler" in edges[
-        "pdserve.connector.scheduler_role"
-    ]
+    assert (
+        "pdserve.connector.producer_scheduler"
+        in edges["pdserve.connector.scheduler_role"]
+    )
     assert "pdserve.side_channel.client" in edges["pdserve.entrypoints.api_server"]
     assert layer_of("pdserve.transport.ipc") < layer_of("pdserve.side_channel.client")

@@ -14,6 +14,7 @@ from pdserve import metrics
 from pdserve.entrypoints.middleware import PDServeMiddleware
 from pdserve.frontend.remote_prefill import Answer
 from pdserve.lease import Lease
+from tests.eventually import eventually_async
 from tests.unit.http_fakes import CONSUMER, FakeEngine, app_state, make_lease, use_node
 
 BODY = json.dumps({"prompt": "Hello", "max_tokens": 4, "stream": True}).encode()
@@ -73,6 +74,8 @@ class Client:
 
     def __init__(self) -> None:
         self.gone = asyncio.Event()
+        # The server took the disconnect (its receive returned it).
+        self.left = asyncio.Event()
         self.sent_body = False
         self.received: list[dict] = []
 
@@ -81,7 +84,15 @@ class Client:
             self.sent_body = True
             return {"type": "http.request", "body": BODY, "more_body": False}
         await self.gone.wait()
+        self.left.set()
         return {"type": "http.disconnect"}
+
+    def got(self, kind: str, body: bytes | None = None) -> bool:
+        """Whether a message of ``kind`` (with ``body``) reached the client."""
+        return any(
+            m["type"] == kind and (body is None or m.get("body") == body)
+            for m in self.received
+        )
 
     async def send(self, message: dict) -> None:
         self.received.append(message)
@@ -157,7 +168,7 @@ def test_client_gone_during_prefill_releases_and_skips_vllm(middleware):
         task = asyncio.create_task(mw(scope(prefill), client.receive, client.send))
         await prefill.asked.wait()
         client.gone.set()
-        await asyncio.sleep(0.05)  # the disconnect arrives before the answer
+        await client.left.wait()  # the disconnect arrives before the answer
         prefill.answer.set()
         await task
         return app, prefill, client
@@ -195,7 +206,8 @@ def test_client_gone_before_any_answer_releases(middleware):
         client = Client()
         prefill.answer.set()
         task = asyncio.create_task(mw(scope(prefill), client.receive, client.send))
-        await asyncio.sleep(0.05)
+        started = "http.response.start"
+        await eventually_async(lambda: client.got(started), 5, "the response start")
         client.gone.set()
         await task
         return app, prefill
@@ -212,7 +224,8 @@ def test_client_gone_after_tokens_leaves_release_to_the_engine(middleware):
         client = Client()
         prefill.answer.set()
         task = asyncio.create_task(mw(scope(prefill), client.receive, client.send))
-        await asyncio.sleep(0.05)
+        token = ("http.response.body", b"data: x\n\n")
+        await eventually_async(lambda: client.got(*token), 5, "the first token")
         client.gone.set()
         await task
         return prefill

@@ -24,6 +24,7 @@ from pdserve.frontend.kv_events_config import (
     consumer_kv_events,
 )
 from pdserve.frontend.prefix_index import PrefixIndex
+from tests.eventually import eventually
 
 BS = 4
 
@@ -151,12 +152,10 @@ def _publisher(tmp_path, replay: bool = True) -> ZmqEventPublisher:
     )
 
 
-def _wait(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
+def _published(pub: ZmqEventPublisher, count: int) -> None:
+    """vLLM's publisher sends on a thread of its own; what it sent is in its
+    replay buffer."""
+    eventually(lambda: len(pub._buffer) >= count, 5, f"{count} batch(es) sent")
 
 
 def _batch(*events) -> KVEventBatch:
@@ -177,7 +176,7 @@ def test_over_zmq_with_replay_of_what_came_before_subscribing(short_tmp):
     try:
         # Published before anyone subscribed: only the replay has it.
         pub.publish(_batch(stored([1, 2], None, PROMPT[:8])))
-        time.sleep(0.3)
+        _published(pub, 1)
         index = PrefixIndex(BS)
         sub = KVEventSubscriber(
             index,
@@ -187,17 +186,18 @@ def test_over_zmq_with_replay_of_what_came_before_subscribing(short_tmp):
         ).start()
         try:
             # PUB drops until the subscription is through: publish until seen.
-            def seen() -> bool:
-                pub.publish(_batch(stored([3], 2, PROMPT[8:12])))
-                time.sleep(0.05)
-                return index.cached_tokens(PROMPT) == 12
-
-            _wait(seen)
+            eventually(
+                lambda: index.cached_tokens(PROMPT) == 12,
+                10,
+                "the live batch in the index",
+                step=lambda: pub.publish(_batch(stored([3], 2, PROMPT[8:12]))),
+                interval=0.05,
+            )
             assert sub.replayed >= 1
             pub.publish(_batch(removed([2])))
-            _wait(lambda: index.cached_tokens(PROMPT) == 4)
+            eventually(lambda: index.cached_tokens(PROMPT) == 4, 10, "the removal")
             pub.publish(_batch(AllBlocksCleared()))
-            _wait(lambda: len(index) == 0)
+            eventually(lambda: len(index) == 0, 10, "the index cleared")
         finally:
             sub.close()
     finally:
@@ -212,12 +212,12 @@ def test_a_lone_batch_published_before_subscribing_is_caught_up(short_tmp):
     )
     try:
         pub.publish(_batch(stored([1, 2], None, PROMPT[:8])))
-        time.sleep(0.3)
+        _published(pub, 1)
         sub.start()
         # Nothing else is published: only the idle catch-up can find it.
-        _wait(lambda: index.cached_tokens(PROMPT) == 8)
+        eventually(lambda: index.cached_tokens(PROMPT) == 8, 10, "the catch-up")
         pub.publish(_batch(removed([1])))
-        _wait(lambda: index.cached_tokens(PROMPT) == 0)
+        eventually(lambda: index.cached_tokens(PROMPT) == 0, 10, "the removal")
         assert sub.errors == 0
     finally:
         sub.close()

@@ -25,6 +25,7 @@ from pdserve.frontend.producer_pool import Producer, ProducerPool
 from pdserve.frontend.producer_source import ProducerSource
 from pdserve.frontend.remote_prefill import RemotePrefill
 from pdserve.lease import Lease
+from tests.eventually import eventually_async
 from tests.unit.http_fakes import (
     CONSUMER,
     FakeProducer,
@@ -51,6 +52,23 @@ def failovers(reason: str) -> float:
 
 def local_prefills(reason: str) -> float:
     return metrics.LOCAL_PREFILLS.labels(reason=reason)._value.get()
+
+
+def health_probes(producer: FakeProducer) -> int:
+    return sum(path == "/health" for path, _ in producer.gets)
+
+
+def counted_lookups(monkeypatch) -> list[str]:
+    """The URL of each producer lookup (a resolution), as they happen."""
+    lookups: list[str] = []
+    resolve = ProducerSource.resolve
+
+    async def counted(self: ProducerSource) -> list[str]:
+        lookups.append(self.url)
+        return await resolve(self)
+
+    monkeypatch.setattr(ProducerSource, "resolve", counted)
+    return lookups
 
 
 @pytest.fixture(autouse=True)
@@ -165,12 +183,10 @@ def test_affinity_yields_to_an_overloaded_producer():
             payload = prompt_for(prefill, a)
             big = producer_pool.AFFINITY_SLACK_TOKENS + 1
             held = asyncio.ensure_future(ask(prefill, payload, prompt_tokens=big))
-            while not a.requests:
-                await asyncio.sleep(0.01)
+            await eventually_async(lambda: a.requests, 5, "the big prefill at a")
             # Same prefix, but a holds more than 2x b's work + the slack.
             second = asyncio.ensure_future(ask(prefill, payload, prompt_tokens=10))
-            while not b.requests:
-                await asyncio.sleep(0.01)
+            await eventually_async(lambda: b.requests, 5, "the second one at b")
             release.set()
             assert await held is not None and await second is not None
             assert (len(a.requests), len(b.requests)) == (1, 1)
@@ -281,12 +297,16 @@ def test_down_producer_skipped_until_its_health_recovers():
             for _ in range(3):
                 assert (await ask(prefill, payload)) is not None
             assert (len(a.requests), len(b.requests)) == (1, 4)
-            await asyncio.sleep(0.2)  # probes keep failing: still down
-            assert by_url(prefill, a).health.down
+            probes = health_probes(a)
+            await eventually_async(
+                lambda: health_probes(a) >= probes + 2, 5, "two more probes"
+            )
+            assert by_url(prefill, a).health.down  # they failed: still down
 
             a.answer, a.health = lease_answer, 200
-            while by_url(prefill, a).health.down:
-                await asyncio.sleep(0.02)
+            await eventually_async(
+                lambda: not by_url(prefill, a).health.down, 5, "a up again"
+            )
             assert (await ask(prefill, payload)) is not None
             assert (len(a.requests), len(b.requests)) == (2, 4)
             assert any(path == "/health" for path, _ in a.gets)
@@ -319,8 +339,9 @@ def test_producers_follow_the_name(monkeypatch):
     monkeypatch.setattr(ProducerSource, "resolve", resolve)
 
     async def wait_for(prefill: RemotePrefill, count: int) -> None:
-        while len(prefill.pool.producers()) != count:
-            await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: len(prefill.pool.producers()) == count, 5, f"{count} producers"
+        )
 
     async def scenario() -> None:
         async with fake_producer(lease_answer) as first:
@@ -357,9 +378,10 @@ def test_producers_follow_the_name(monkeypatch):
     run(scenario())
 
 
-def test_incompatible_producer_is_never_used(caplog):
+def test_incompatible_producer_is_never_used(caplog, monkeypatch):
     logger = logging.getLogger("pdserve")
     logger.addHandler(caplog.handler)
+    lookups = counted_lookups(monkeypatch)
 
     async def scenario() -> None:
         async with producers(2) as (a, b):
@@ -368,7 +390,10 @@ def test_incompatible_producer_is_never_used(caplog):
                 assert [p.url for p in prefill.pool.producers()] == [a.url]
                 for i in range(10):
                     await ask(prefill, {"prompt": f"{i} prompt"})
-                await asyncio.sleep(0.2)  # a few more lookups
+                seen = len(lookups)
+                await eventually_async(
+                    lambda: len(lookups) >= seen + 4, 5, "two more lookups of each"
+                )
                 assert len(a.requests) == 10 and b.requests == []
                 assert [p.url for p in prefill.pool.producers()] == [a.url]
 
@@ -508,14 +533,12 @@ def test_hung_producer_is_back_only_once_it_answers_work(monkeypatch):
             hung = by_url(prefill, a)
             assert hung.health.hung
             # Probes time out; its /health answering 200 does not count.
-            while len(a.bodies) < 3:
-                await asyncio.sleep(0.02)
+            await eventually_async(lambda: len(a.bodies) >= 3, 5, "two work probes")
             assert hung.health.down
             assert not any(path == "/health" for path, _ in a.gets)
 
             gate.set()  # the engine answers again
-            while hung.health.down:
-                await asyncio.sleep(0.02)
+            await eventually_async(lambda: not hung.health.down, 5, "a back")
             assert not hung.health.hung
             probes = [
                 (body, headers)
@@ -545,8 +568,9 @@ def test_producer_absent_at_start_joins_when_it_comes_up():
             assert local_prefills("no_producer") == before + 1
             assert prefill.pool.state()["remote_prefill"] is False
             async with fake_producer(lease_answer, port=port) as late:
-                while not prefill.pool.producers():
-                    await asyncio.sleep(0.02)
+                await eventually_async(
+                    prefill.pool.producers, 5, "the producer to join"
+                )
                 assert await ask(prefill, {"prompt": "hi"}) is not None
                 assert len(late.requests) == 1
                 assert prefill.pool.state() == {

@@ -23,6 +23,7 @@ from pdserve.ticket import (
     Ticket,
     message_from_params,
 )
+from tests.eventually import eventually_async
 from tests.unit.http_fakes import (
     CONSUMER,
     FakeEngine,
@@ -63,20 +64,22 @@ class VLLM(FakeVLLM):
 
     engine: Engine | None = None
 
+    def __init__(self, status: int) -> None:
+        super().__init__(status=status)
+        # Set once the request is in (waiting for the answer) or rejected.
+        self.has_request = asyncio.Event()
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.status < 400 and self.engine is not None:
 
             async def after_the_answer(message: dict) -> None:
+                self.has_request.set()
                 await self.engine.answered.wait()
                 await send(message)
 
             return await super().__call__(scope, receive, after_the_answer)
         await super().__call__(scope, receive, send)
-
-
-async def _handed(engine: Engine, count: int) -> None:
-    while len(engine.rejected) < count:
-        await asyncio.sleep(0.005)
+        self.has_request.set()
 
 
 def released(reason: str) -> float:
@@ -86,14 +89,15 @@ def released(reason: str) -> float:
 def scenario(monkeypatch, answer, status: int = 200, handed: int = 1):
     """One completion through a consumer with tickets on; (key, vLLM,
     engine, the producer's requests) once ``handed`` messages reached the
-    engine (some are sent after the response ended)."""
+    engine (some are sent after the response ended). ``answer(vllm)``: the
+    producer's answer to a prefill."""
     key = use_node(monkeypatch, CONSUMER)
 
     async def go():
-        async with fake_producer(answer) as producer:
+        vllm = VLLM(status=status)
+        async with fake_producer(answer(vllm)) as producer:
             settings = msgspec.structs.replace(CONSUMER, producer_urls=[producer.url])
             monkeypatch.setenv(ENV_VAR, settings.to_json())
-            vllm = VLLM(status=status)
             engine = vllm.engine = Engine(vllm)
             mw = PDServeMiddleware(vllm)
             body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 4}).encode()
@@ -101,10 +105,12 @@ def scenario(monkeypatch, answer, status: int = 200, handed: int = 1):
                 await call(
                     mw, "POST", COMPLETIONS, body, None, app_state(engine=engine)
                 )
-                for _ in range(200):  # answers after the response: a moment
-                    if engine.rejected:
-                        break
-                    await asyncio.sleep(0.01)
+                # Answers may follow the response.
+                await eventually_async(
+                    lambda: len(engine.rejected) >= handed,
+                    5,
+                    f"{handed} message(s) at the engine",
+                )
             finally:
                 await mw.prefill.close()
             return key, vllm, engine, producer
@@ -112,16 +118,18 @@ def scenario(monkeypatch, answer, status: int = 200, handed: int = 1):
     return run(go())
 
 
-def slow_lease(payload: dict) -> Any:
-    async def answer() -> dict:
-        await asyncio.sleep(0.2)  # vLLM has the request by now
+def lease_once_vllm_has_it(vllm: VLLM) -> Any:
+    """A producer that answers with a lease once vLLM has the request."""
+
+    async def answer(payload: dict) -> dict:
+        await vllm.has_request.wait()
         return {"kv_transfer_params": make_lease().to_params()}
 
-    return answer()
+    return answer
 
 
 def test_request_reaches_vllm_with_a_ticket_before_the_lease(monkeypatch):
-    key, vllm, engine, producer = scenario(monkeypatch, slow_lease)
+    key, vllm, engine, producer = scenario(monkeypatch, lease_once_vllm_has_it)
     [seen] = vllm.seen
     params = seen.json()["kv_transfer_params"]
     ticket = Ticket.from_params(params)
@@ -141,7 +149,7 @@ def test_producer_without_a_lease_answers_the_ticket_with_why(monkeypatch):
     def refuses(payload: dict) -> dict:
         return {"kv_transfer_params": {"pdserve_refused": "lease_cap"}}
 
-    key, vllm, engine, _ = scenario(monkeypatch, refuses)
+    key, vllm, engine, _ = scenario(monkeypatch, lambda _: refuses)
     [answer] = engine.messages(key)
     assert answer.lease is None and answer.refused == "producer_lease_cap"
     assert TICKET_KEY in vllm.seen[0].json()["kv_transfer_params"]
@@ -151,7 +159,9 @@ def test_rejected_request_cancels_its_ticket_and_counts_the_release(monkeypatch)
     """vLLM refused the request (e.g. too long for this node): the engine
     never saw it, its lease goes back at once."""
     before = released("rejected")
-    key, _, engine, _ = scenario(monkeypatch, slow_lease, status=400, handed=2)
+    key, _, engine, _ = scenario(
+        monkeypatch, lease_once_vllm_has_it, status=400, handed=2
+    )
     messages = engine.messages(key)
     assert [type(m) for m in messages] == [Delivery, Cancel]
     assert messages[0].ticket_id == messages[1].ticket_id

@@ -15,6 +15,7 @@ import pdserve.side_channel.session_setup as session_setup
 from pdserve.side_channel.protocol import TransportHello, TransportWelcome
 from pdserve.transport.base import Outgoing
 from pdserve.transport.tcp import TcpTransport
+from tests.eventually import eventually
 from tests.unit.side_channel import (
     Session,
     blocks_equal,
@@ -74,16 +75,17 @@ def granted(server, request_id: str, blocks: list[int]):
     return lease
 
 
-def steps_until(server, condition, seconds: float = 5) -> float:
+def steps_until(server, condition, what: str, seconds: float = 5) -> float:
     """Step the producer's engine until ``condition()``; the longest step."""
-    longest, deadline = 0.0, time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "nothing happened"
+    took = [0.0]
+
+    def timed_step() -> None:
         started = time.monotonic()
         server.step()
-        longest = max(longest, time.monotonic() - started)
-        time.sleep(0.001)
-    return longest
+        took.append(time.monotonic() - started)
+
+    eventually(condition, seconds, what, step=timed_step, interval=0.001)
+    return max(took)
 
 
 def answered(session: Session) -> bool:
@@ -96,7 +98,7 @@ def test_engine_steps_serve_reads_while_a_session_is_set_up(server, closing):
     hello = Session(server.port)
     closing(hello)
     hello.send(TransportHello("slow", "s1", consumer_id="c/0"))
-    longest = steps_until(server, lambda: slow.events == ["welcome s1"])
+    longest = steps_until(server, lambda: slow.events == ["welcome s1"], "the setup")
 
     # Its welcome waits: a tcp read is served meanwhile, steps stay short.
     link = link_to(server, consumer)
@@ -110,9 +112,9 @@ def test_engine_steps_serve_reads_while_a_session_is_set_up(server, closing):
 
     # A read of the session waits for its setup, welcome and finish.
     slow.may_welcome.set()
-    steps_until(server, lambda: answered(hello))
+    steps_until(server, lambda: answered(hello), "the welcome")
     assert hello.recv() == TransportWelcome(ok=True, payload={"session": "s1"})
-    steps_until(server, lambda: "finish s1" in slow.events)
+    steps_until(server, lambda: "finish s1" in slow.events, "the finish")
     on_session = link_to(server, consumer)
     closing(on_session)
     on_session.submit(
@@ -134,12 +136,12 @@ def test_a_consumer_gone_before_its_welcome_has_its_session_closed(server, closi
     slow = server.transports["slow"]
     hello = Session(server.port)
     hello.send(TransportHello("slow", "s1"))
-    steps_until(server, lambda: slow.events == ["welcome s1"])
+    steps_until(server, lambda: slow.events == ["welcome s1"], "the setup")
     hello.close()
-    steps_until(server, lambda: not server._conns)
+    steps_until(server, lambda: not server._conns, "the connection closed")
 
     slow.may_welcome.set()
-    steps_until(server, lambda: not server._setting_up)
+    steps_until(server, lambda: not server._setting_up, "no setup left")
     assert slow.events == ["welcome s1", "close s1"]  # no finish
 
 
@@ -150,9 +152,9 @@ def test_too_many_setups_are_refused_at_once(server, closing, monkeypatch):
     closing(first)
     closing(second)
     first.send(TransportHello("slow", "s1"))
-    steps_until(server, lambda: slow.events == ["welcome s1"])
+    steps_until(server, lambda: slow.events == ["welcome s1"], "the setup")
     second.send(TransportHello("slow", "s2"))
-    steps_until(server, lambda: answered(second))
+    steps_until(server, lambda: answered(second), "the refusal")
     assert second.recv() == TransportWelcome(
         ok=False, error="too many sessions being set up"
     )
@@ -173,7 +175,7 @@ def test_gpu_direct_sessions_only_for_peers_that_proved_the_secret(closing, name
         server.transports[name] = get_transport(name)
         with Session(server.port, secret) as session:
             session.send(TransportHello(name, "s1"))
-            steps_until(server, lambda s=session: answered(s))
+            steps_until(server, lambda s=session: answered(s), "the answer")
             assert session.recv() == TransportWelcome(ok=False, error=error)
 
 

@@ -34,6 +34,7 @@ from tests.unit.side_channel import (
     pump,
     run_load,
     start_server,
+    steps,
 )
 
 LAYOUTS = {
@@ -179,9 +180,12 @@ def test_lease_does_not_end_while_it_is_read(closing):
     closing(link)
     link.submit(load_of(lease, local))
     link.pump()  # the read goes out; from now on the consumer reads nothing
-    for _ in range(20):
-        server.step()
-        time.sleep(0.005)
+    eventually(
+        lambda: leases._leases["slow"].readers == 1,
+        5,
+        "the producer serving the read",
+        step=server.step,
+    )
     assert leases._leases["slow"].readers == 1
     clock.now += 60  # the lease ran out long ago
     assert leases.pop_finished() == (set(), 0)  # still pinned: not freed
@@ -403,6 +407,7 @@ def test_restarted_producer_is_a_new_producer(closing):
     new.leases.grant("c", [6, 7], new_lease.prompt_hash)
     assert run_load(rank, new, new_lease, [3, 4]) is None
     assert only_peer(rank).instance_id == "new"
+    assert rank.stats.data["kv_pairings"] == {"tcp": 2}  # old, then new
     assert blocks_equal(new.kv, [6, 7], consumer, [3, 4])
 
 
@@ -421,11 +426,11 @@ def test_release_goes_out_in_the_step_the_load_finishes(closing):
 
     pump(link, server, one)
     # No more consumer pumps from here: only the producer steps.
-    for _ in range(5):
-        server.step()
-        time.sleep(0.01)
+    released = eventually(
+        leases.take_released, 5, "the release at the producer", step=server.step
+    )
 
-    assert leases.take_released() == 1
+    assert released == 1
 
 
 def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
@@ -434,7 +439,7 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     pairs again before reading."""
     producer = paged_kv()
     server = start_server(producer)
-    rank = consumer_rank(empty_like(producer), server.port)
+    rank = consumer_rank(empty_like(producer), server.port, watch_seconds=0.05)
     closing(rank)
     dropped = []
     rank.connect()
@@ -443,10 +448,8 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
     port = server.port
     server.close()
 
-    deadline = time.monotonic() + 10
-    while rank.producers.peers:  # nobody calls the rank: the engine is idle
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # Nobody calls the rank: the engine is idle.
+    eventually(lambda: not rank.producers.peers, 10, "the watch to drop the producer")
     assert dropped
 
     # Back on the same port (same instance, here): paired again, then read.
@@ -463,10 +466,16 @@ def test_consumer_lets_go_of_a_dead_producer_while_idle(closing):
 
 def test_consumer_keeps_a_producer_that_is_only_slow(closing):
     """A producer that does not answer in time (busy, suspended) is kept."""
-    _, server, rank = paired_rank(closing)
+    _, server, rank = paired_rank(closing, watch_seconds=0.05, watch_timeout=0.2)
     server.pump = lambda timeout=0.0: None  # accepts, never answers
     server._stopped.set()
-    time.sleep(4)
+    verdicts = []
+    registry = rank.producers
+    alive = registry._producer_alive
+    registry._producer_alive = lambda peer: verdicts.append(alive(peer)) or verdicts[-1]
+    # Two checks in a row ran out of patience waiting for its answer.
+    eventually(lambda: len(verdicts) >= 2, 5, "two checks by the watch")
+    assert verdicts[:2] == [True, True]
     assert only_peer(rank).instance_id == INSTANCE_ID
 
 
@@ -493,7 +502,7 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     a = start_server(first, instance_id="a")
     b = start_server(second, instance_id="b")
     closing(b)
-    rank = consumer_rank(empty_like(first), a.port)
+    rank = consumer_rank(empty_like(first), a.port, watch_seconds=0.05)
     closing(rank)
     rank.connect()  # only producer a is known at startup
     assert [peer.instance_id for peer in rank.producers.peers.values()] == ["a"]
@@ -513,11 +522,8 @@ def test_rank_reads_from_each_producer_its_leases_name(closing):
     assert blocks_equal(second, [4, 5], rank.kv, [12, 13])
 
     a.close()
-    deadline = time.monotonic() + 10
-    while len(rank.producers.peers) > 1:  # the watch lets go of a only
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert only_peer(rank).instance_id == "b"
+    eventually(lambda: len(rank.producers.peers) <= 1, 10, "the watch to let go of a")
+    assert only_peer(rank).instance_id == "b"  # of a only
     again = make_lease("z", [6], b.port, instance_id="b")
     b.leases.grant("z", [6], again.prompt_hash)
     assert run_load(rank, b, again, [14]) is None
@@ -573,12 +579,12 @@ def test_lease_of_a_producer_that_cannot_be_paired_is_released(closing):
     lease = make_lease("o", [2, 3], server.port, instance_id="not-this-one")
     server.leases.grant("o", [2, 3], lease.prompt_hash)
     assert "producer unusable" in run_load(rank, server, lease, [1, 2])
-    deadline = time.monotonic() + 5
-    while len(server.leases):
-        assert time.monotonic() < deadline, "lease kept until it expires"
-        rank.poll()
-        server.step()
-        time.sleep(0.005)
+    eventually(
+        lambda: len(server.leases) == 0,
+        5,
+        "the release (not the lease's expiry)",
+        step=lambda: steps(rank, server),
+    )
     assert server.leases.take_released() == 1
 
 
@@ -591,7 +597,7 @@ def test_lease_handed_back_by_an_idle_engine_reaches_its_producer(closing):
     leases = LeaseTable(30)
     server = start_server(producer, leases, secret=secret)
     closing(server)
-    rank = consumer_rank(empty_like(producer), server.port, secret)
+    rank = consumer_rank(empty_like(producer), server.port, secret, watch_seconds=0.05)
     closing(rank)
     rank.connect()
     lease = make_lease("idle", [4, 5], server.port)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +14,7 @@ from pdserve.connector.producer_peer import (
     RankPair,
 )
 from pdserve.connector.stats import PDServeStats
+from pdserve.connector.tp_mapping import RankRole
 from pdserve.kv_cache import PagedKVCache
 from pdserve.settings import Settings
 from pdserve.side_channel.client import ProducerLink
@@ -22,6 +22,7 @@ from pdserve.side_channel.protocol import RankInfo, TransportWelcome
 from pdserve.transport import TransportUnavailable, candidates, devices
 from pdserve.transport.base import Incoming
 from pdserve.transport.tcp import TcpTransport
+from tests.eventually import eventually
 from tests.unit.side_channel import (
     blocks_equal,
     empty_like,
@@ -30,6 +31,7 @@ from tests.unit.side_channel import (
     paged_kv,
     run_load,
     start_server,
+    steps,
 )
 from tests.unit.side_channel import consumer_rank as side_channel_rank
 
@@ -255,6 +257,24 @@ def test_transport_that_breaks_later_is_replaced_by_tcp():
     assert peer.stats.take().data["kv_transport_fallbacks"] == 1
 
 
+def test_pairings_are_counted_by_the_transport_agreed(closing):
+    """``pdserve:kv_pairings_total{transport}`` (what the GPU scripts check):
+    each producer rank read from, by its transport, as the rank takes the
+    pairing; a producer rank only released to is not read from."""
+    rank = side_channel_rank(paged_kv(), 1)
+    closing(rank)
+    peer = producer_peer("nccl")
+    link = ProducerLink("127.0.0.1", 1, peer.kv, 1)
+    peer.pairs[0] = RankPair(info("cuda", "h"), link, Breaking(), "s")
+    release_only = RankRole(read=False, readers=1, whole=True, heads=None)
+    released = RankPair(info("cuda", "h"), link, TcpTransport(), "", release_only)
+    peer.pairs[1] = released
+    rank.producers._add(peer)
+    assert rank.stats.data["kv_pairings"] == {"nccl": 1}
+    taken = rank.stats.take()
+    assert taken is not None and taken.reduce()["kv_pairings"] == 1
+
+
 def test_nccl_on_cpu_ranks_is_unavailable():
     from pdserve.transport.nccl import NcclTransport
 
@@ -406,11 +426,12 @@ def test_a_copy_that_fails_while_polled_releases_its_lease(paired):
     """The producer lets the blocks go now, not when the lease expires."""
     server, rank = paired
     assert "ipc copy failed: HIP error" in pull(server, rank, 3)
-    deadline = time.monotonic() + 5
-    while len(server.leases):
-        assert time.monotonic() < deadline, "lease kept until it expires"
-        rank.poll()
-        server.step()
+    eventually(
+        lambda: len(server.leases) == 0,
+        5,
+        "the release (not the lease's expiry)",
+        step=lambda: steps(rank, server),
+    )
     assert server.leases.take_released() == 1
 
 
@@ -464,10 +485,8 @@ def test_copy_that_cannot_start_fails_only_its_own_load(paired):
     assert "ipc copy failed: ipc session is unknown" in pull(server, rank, 1)
     link = pair.link
     channel = link.channel
-    deadline = time.monotonic() + 5
-    while not server.leases.take_released():  # the release is on its way
-        assert time.monotonic() < deadline, "lease not released"
-        server.step()
+    # The release is on its way.
+    eventually(server.leases.take_released, 5, "the release", step=server.step)
 
     for block in range(2, 1 + COPY_FAILURES_BEFORE_FALLBACK):
         assert pull(server, rank, block) is not None

@@ -1,8 +1,14 @@
-"""Runs last: after everything above, nothing is held on either node."""
+"""Runs once every module that shares the session's nodes is done (its
+stage): nothing is held on either node."""
 
 from __future__ import annotations
 
+import pytest
+
+from tests.e2e.conftest import Stage
 from tests.e2e.helpers import metric, wait_idle
+
+pytestmark = pytest.mark.stage(Stage.IDLE_CHECK)
 
 
 def test_no_requests_or_kv_held_after_suite(cluster):

@@ -5,10 +5,11 @@ Then TP sizes that differ: a TP 1 consumer of the TP 2 producer reads half
 its heads from each producer rank (2 -> 1), and a TP 2 consumer of a TP 1
 producer reads its half of the heads from the one producer rank (1 -> 2).
 
-Runs last, with the session's producer and consumer stopped: two TP 2 engines
-already put four spinning vLLM workers on two cores. Both engines are warmed
-up first, because vLLM compiles kernels on first use (JIT warm-up is off with
---enforce-eager), which on two shared cores takes tens of seconds."""
+Runs last (its stage), with the session's producer and consumer stopped:
+two TP 2 engines already put four spinning vLLM workers on two cores. Both
+engines are warmed up first, because vLLM compiles kernels on first use (JIT
+warm-up is off with --enforce-eager), which on two shared cores takes tens of
+seconds."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.e2e.conftest import (
     BLOCK_SIZE,
     CONSUMER_MAX_LEN,
     PRODUCER_MAX_LEN,
+    Stage,
     engine_args,
     random_prompt,
 )
@@ -34,6 +36,8 @@ from tests.e2e.helpers import (
     wait_idle,
 )
 from tests.e2e.test_token_exact import bytes_per_block
+
+pytestmark = pytest.mark.stage(Stage.TENSOR_PARALLEL)
 
 TP = 2
 # vLLM's CPU backend: one OpenMP thread per rank, rank 0 on core 0, rank 1

@@ -8,9 +8,9 @@ cut), and later requests all go to the survivor. The consumer places
 prefills per request: a short prompt, or one its own prefix cache holds
 (known from vLLM's KV events), is prefilled locally.
 
-Runs after the other modules but before the TP test: the session's producer
-is the first producer, its consumer is stopped (a third engine is already
-a lot for two cores)."""
+Runs after the modules that share the session's nodes and before the TP test
+(its stage): the session's producer is the first producer, its consumer is
+stopped (a third engine is already a lot for two cores)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     CONSUMER_MAX_LEN,
     KV_SECRET,
     PRODUCER_MAX_LEN,
+    Stage,
     consumer_env,
     engine_args,
     producer_env,
@@ -37,6 +38,9 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.helpers import completion_tokens, greedy, metric
 from tests.e2e.nginx import start_nginx
+from tests.eventually import eventually
+
+pytestmark = pytest.mark.stage(Stage.XPYD)
 
 # Two producers share the producer cores: a stalled step must not turn into
 # an expired lease or a failed pull.
@@ -159,15 +163,15 @@ def test_short_and_locally_cached_prompts_are_prefilled_here(cluster, xpyd):
     )
     assert metric(consumer.url, "pdserve:remote_prefills_total") == remote + 1
     cached = local_prefills(consumer, "prefix_cached")
-    deadline = time.monotonic() + 30  # the KV events reach the index
-    while True:
+
+    def prefilled_here() -> bool:
         assert completion_tokens(consumer.url, again) == completion_tokens(
             cluster.baseline.url, again
         )
-        if local_prefills(consumer, "prefix_cached") == cached + 1:
-            break
-        assert time.monotonic() < deadline, "the cached prompt went remote"
-        time.sleep(0.5)
+        return local_prefills(consumer, "prefix_cached") == cached + 1
+
+    # Remote until the KV events reach the index.
+    eventually(prefilled_here, 30, "the cached prompt prefilled here", interval=0.5)
 
 
 def test_two_consumers_behind_nginx(cluster, xpyd, log_dir):
@@ -262,10 +266,12 @@ def test_hung_producer_is_left_until_it_answers_again(cluster, xpyd):
     finally:
         core.resume()
     # Back once it answers the consumer's probe (a real one-token completion).
-    deadline = time.monotonic() + 60
-    while producer_state(consumer, second)["down"]:
-        assert time.monotonic() < deadline, "the producer did not come back"
-        time.sleep(0.5)
+    eventually(
+        lambda: not producer_state(consumer, second)["down"],
+        60,
+        "the producer to come back",
+        interval=0.5,
+    )
     before = served(consumer, second)
     assert completion_tokens(consumer.url, bodies[3]) == expected[3]
     assert served(consumer, second) == before + 1
@@ -282,10 +288,17 @@ def test_producer_killed_under_load(cluster, xpyd):
         id(b): completion_tokens(cluster.baseline.url, b) for b in [*load, *later]
     }
     failovers = metric(consumer.url, "pdserve:producer_failovers_total")
+    leased = served(consumer, second)
 
     with ThreadPoolExecutor(6) as pool:
         answers = [pool.submit(completion_tokens, consumer.url, b) for b in load]
-        time.sleep(0.5)
+        # Killed once its first lease of the load is out: more are on the way.
+        eventually(
+            lambda: served(consumer, second) > leased,
+            60,
+            "the load at the producer",
+            interval=0.05,
+        )
         second.kill()
         assert [a.result() for a in answers] == [expected[id(b)] for b in load]
 
