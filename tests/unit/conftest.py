@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 
@@ -12,3 +14,10 @@ def closing():
     yield things.append
     for thing in things:
         thing.close()
+
+
+@pytest.fixture
+def short_tmp(tmp_path_factory):
+    # ipc paths must stay under ~100 bytes; pytest's basetemp may be long.
+    with tempfile.TemporaryDirectory(prefix="pi-", dir="/tmp") as d:
+        yield d
