@@ -103,10 +103,12 @@ class LeaseTable:
     # ---- reads ----
 
     def open_read(
-        self, request_id: str, prompt_hash: str, block_ids: list[int]
+        self, request_id: str, prompt_hash: str, block_ids: list[int], pin: bool = True
     ) -> Verdict:
         """Pin the lease for a read of ``block_ids`` (READY), or say that its
-        grant has not arrived yet. Raises ReadRefused for anything else."""
+        grant has not arrived yet. Raises ReadRefused for anything else.
+        ``pin=False`` only checks: the idle thread refuses what it can
+        without the engine, whose steps may have ended with the lease."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None:
@@ -118,7 +120,8 @@ class LeaseTable:
             if prompt_hash != lease.prompt_hash:
                 raise ReadRefused("prompt hash differs from the lease's")
             check_block_ids(block_ids, lease.block_ids)
-            lease.readers += 1
+            if pin:
+                lease.readers += 1
             return Verdict.READY
 
     def close_read(self, request_id: str) -> None:

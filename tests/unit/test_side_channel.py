@@ -14,6 +14,7 @@ from pdserve.lease import Lease
 from pdserve.pairings import PairingTarget
 from pdserve.side_channel.leases import LeaseTable
 from pdserve.side_channel.load_spec import LoadSpec
+from pdserve.timing import GRANT_WAIT_SECONDS
 from tests.eventually import eventually
 from tests.unit.side_channel import (
     INSTANCE_ID,
@@ -242,6 +243,59 @@ def test_unanswered_read_fails_at_its_deadline(closing):
     (load,) = link.pump()
 
     assert "timed out" in load.error
+
+
+@pytest.mark.parametrize("ended_by", ["release", "expiry"])
+def test_read_of_an_ended_lease_is_refused_while_the_engine_is_idle(closing, ended_by):
+    """The producer's engine steps while it holds a lease, not after: a read
+    of a lease that ended (a consumer rank read and released it, or it ran
+    out) must be refused by the idle thread, not left for a step that never
+    comes (the read then waited out the consumer's whole transfer timeout,
+    and each resend again)."""
+    clock = FakeClock(time.monotonic())
+    leases = LeaseTable(30, clock=clock)
+    producer = paged_kv()
+    server = start_server(producer, leases)
+    closing(server)
+    lease = make_lease("gone", [1, 2], server.port)
+    leases.grant("gone", [1, 2], lease.prompt_hash)
+    if ended_by == "release":
+        leases.release("gone", lease.prompt_hash)
+    else:
+        clock.now += 31
+    leases.pop_finished()  # the engine's last step frees the blocks
+    link = link_to(server, empty_like(producer), timeout=60)
+    closing(link)
+    link.submit(load_of(lease, [3, 4]))
+
+    (load,) = pump(link, server, one, producer_steps=False)
+
+    assert "has ended" in load.error
+
+
+def test_read_of_a_lease_never_granted_is_refused_while_the_engine_is_idle(
+    closing,
+):
+    """A valid token whose grant never comes (its request was aborted on the
+    producer before its lease was handed over): refused once the grant is
+    overdue, by the idle thread."""
+    clock = FakeClock(time.monotonic())
+    producer = paged_kv()
+    server = start_server(producer, clock=clock)
+    closing(server)
+    link = link_to(server, empty_like(producer), timeout=60)
+    closing(link)
+    link.submit(load_of(make_lease("never", [1], server.port), [2]))
+    pump(link, None, lambda _: len(server._conns) and _queued(server))
+
+    clock.now += GRANT_WAIT_SECONDS + 0.1
+    (load,) = pump(link, server, one, producer_steps=False)
+
+    assert "no lease" in load.error
+
+
+def _queued(server) -> bool:
+    return any(conn.queue for conn in server._conns.values())
 
 
 def granted(server, request_id: str, blocks: list[int]) -> Lease:
