@@ -70,8 +70,9 @@ RECONNECT_SECONDS = 1.0
 
 # ---- CPU nodes: pacing spinning engines (connector/cpu_pacing.py) ----
 
-# A producer that only holds leases sleeps this long each step, once nothing
-# is being served: gives the shared cores back, adds nothing a read would see.
+# A producer step with no forward and nothing being served (the engine steps
+# only because some rank holds a lease) sleeps this long on CPU, on every
+# rank: gives the shared cores back, adds nothing a read would see.
 PRODUCER_IDLE_SECONDS = 0.005
 # A consumer waiting for KV sleeps this long each step while a pull is in
 # progress: shorter, since each sleep may delay the pull's end.

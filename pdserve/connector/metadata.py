@@ -28,3 +28,6 @@ class PDServeMetadata(KVConnectorMetadata):
     # Consumer: loads vLLM waits for that cannot start (request id, its
     # blocks): reported failed so the prompt is recomputed.
     failed_loads: list[tuple[str, list[int]]] = field(default_factory=list)
+    # Whether this step runs a forward (else the engine steps only to keep
+    # leases or transfers alive: CPU workers then give their cores back).
+    forward: bool = True

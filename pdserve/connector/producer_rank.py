@@ -40,6 +40,7 @@ class ProducerRank:
             secret=secret,
         )
         self.stats = PDServeStats()
+        self._forward = True  # whether the current step runs a forward
         logger.info(
             "pdserve producer rank %d serves KV on port %d (%d layers, %d B/block, "
             "KV secret %s; %s)",
@@ -51,7 +52,8 @@ class ProducerRank:
             info.kv_layout,
         )
 
-    def start(self, grants: list[LeaseGrant]) -> None:
+    def start(self, grants: list[LeaseGrant], forward: bool = True) -> None:
+        self._forward = forward
         for grant in grants:
             self.leases.grant(grant.request_id, grant.block_ids, grant.prompt_hash)
 
@@ -62,7 +64,13 @@ class ProducerRank:
         except Exception:  # never into vLLM's worker: the leases expire
             logger.exception("pdserve: KV server step failed")
             self.stats.add("kv_connector_errors")
-        if len(self.leases) and self.server.is_idle():
+        if not self._forward and self.server.is_idle():
+            # A step with nothing to compute or serve on this rank: it runs
+            # because some rank holds a lease (any rank's lease keeps the
+            # whole engine stepping), so every rank paces, not only the
+            # ones holding leases. A rank that spun here starved the
+            # consumer's engine on its core until the other ranks' leases
+            # expired (test_tensor_parallel, two TP 2 nodes on two cores).
             pace(self.server.kv.device, PRODUCER_IDLE_SECONDS)
         finished, expired = self.leases.pop_finished()
         if expired:

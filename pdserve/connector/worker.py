@@ -115,7 +115,7 @@ class PDServeWorker:
 
     def start(self, meta: PDServeMetadata) -> None:
         if self.producer is not None:
-            self.producer.start(meta.grants)
+            self.producer.start(meta.grants, meta.forward)
         if self.consumer is not None:
             self.consumer.start(meta.loads, meta.releases, meta.failed_loads)
             self.consumer.poll()

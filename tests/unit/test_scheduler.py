@@ -467,3 +467,14 @@ class Scheduled:
 class Output:
     finished_recving: set
     finished_sending: set = field(default_factory=set)
+
+
+def test_each_step_tells_the_workers_whether_it_computes():
+    """Producer ranks pace on CPU in steps that compute nothing."""
+    from types import SimpleNamespace
+
+    sched = producer()
+    idle = SimpleNamespace(total_num_scheduled_tokens=0)
+    busy = SimpleNamespace(total_num_scheduled_tokens=7)
+    assert sched.build_connector_meta(idle).forward is False
+    assert sched.build_connector_meta(busy).forward is True
