@@ -29,6 +29,22 @@ from tests.e2e.conftest import CONSUMER_MAX_LEN, random_prompt
 from tests.e2e.helpers import TIMEOUT, post, wait_idle
 from tests.eventually import Equal, eventually
 
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    major, minor = vllm.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def completions_take_bad_words() -> bool:
+    """vLLM 0.25's completions API has no ``bad_words`` (its chat API has):
+    it ignores the field, and so do both nodes."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return "bad_words" in CompletionRequest.model_fields
+
+
 PROMPT = "The weather today is sunny and the network"
 MESSAGES = [
     {"role": "system", "content": "You answer briefly."},
@@ -665,6 +681,8 @@ FEATURES = [
 def test_penalties_and_bad_words_see_token_1(cluster, bias, feature, via, stream):
     """Penalties and bad words that change token 2 because of token 1, as
     plain vLLM applies them."""
+    if "bad_words" in feature and not completions_take_bad_words():
+        pytest.skip("this vLLM's completions API has no bad_words")
     body = completion(max_tokens=8, return_token_ids=True)
     token1, text1, text2 = first_tokens(cluster, COMPLETIONS, body)
     if bias:
@@ -770,6 +788,11 @@ def test_prompt_at_the_context_limit(cluster, room):
     tokens; at 1, token 1 ends it (no forward)."""
     prompt = random_prompt(CONSUMER_MAX_LEN - room, seed=1900 + room)
     body = {"prompt": prompt, "temperature": 0, "return_token_ids": True}
+    refused = post(cluster.baseline.url, COMPLETIONS, body)
+    if refused.status_code == 400 and "maximum context length" in refused.text:
+        # vLLM 0.25 takes max_tokens' default (16) and refuses the prompt;
+        # later versions let the context limit end the request.
+        pytest.skip("this vLLM refuses a prompt without room for max_tokens")
     with Route(cluster, forward=room > 1) as route:
         expected, got = both(cluster, COMPLETIONS, body, route)
         assert expected["choices"][0]["finish_reason"] == "length"
@@ -802,6 +825,15 @@ MIX = [
     (COMPLETIONS, completion(echo=True), PROMPT_LOGPROBS, True),
     (COMPLETIONS, completion(prompt=random_prompt(100, seed=1902)), FIRST_TOKEN, True),
 ]
+if not completions_take_bad_words():
+    MIX = [m for m in MIX if "bad_words" not in m[1]]
+if vllm_version() < (0, 26):
+    # vLLM 0.25's seeded sampling on the CPU (V1) runner depends on the
+    # batch: plain vLLM, the same 15 requests sent at once, answered the
+    # seeded one differently from alone in 1 of 3 tries. Alone it is exact
+    # (test_same_answer_as_plain_vllm[completions-seed-*]); in a batch there
+    # is nothing to compare with.
+    MIX = [m for m in MIX if "seed" not in m[1]]
 
 
 def test_mixed_requests_at_once(cluster):

@@ -378,9 +378,7 @@ def test_producers_follow_the_name(monkeypatch):
     run(scenario())
 
 
-def test_incompatible_producer_is_never_used(caplog, monkeypatch):
-    logger = logging.getLogger("pdserve")
-    logger.addHandler(caplog.handler)
+def test_incompatible_producer_is_never_used(pdserve_log, monkeypatch):
     lookups = counted_lookups(monkeypatch)
 
     async def scenario() -> None:
@@ -397,13 +395,13 @@ def test_incompatible_producer_is_never_used(caplog, monkeypatch):
                 assert len(a.requests) == 10 and b.requests == []
                 assert [p.url for p in prefill.pool.producers()] == [a.url]
 
-    try:
-        run(scenario())
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert "will not be used" in caplog.text and "another/model" in caplog.text
+    run(scenario())
+    assert "will not be used" in pdserve_log.text
+    assert "another/model" in pdserve_log.text
     # Logged once, not at every lookup.
-    logged = {id(r) for r in caplog.records if "will not be used" in r.getMessage()}
+    logged = {
+        id(r) for r in pdserve_log.records if "will not be used" in r.getMessage()
+    }
     assert len(logged) == 1
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -412,14 +411,6 @@ def test_each_hand_back_is_a_fresh_request():
     ids = [request_id for request_id, _ in engine.rejected]
     assert len(set(ids)) == 2
     assert engine.leases() == [lease, lease]
-
-
-@pytest.fixture
-def pdserve_log(caplog):
-    logger = logging.getLogger("pdserve")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_engine_without_hand_back_leaves_lease_to_expire(pdserve_log):

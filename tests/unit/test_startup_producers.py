@@ -4,8 +4,6 @@ incompatible one."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from pdserve.entrypoints import startup_producers
@@ -85,15 +83,10 @@ def test_any_incompatible_producer_refuses_the_start(network):
     assert "model: consumer='m' producer='other'" in str(exc.value)
 
 
-def test_none_reachable_starts_without_producers(network, caplog):
-    logger = logging.getLogger("pdserve")
-    logger.addHandler(caplog.handler)
-    try:
-        assert find_producers(consumer("http://svc", timeout=0.1), {}) == []
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert "No producer (http://svc) reachable within 0s" in caplog.text
-    assert "prefilled locally until a producer joins" in caplog.text
+def test_none_reachable_starts_without_producers(network, pdserve_log):
+    assert find_producers(consumer("http://svc", timeout=0.1), {}) == []
+    assert "No producer (http://svc) reachable within 0s" in pdserve_log.text
+    assert "prefilled locally until a producer joins" in pdserve_log.text
 
 
 def test_incompatible_still_refuses_after_a_wait(network, monkeypatch):
