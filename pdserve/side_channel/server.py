@@ -446,21 +446,18 @@ class KVServer:
 
     def _refused_now(self, conn: _Conn, read: _Read) -> bool:
         """Refuse a read that opens no lease here without the engine: its
-        token is not ours, its lease ended or never came. The engine steps
-        while it holds a lease, not after: a read of an ended lease left
-        for its thread would wait for a step that never comes."""
+        token is not ours, or its lease ended. The engine steps while it
+        holds a lease, not after: a read of an ended lease left for its
+        thread would wait for a step that never comes. A read whose grant
+        has not come yet is left to the engine's thread: this thread also
+        runs during a long engine step, and the grant comes with the next."""
         message = read.message
         try:
             self._check(message)
             self._session_waits(read)
-            verdict = self.leases.open_read(
+            self.leases.open_read(
                 message.request_id, message.prompt_hash, message.block_ids, pin=False
             )
-            if (
-                verdict is Verdict.NOT_YET_GRANTED
-                and self._clock() - read.arrived_at > GRANT_WAIT_SECONDS
-            ):
-                raise ReadRefused(f"no lease for request {message.request_id}")
         except ReadRefused as exc:
             self._refuse(conn, read.message, exc)
             return True
