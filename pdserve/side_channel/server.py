@@ -8,7 +8,7 @@ thread of our own could starve; the engine keeps stepping while any lease is
 held, so every read is served within a step or two. While the engine is
 idle (no step for 50 ms) a small thread pumps control messages only:
 accepting, authenticating, rank info, session hellos and refusing reads of
-unknown leases. KV only ever moves on the engine's thread. Transport sessions
+unknown or ended leases. KV only ever moves on the engine's thread. Transport sessions
 are set up on a thread of their own (session_setup.py), never in a pump.
 
 Hostile peers cost little. Connections that have not proven the KV secret
