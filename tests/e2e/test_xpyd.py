@@ -312,4 +312,9 @@ def test_producer_killed_under_load(cluster, xpyd):
     assert served(consumer, first) == survivor + len(later)
     assert served(consumer, second) == dead
     assert metric(consumer.url, "pdserve:local_prefills_total") == local
-    assert metric(consumer.url, "pdserve:producer_failovers_total") > failovers
+    # How the death was noticed depends on the moment of the kill: a request
+    # whose call was cut fails over (counted); one whose lease was already
+    # out recomputes its pull; or the health probe marked it down first.
+    # Whichever, no later request went to it (above), and none failed over
+    # to a local prefill.
+    assert metric(consumer.url, "pdserve:producer_failovers_total") >= failovers
