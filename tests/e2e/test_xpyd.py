@@ -287,7 +287,6 @@ def test_producer_killed_under_load(cluster, xpyd):
     expected = {
         id(b): completion_tokens(cluster.baseline.url, b) for b in [*load, *later]
     }
-    failovers = metric(consumer.url, "pdserve:producer_failovers_total")
     leased = served(consumer, second)
 
     with ThreadPoolExecutor(6) as pool:
@@ -312,9 +311,7 @@ def test_producer_killed_under_load(cluster, xpyd):
     assert served(consumer, first) == survivor + len(later)
     assert served(consumer, second) == dead
     assert metric(consumer.url, "pdserve:local_prefills_total") == local
-    # How the death was noticed depends on the moment of the kill: a request
-    # whose call was cut fails over (counted); one whose lease was already
-    # out recomputes its pull; or the health probe marked it down first.
-    # Whichever, no later request went to it (above), and none failed over
-    # to a local prefill.
-    assert metric(consumer.url, "pdserve:producer_failovers_total") >= failovers
+    # A failover is counted only if a call to it was cut by the kill: on two
+    # shared cores its whole share of the load can be answered before the
+    # kill lands (CI, 2026-12-05: no call failed, the consumer's watch found
+    # it gone); no later request went to it either way (above).
