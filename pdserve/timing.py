@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+from vllm import envs as vllm_envs
+
 # ---- producer: KV side-channel server (connector/kv_server.py) ----
 
 # A proven connection with nothing to answer closes after this long without a
@@ -105,6 +107,13 @@ METADATA_TIMEOUT_SECONDS = 5.0
 # one new instance; an old one answering again within this (many restarts'
 # time) is a load-balanced URL.
 INSTANCE_MEMORY_SECONDS = 600.0
+# Idle connections to a producer are closed after this long, well before its
+# HTTP server (vLLM's) closes them (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by
+# default; the nodes of a deployment share it): aiohttp keeps them 15 s by
+# default, and a call sent on a connection the producer closes at that moment
+# fails as unreachable, marking the producer down and prefilling the request
+# here.
+PRODUCER_KEEPALIVE_SECONDS = vllm_envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE / 2
 # A recovered producer is used again within about two of these; each /health
 # probe is bounded by it too, so a hung producer never holds one.
 HEALTH_PROBE_SECONDS = 2.0

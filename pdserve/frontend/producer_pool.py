@@ -39,6 +39,7 @@ from pdserve.settings import Settings
 from pdserve.timing import (
     INSTANCE_MEMORY_SECONDS,
     METADATA_TIMEOUT_SECONDS,
+    PRODUCER_KEEPALIVE_SECONDS,
     RESOLVE_SECONDS,
     RESOLVE_TIMEOUT_SECONDS,
 )
@@ -128,7 +129,11 @@ class ProducerPool:
     def session(self) -> aiohttp.ClientSession:
         """The session every call to a producer goes through."""
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    keepalive_timeout=PRODUCER_KEEPALIVE_SECONDS
+                )
+            )
         return self._session
 
     def start(self, api_key: str | None = None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -212,8 +213,28 @@ class FakeProducer:
     bodies: list[bytes] = field(default_factory=list)
     # Every GET: (path, headers).
     gets: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    # Like vLLM's server (uvicorn): a connection idle this long is closed,
+    # at the worst moment: as the next request on it arrives (None: kept).
+    keep_alive: float | None = None
+    dropped: int = 0  # requests lost that way
+    _answered_at: dict[int, float] = field(default_factory=dict)
+
+    def _closes(self, request: web.Request) -> bool:
+        connection = id(request.transport)
+        answered = self._answered_at.get(connection)
+        self._answered_at[connection] = time.monotonic()
+        if self.keep_alive is None or answered is None:
+            return False
+        if time.monotonic() - answered < self.keep_alive:
+            return False
+        assert request.transport is not None
+        request.transport.close()
+        self.dropped += 1
+        return True
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self._closes(request):
+            return web.Response()  # never sent: the connection is gone
         self.bodies.append(await request.read())
         payload = await request.json()
         self.requests.append((request.path, payload, dict(request.headers)))
@@ -233,6 +254,8 @@ class FakeProducer:
         return answer
 
     async def handle_get(self, request: web.Request) -> web.Response:
+        if self._closes(request):
+            return web.Response()
         self.gets.append((request.path, dict(request.headers)))
         if request.path == "/pdserve/metadata":
             return web.json_response(self.metadata)

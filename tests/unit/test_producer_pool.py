@@ -417,6 +417,28 @@ def test_no_producer_reachable_means_local_prefill():
     run(scenario())
 
 
+def test_idle_connection_is_not_reused_once_the_producer_may_close_it(monkeypatch):
+    """vLLM's server closes a connection idle for its keep-alive (5 s); a
+    call sent on it as it closes failed as unreachable and marked the
+    producer down (CI: a request prefilled locally after a pause)."""
+    monkeypatch.setattr(producer_pool, "PRODUCER_KEEPALIVE_SECONDS", 0.1)
+
+    async def scenario() -> None:
+        async with producers(1) as (a,):
+            a.keep_alive = 0.3
+            async with consumer([a.url]) as prefill:
+                assert await ask(prefill, {"prompt": "hi"}) is not None
+                failed = failovers("unreachable")
+                # The pause is what is tested: longer than the producer's
+                # keep-alive, so its connection would be closing now.
+                await asyncio.sleep(0.4)
+                assert await ask(prefill, {"prompt": "hi again"}) is not None
+                assert failovers("unreachable") == failed
+                assert a.dropped == 0
+
+    run(scenario())
+
+
 def test_pool_is_described_for_the_metadata_route():
     async def scenario() -> None:
         async with producers(1) as (a,), consumer([a.url]) as prefill:
