@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from pdserve.ports import free_ports
 
 # Plain vLLM through the same serve path pdserve uses, minus the connector.
 PLAIN_VLLM = (
@@ -49,9 +50,7 @@ def scrape_by_label(url: str, name: str, label: str) -> dict[str, float]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports("127.0.0.1", 1)[0]
 
 
 def cpu_env(kv_cache_gib: int = 1, cores: str | None = None) -> dict[str, str]:

@@ -6,10 +6,10 @@ import argparse
 import json
 import math
 import os
-import socket
 from collections.abc import Callable
 from urllib.parse import urlparse
 
+from pdserve.ports import free_ports
 from pdserve.settings import EXTRA_CONFIG_KEY, KV_SECRET_ENV_VAR, Settings, default
 from pdserve.transport import CHOICES
 
@@ -230,15 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-parallel-size", "-pp", type=int, default=1, help=argparse.SUPPRESS
     )
     return parser
-
-
-def free_ports(host: str, count: int) -> list[int]:
-    sockets = [socket.create_server((host, 0)) for _ in range(count)]
-    try:
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _api_keys(rest: list[str]) -> list[str]:
