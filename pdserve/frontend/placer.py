@@ -20,6 +20,7 @@ from pdserve.frontend.kv_events_config import KVEventsSource
 from pdserve.frontend.placement import CostEstimator, Decision, decide
 from pdserve.frontend.prefix_index import PrefixIndex
 from pdserve.frontend.prompt_tokens import prompt_token_ids
+from pdserve.frontend.remote_prefill import multimodal
 from pdserve.lease import Lease
 from pdserve.log import init_logger
 from pdserve.settings import Settings
@@ -94,8 +95,9 @@ class Placer:
     ) -> tuple[Decision | None, list[int] | None]:
         if not self._started:
             self._start(scope)
-        if _keyed_beyond_tokens(payload):
-            # Multimodal inputs: not rendered twice (images fetched) for this.
+        if multimodal(payload):
+            # Their inputs enter vLLM's block hashes, which the index cannot
+            # reproduce; nor are they rendered twice (images fetched) for this.
             return None, None
         if self.settings.local_prefill_max_tokens == 0 and not (
             saturated and self.inflight < self.max_inflight
@@ -188,21 +190,3 @@ def _registry_value(name: str) -> float:
             if sample.name == name:
                 total += sample.value
     return total
-
-
-def _keyed_beyond_tokens(payload: dict[str, Any]) -> bool:
-    """Multimodal inputs enter vLLM's block hashes; the index cannot
-    reproduce those keys. (A LoRA adapter, chosen by ``model``, would match
-    the base model's blocks: a local prefill too many, never wrong KV.)"""
-    if payload.get("multi_modal_data"):
-        return True
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list) and any(
-                isinstance(part, dict) and part.get("type") not in (None, "text")
-                for part in content
-            ):
-                return True
-    return False

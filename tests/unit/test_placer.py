@@ -61,10 +61,14 @@ def test_saturated_producers_send_work_here_while_it_has_room(monkeypatch):
     assert not place(placed, saturated=True)[0].local
 
 
-def test_cache_of_multimodal_or_adapter_requests_is_not_trusted(monkeypatch):
+@pytest.mark.parametrize(
+    "part",
+    [{"type": "image_url", "image_url": {"url": "data:"}}, ["not", "a", "part"]],
+    ids=["image", "not-a-dict"],
+)
+def test_cache_of_multimodal_requests_is_not_trusted(monkeypatch, part):
     placed = placer(monkeypatch, 200, 192)
-    image = {"type": "image_url", "image_url": {"url": "data:"}}
-    chat = {"messages": [{"role": "user", "content": [image]}]}
+    chat = {"messages": [{"role": "user", "content": [part]}]}
     # Not rendered again for placement (images fetched): it goes remote.
     assert place(placed, payload=chat) == (None, None)
 
