@@ -1,6 +1,6 @@
 """Bad requests get 4xx and leave nothing held on the producer. (KV computed
 for other tokens is refused by the consumer's connector and by the producer's
-read check: tests/unit/test_scheduler.py and test_side_channel.py.)"""
+read check: tests/unit/connector/test_scheduler.py and test_side_channel.py.)"""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from pdserve.incompatible import IncompatibleProducer
 from pdserve.kv_cache import PagedKVCache  # noqa: E402
 from pdserve.kv_layout import KVLayout, check_page_bytes, kernel_blocks_in  # noqa: E402
 from pdserve.side_channel.leases import LeaseTable  # noqa: E402
-from tests.unit.side_channel import (  # noqa: E402
+from tests.unit.side_channel_fakes import (  # noqa: E402
     link_to,
     load_of,
     make_lease,

@@ -155,3 +155,11 @@ def test_the_graph_sees_imports_of_every_form():
     )
     assert "pdserve.side_channel.client" in edges["pdserve.entrypoints.api_server"]
     assert layer_of("pdserve.transport.ipc") < layer_of("pdserve.side_channel.client")
+
+
+def test_unit_tests_mirror_the_packages():
+    """Each package's tests live in the folder of its name, and only those."""
+    tests = Path(__file__).parent
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    folders = {p.parent.name for p in tests.glob("*/__init__.py")}
+    assert folders == packages

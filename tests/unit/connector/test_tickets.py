@@ -12,7 +12,7 @@ import pytest
 from pdserve.connector.scheduler_role import scheduler_half
 from pdserve.settings import Settings
 from pdserve.ticket import Cancel, Delivery, Ticket, message_params
-from tests.unit.test_scheduler import BLOCK, KEY, FakeBlocks, lease, request
+from tests.unit.connector.test_scheduler import BLOCK, KEY, FakeBlocks, lease, request
 
 
 class Clock:

@@ -15,7 +15,7 @@ from pdserve.pairings import PairingTarget
 from pdserve.side_channel.leases import LeaseTable
 from pdserve.side_channel.load_spec import LoadSpec
 from tests.eventually import eventually
-from tests.unit.side_channel import (
+from tests.unit.side_channel_fakes import (
     INSTANCE_ID,
     NUM_BLOCKS,
     FakeClock,

@@ -41,7 +41,7 @@ from pdserve.side_channel.protocol import (
     server_mac,
 )
 from pdserve.side_channel.server import AUTH_SECONDS, KVServer
-from tests.unit.side_channel import (
+from tests.unit.side_channel_fakes import (
     FakeClock,
     Session,
     blocks_equal,

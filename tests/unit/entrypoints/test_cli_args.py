@@ -506,7 +506,7 @@ def test_defaults_reach_settings_unchanged():
 
 def readme_flag_rows() -> list[tuple[str, str]]:
     """(argparse dest, row) of each flag in README's Flags table."""
-    text = (Path(__file__).parents[2] / "README.md").read_text()
+    text = (Path(__file__).parents[3] / "README.md").read_text()
     table = text.split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `--")]
     return [(re.match(r"\| `--([a-z-]+)", r)[1].replace("-", "_"), r) for r in rows]

@@ -8,7 +8,7 @@ from pdserve.connector import producer_rank
 from pdserve.connector.metadata import LeaseGrant
 from pdserve.connector.producer_rank import ProducerRank
 from pdserve.settings import Settings
-from tests.unit.side_channel import NODE_KEY, paged_kv, rank_info_for
+from tests.unit.side_channel_fakes import NODE_KEY, paged_kv, rank_info_for
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pdserve.connector.pull import WHOLE_LEASE, Pull, PullState
 from pdserve.side_channel.client import Load
 from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.transport import get_transport
-from tests.unit.side_channel import FakeClock, make_lease
+from tests.unit.side_channel_fakes import FakeClock, make_lease
 
 LEASE = make_lease("r", [4, 5], 7000)
 

@@ -17,7 +17,7 @@ from pdserve.side_channel.protocol import (
     ServerHello,
     recv_message,
 )
-from tests.unit.side_channel import (
+from tests.unit.side_channel_fakes import (
     FakeClock,
     Session,
     blocks_equal,

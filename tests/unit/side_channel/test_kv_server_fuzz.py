@@ -28,7 +28,7 @@ from pdserve.side_channel.protocol import (
 )
 from pdserve.side_channel.server import MAX_CONNECTIONS_PER_PEER, KVServer
 from tests.eventually import eventually
-from tests.unit.side_channel import Session, make_lease, start_server
+from tests.unit.side_channel_fakes import Session, make_lease, start_server
 
 SECRET = b"fuzz-secret"
 

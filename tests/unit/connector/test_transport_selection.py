@@ -23,7 +23,7 @@ from pdserve.transport import TransportUnavailable, candidates, devices
 from pdserve.transport.base import Incoming
 from pdserve.transport.tcp import TcpTransport
 from tests.eventually import eventually
-from tests.unit.side_channel import (
+from tests.unit.side_channel_fakes import (
     blocks_equal,
     empty_like,
     make_lease,
@@ -33,7 +33,7 @@ from tests.unit.side_channel import (
     start_server,
     steps,
 )
-from tests.unit.side_channel import consumer_rank as side_channel_rank
+from tests.unit.side_channel_fakes import consumer_rank as side_channel_rank
 
 # Two GPUs this process sees: (UUID, PCI bus id) by index.
 GPU0 = ("GPU-0a0a0a0a-0000-0000-0000-000000000001", "0000:0a:00")

@@ -12,7 +12,7 @@ from pdserve.connector.tp_mapping import (
     UnsupportedMapping,
     tp_plan,
 )
-from tests.unit.side_channel import make_lease, paired_rank, run_load
+from tests.unit.side_channel_fakes import make_lease, paired_rank, run_load
 
 
 def test_equal_tp_sizes_read_whole_blocks_from_the_same_rank():

@@ -16,7 +16,7 @@ from pdserve.side_channel.protocol import TransportHello, TransportWelcome
 from pdserve.transport.base import Outgoing
 from pdserve.transport.tcp import TcpTransport
 from tests.eventually import eventually
-from tests.unit.side_channel import (
+from tests.unit.side_channel_fakes import (
     Session,
     blocks_equal,
     empty_like,
@@ -180,7 +180,7 @@ def test_gpu_direct_sessions_only_for_peers_that_proved_the_secret(closing, name
 
 
 def load_of(lease, local, transport=None, session=""):
-    from tests.unit.side_channel import load_of as tcp_load
+    from tests.unit.side_channel_fakes import load_of as tcp_load
 
     load = tcp_load(lease, local)
     if transport is not None:

@@ -16,7 +16,7 @@ from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.transport.base import Incoming
 from pdserve.transport.tcp import TcpTransport
 from tests.eventually import eventually
-from tests.unit.side_channel import (
+from tests.unit.side_channel_fakes import (
     consumer_rank,
     empty_like,
     make_lease,
@@ -238,7 +238,13 @@ def test_each_consumer_rank_lets_go_of_each_producer_rank_once(
 ):
     """Ranks read from and ranks only released on (two KV heads over more
     producer ranks): one release per consumer rank and producer rank."""
-    from tests.unit.test_hetero_tp import consumer, full_kv, grant, producer, pull
+    from tests.unit.connector.test_hetero_tp import (
+        consumer,
+        full_kv,
+        grant,
+        producer,
+        pull,
+    )
 
     servers = producer(full_kv(heads=2), producer_tp, closing, heads=2)
     ranks = consumer(consumer_tp, [s.port for s in servers], closing, heads=2)

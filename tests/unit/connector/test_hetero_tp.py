@@ -19,7 +19,12 @@ from pdserve.side_channel.load_spec import LoadSpec
 from pdserve.side_channel.server import KVServer
 from pdserve.transport import get_transport
 from tests.eventually import Equal, eventually
-from tests.unit.side_channel import INSTANCE_ID, NODE_KEY, make_lease, rank_info_for
+from tests.unit.side_channel_fakes import (
+    INSTANCE_ID,
+    NODE_KEY,
+    make_lease,
+    rank_info_for,
+)
 
 HEADS = 4
 NUM_BLOCKS = 13
@@ -236,7 +241,7 @@ def test_heads_map_to_the_ranks_that_hold_them():
 
 
 def test_a_read_of_heads_a_rank_lacks_is_refused(closing):
-    from tests.unit.side_channel import link_to, load_of, one, pump
+    from tests.unit.side_channel_fakes import link_to, load_of, one, pump
 
     servers = producer(full_kv(), 2, closing)
     lease = grant(servers, [1])
