@@ -98,6 +98,8 @@ class Placer:
         if multimodal(payload):
             # Their inputs enter vLLM's block hashes, which the index cannot
             # reproduce; nor are they rendered twice (images fetched) for this.
+            # (A LoRA adapter, chosen by ``model``, would match the base
+            # model's blocks: a local prefill too many, never wrong KV.)
             return None, None
         if self.settings.local_prefill_max_tokens == 0 and not (
             saturated and self.inflight < self.max_inflight
