@@ -53,8 +53,7 @@ class PhaseClock:
         for loaded_at in self._computing.values():
             self.stats.observe("ttft_first_token_seconds", now - loaded_at)
         self._computing.clear()
-        scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
-        for request_id in scheduled:
+        for request_id in scheduler_output.num_scheduled_tokens:
             if request_id in self._tokens:
                 self._token_out(request_id)
             if request_id in self._loaded:

@@ -71,7 +71,7 @@ class SchedulerHalf:
     ) -> PDServeMetadata:
         self._step_clock(scheduler_output)
         meta, self._meta = self._meta, PDServeMetadata()
-        meta.forward = getattr(scheduler_output, "total_num_scheduled_tokens", 1) > 0
+        meta.forward = scheduler_output.total_num_scheduled_tokens > 0
         return meta
 
     @never_raises(default=None)

@@ -100,7 +100,7 @@ def test_signed_lease_is_loaded_into_allocated_blocks():
     req = request(signed_params())
     assert sched.get_num_new_matched_tokens(req, 0) == (50, True)
     sched.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 50)
-    (load,) = sched.build_connector_meta(None).loads
+    (load,) = sched.build_connector_meta(NOTHING).loads
     assert load.remote_block_ids == [11, 12, 13, 14]
     assert load.local_block_ids == [1, 2, 3, 4]
     assert load.lease == lease().signed(KEY, "10.0.0.1")
@@ -111,7 +111,7 @@ def test_local_prefix_hit_loads_only_the_rest():
     req = request(signed_params())
     assert sched.get_num_new_matched_tokens(req, 32) == (18, True)
     sched.update_state_after_alloc(req, FakeBlocks([7, 8, 3, 4]), 18)
-    (load,) = sched.build_connector_meta(None).loads
+    (load,) = sched.build_connector_meta(NOTHING).loads
     assert load.remote_block_ids == [13, 14]
     assert load.local_block_ids == [3, 4]
 
@@ -121,7 +121,7 @@ def test_repeated_matching_is_free_of_side_effects():
     req = request(signed_params())
     for _ in range(3):  # vLLM asks again when allocation failed
         assert sched.get_num_new_matched_tokens(req, 0) == (50, True)
-    assert sched.build_connector_meta(None).releases == []
+    assert sched.build_connector_meta(NOTHING).releases == []
 
 
 def test_forged_do_remote_prefill_prefills_locally():
@@ -130,7 +130,7 @@ def test_forged_do_remote_prefill_prefills_locally():
     req = request({"do_remote_prefill": True})
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
     assert sched.request_finished(req, [1]) == (False, None)
-    meta = sched.build_connector_meta(None)
+    meta = sched.build_connector_meta(NOTHING)
     assert meta.loads == [] and meta.releases == []
     assert sched.take_stats().data["kv_leases_refused"] == 1
 
@@ -154,7 +154,7 @@ def test_leases_not_signed_here_are_never_loaded_or_released(params):
     sched = consumer()
     req = request(params)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
-    meta = sched.build_connector_meta(None)
+    meta = sched.build_connector_meta(NOTHING)
     assert meta.loads == [] and meta.releases == []
 
 
@@ -163,7 +163,7 @@ def test_lease_for_other_tokens_is_released_not_loaded():
     other = list(range(200, 250))
     req = request(signed_params(prompt=other), prompt=PROMPT)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
-    assert sched.build_connector_meta(None).releases == [
+    assert sched.build_connector_meta(NOTHING).releases == [
         lease(prompt=other).signed(KEY, "10.0.0.1")
     ]
     assert sched.take_stats().data["kv_prompt_mismatches"] == 1
@@ -177,14 +177,14 @@ def test_inconsistent_signed_lease_is_released(changes):
     sched = consumer()
     req = request(signed_params(**changes))
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
-    assert len(sched.build_connector_meta(None).releases) == 1
+    assert len(sched.build_connector_meta(NOTHING).releases) == 1
 
 
 def test_nothing_left_to_load_never_waits():
     sched = consumer()
     req = request(signed_params())
     assert sched.get_num_new_matched_tokens(req, 50) == (0, False)
-    assert len(sched.build_connector_meta(None).releases) == 1
+    assert len(sched.build_connector_meta(NOTHING).releases) == 1
     assert sched.get_num_new_matched_tokens(request(None, prompt=[]), 0) == (0, False)
 
 
@@ -193,7 +193,7 @@ def test_zero_external_tokens_after_alloc_releases():
     req = request(signed_params())
     sched.get_num_new_matched_tokens(req, 0)
     sched.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 0)
-    meta = sched.build_connector_meta(None)
+    meta = sched.build_connector_meta(NOTHING)
     assert meta.loads == [] and len(meta.releases) == 1
 
 
@@ -202,7 +202,7 @@ def test_blocks_that_do_not_fit_fail_the_load_instead_of_hanging():
     req = request(signed_params())
     sched.get_num_new_matched_tokens(req, 0)
     sched.update_state_after_alloc(req, FakeBlocks([1, 2]), 50)
-    meta = sched.build_connector_meta(None)
+    meta = sched.build_connector_meta(NOTHING)
     assert meta.loads == []
     assert meta.failed_loads == [("req-1", [1, 2])]
 
@@ -212,7 +212,7 @@ def test_request_ending_before_its_pull_releases():
     req = request(signed_params())
     sched.get_num_new_matched_tokens(req, 0)
     sched.request_finished(req, [])
-    assert len(sched.build_connector_meta(None).releases) == 1
+    assert len(sched.build_connector_meta(NOTHING).releases) == 1
 
 
 def test_lease_handed_back_by_the_frontend_is_released_once():
@@ -221,11 +221,11 @@ def test_lease_handed_back_by_the_frontend_is_released_once():
     sched = consumer()
     params = signed_params()
     sched.request_finished(request(params, prompt=[0], rid="hand-back"), [])
-    assert sched.build_connector_meta(None).releases == [
+    assert sched.build_connector_meta(NOTHING).releases == [
         lease().signed(KEY, "10.0.0.1")
     ]
     sched.request_finished(request(params, prompt=[0], rid="hand-back"), [])
-    assert sched.build_connector_meta(None).releases == []  # params now spent
+    assert sched.build_connector_meta(NOTHING).releases == []  # params now spent
 
 
 def test_consumer_ignores_do_remote_decode():
@@ -247,7 +247,7 @@ def test_producer_leases_finished_prefills():
     assert issued.prompt_hash == prompt_hash(PROMPT)
     assert issued.token == lease_token(PRODUCER_KEY, "prod-1", prompt_hash(PROMPT))
     assert issued.instance_id == sched.settings.instance_id
-    (grant,) = sched.build_connector_meta(None).grants
+    (grant,) = sched.build_connector_meta(NOTHING).grants
     assert grant.block_ids == [11, 12, 13, 14]
 
 
@@ -275,7 +275,7 @@ def test_no_lease_is_issued_that_its_consumer_could_not_take():
         False,
         {"pdserve_refused": "unleasable"},
     )
-    assert sched.build_connector_meta(None).grants == []
+    assert sched.build_connector_meta(NOTHING).grants == []
     assert sched.request_finished(finished_prefill("ok"), [1, 2])[0]
 
 
@@ -294,7 +294,7 @@ def test_consumer_refuses_leases_for_inputs_the_fingerprint_does_not_cover():
     req = request(signed_params())
     req.mm_features = [object()]
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
-    assert sched.build_connector_meta(None).releases == [
+    assert sched.build_connector_meta(NOTHING).releases == [
         lease().signed(KEY, "10.0.0.1")
     ]
 
@@ -378,7 +378,7 @@ def test_no_params_make_it_raise_or_load(params, role, computed):
     sched.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 0)
     req.status = RequestStatus.FINISHED_STOPPED
     sched.request_finished(req, [1, 2])
-    meta = sched.build_connector_meta(None)
+    meta = sched.build_connector_meta(NOTHING)
     assert meta.loads == [] and meta.releases == []
     stats = sched.take_stats()
     assert stats is None or stats.data["kv_connector_errors"] == 0
@@ -397,7 +397,7 @@ def test_error_while_scheduling_a_pull_fails_it_instead_of_hanging():
     req = request(signed_params())
     sched.get_num_new_matched_tokens(req, 0)
     sched.update_state_after_alloc(req, Exploding([1, 2, 3, 4]), 50)
-    meta = sched.build_connector_meta(None)
+    meta = sched.build_connector_meta(NOTHING)
     assert meta.loads == []
     assert meta.failed_loads == [("req-1", [1, 2, 3, 4])]
     assert len(meta.releases) == 1
@@ -460,7 +460,17 @@ def test_requests_aborted_during_their_pull_leave_no_phase_behind(monkeypatch):
 
 @dataclass
 class Scheduled:
-    num_scheduled_tokens: dict
+    """The parts of vLLM's SchedulerOutput the connector reads."""
+
+    num_scheduled_tokens: dict = field(default_factory=dict)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+# A step that schedules nothing (the connector's own work only).
+NOTHING = Scheduled()
 
 
 @dataclass

@@ -12,7 +12,14 @@ import pytest
 from pdserve.connector.scheduler_role import scheduler_half
 from pdserve.settings import Settings
 from pdserve.ticket import Cancel, Delivery, Ticket, message_params
-from tests.unit.connector.test_scheduler import BLOCK, KEY, FakeBlocks, lease, request
+from tests.unit.connector.test_scheduler import (
+    BLOCK,
+    KEY,
+    NOTHING,
+    FakeBlocks,
+    lease,
+    request,
+)
 
 
 class Clock:
@@ -52,7 +59,7 @@ def test_request_waits_without_blocking_then_loads_its_lease(node):
     deliver(sched, Delivery(ticket.id, signed_lease()))
     assert sched.get_num_new_matched_tokens(req, 0) == (50, True)
     sched.update_state_after_alloc(req, FakeBlocks([1, 2, 3, 4]), 50)
-    (load,) = sched.build_connector_meta(None).loads
+    (load,) = sched.build_connector_meta(NOTHING).loads
     assert load.lease == signed_lease()
 
 
@@ -87,16 +94,16 @@ def test_lease_of_a_request_that_ended_first_is_released(node):
     assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
     sched.request_finished(req, [])
     deliver(sched, Delivery(ticket.id, signed_lease()))
-    assert sched.build_connector_meta(None).releases == [signed_lease()]
+    assert sched.build_connector_meta(NOTHING).releases == [signed_lease()]
 
 
 def test_answer_whose_request_never_comes_is_released_when_it_expires(node):
     sched, clock = node
     ticket, _ = ticketed(clock)
     deliver(sched, Delivery(ticket.id, signed_lease()))
-    assert sched.build_connector_meta(None).releases == []
+    assert sched.build_connector_meta(NOTHING).releases == []
     clock.now += 61
-    assert sched.build_connector_meta(None).releases == [signed_lease()]
+    assert sched.build_connector_meta(NOTHING).releases == [signed_lease()]
 
 
 def test_cancel_releases_a_delivered_lease_at_once(node):
@@ -104,7 +111,7 @@ def test_cancel_releases_a_delivered_lease_at_once(node):
     ticket, _ = ticketed(clock)
     deliver(sched, Delivery(ticket.id, signed_lease()))
     deliver(sched, Cancel(ticket.id))
-    assert sched.build_connector_meta(None).releases == [signed_lease()]
+    assert sched.build_connector_meta(NOTHING).releases == [signed_lease()]
 
 
 def test_forged_ticket_answer_or_lease_is_never_loaded(node):
