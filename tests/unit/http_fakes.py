@@ -217,15 +217,16 @@ class FakeProducer:
     # at the worst moment: as the next request on it arrives (None: kept).
     keep_alive: float | None = None
     dropped: int = 0  # requests lost that way
-    _answered_at: dict[int, float] = field(default_factory=dict)
+    # When each connection's last request came (this fake answers at once:
+    # its idle time starts then).
+    _last_request_at: dict[int, float] = field(default_factory=dict)
 
     def _closes(self, request: web.Request) -> bool:
         connection = id(request.transport)
-        answered = self._answered_at.get(connection)
-        self._answered_at[connection] = time.monotonic()
-        if self.keep_alive is None or answered is None:
-            return False
-        if time.monotonic() - answered < self.keep_alive:
+        now = time.monotonic()
+        last = self._last_request_at.get(connection)
+        self._last_request_at[connection] = now
+        if self.keep_alive is None or last is None or now - last < self.keep_alive:
             return False
         assert request.transport is not None
         request.transport.close()
